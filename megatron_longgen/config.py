@@ -1,0 +1,401 @@
+"""Typed, keyword-only configuration for LongGen runs.
+
+Design choices:
+- A handful of small frozen dataclasses (`ModelConfig`, `SparseAttentionConfig`, `ParallelConfig`,
+  `TrainingConfig`, `DataConfig`, `LoggingConfig`) grouped in `LongGenConfig`. Each validates itself in
+  `__post_init__` and raises `ValueError` naming the offending numbers; cross-field checks live in
+  `LongGenConfig.__post_init__`.
+- The per-layer attention layout is one string (`ModelConfig.layer_pattern`, `S` sparse / `F` full); see
+  `models/layer_pattern.py` for the helpers that derive it.
+- `megatron_bridge.to_transformer_config` is the only place Megatron-Core's `TransformerConfig` is filled.
+- Named runs are functions in `megatron_longgen/recipes.py`; command-line overrides use dotted paths
+  (`train.lr=3e-4`) and go through `apply_overrides`, which coerces to the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+SparseVariant = Literal["sink_window", "block_strided"]
+SPARSE_VARIANTS: tuple[str, ...] = ("sink_window", "block_strided")
+SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "sdpa_chunks", "triton")
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "yarn")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    """Shape of a Llama-2 style decoder (RMSNorm, SwiGLU, RoPE, no biases, optional GQA)."""
+
+    num_layers: int
+    """Number of transformer layers (Llama-2 7B: 32, 70B: 80)."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads (GQA). None means multi-head attention (= num_attention_heads)."""
+    ffn_hidden_size: int
+    """SwiGLU inner width (Llama-2 7B: 11008)."""
+    vocab_size: int
+    """Tokenizer vocabulary size (before Megatron's padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding table is padded to a multiple of this times the TP size (Megatron convention)."""
+    layer_pattern: str
+    """One character per layer: `S` sparse attention, `F` full attention. Bottom layer first."""
+    rotary_base: float = 10000.0
+    """RoPE base. Raised for length extension (ABF); Llama-2 pretrained with 10000."""
+    rope_scaling: str = "none"
+    """Extra RoPE scaling on top of the base: `none`, `linear` (position interpolation) or `yarn`."""
+    rope_scaling_factor: float = 1.0
+    """Factor for `linear`/`yarn` scaling (new_context / original_context)."""
+    rope_original_max_position: int = 4096
+    """Context length the checkpoint was pretrained with (YaRN needs it)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (Llama-2: 1e-5)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output layer (Llama-2: untied)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation for weights trained from scratch."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+            _positive(name, getattr(self, name))
+        groups = self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+        _positive("num_query_groups", groups)
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_query_groups {groups}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        from megatron_longgen.models.layer_pattern import validate_layer_pattern
+
+        validate_layer_pattern(self.layer_pattern, num_layers=self.num_layers)
+        if self.rotary_base <= 0:
+            raise ValueError(f"rotary_base must be > 0, got {self.rotary_base}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling_factor < 1.0:
+            raise ValueError(f"rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(kw_only=True, frozen=True)
+class SparseAttentionConfig:
+    """The static sparse attention of the `S` layers (LongGen's two variants).
+
+    sink_window:   each query block sees `num_sink_blocks` first blocks and its `num_window_blocks`
+                   most recent blocks (itself included), causally.
+    block_strided: each query block sees its `num_local_blocks` most recent blocks (itself included)
+                   and every `stride_blocks`-th block before it (block 0 is on the stride: a sink).
+    """
+
+    variant: str = "sink_window"
+    """`sink_window` (AttnSink in the paper) or `block_strided` (BlockSparse)."""
+    block_size: int = 64
+    """Tokens per sparse block (paper: 64)."""
+    num_sink_blocks: int = 1
+    """sink_window: leading blocks every query sees (paper: 1 block = 64 tokens)."""
+    num_window_blocks: int = 32
+    """sink_window: most recent blocks, own block included (paper: 32 = 2,048 tokens)."""
+    stride_blocks: int = 64
+    """block_strided: distance between strided blocks (paper: 64 blocks = 4,096 tokens)."""
+    num_local_blocks: int = 1
+    """block_strided: most recent blocks, own block included. The paper does not state it; 1 gives
+    2,112 keys per query at 128K (32 strided + 1 local), the same budget as sink_window."""
+    backend: str = "auto"
+    """Kernel: `auto` picks the fastest available (logged once); `torch` is the portable reference path."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in SPARSE_VARIANTS:
+            raise ValueError(f"sparse variant must be one of {SPARSE_VARIANTS}, got {self.variant!r}")
+        if self.backend not in SPARSE_BACKENDS:
+            raise ValueError(f"sparse backend must be one of {SPARSE_BACKENDS}, got {self.backend!r}")
+        _positive("block_size", self.block_size)
+        if self.num_sink_blocks < 0:
+            raise ValueError(f"num_sink_blocks must be >= 0, got {self.num_sink_blocks}")
+        _positive("num_window_blocks", self.num_window_blocks)
+        _positive("stride_blocks", self.stride_blocks)
+        _positive("num_local_blocks", self.num_local_blocks)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """Parallel degrees; data parallel size is whatever is left of the world size."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (paper: 8)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size."""
+    virtual_pipeline_parallel: int | None = None
+    """Interleaved-schedule model chunks per pipeline rank (None: plain 1F1B)."""
+    context_parallel: int = 1
+    """Context-parallel size (sequence split over ranks, zig-zag)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_parallel > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            _positive(name, getattr(self, name))
+        if self.virtual_pipeline_parallel is not None and self.virtual_pipeline_parallel < 1:
+            raise ValueError(f"virtual_pipeline_parallel must be >= 1, got {self.virtual_pipeline_parallel}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("sequence_parallel needs tensor_parallel > 1, got tensor_parallel 1")
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size for `world_size` ranks, or a ValueError naming the numbers."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} must be a multiple of tp*pp*cp = "
+                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainingConfig:
+    """Optimisation and schedule."""
+
+    seq_length: int
+    """Tokens per packed training sequence."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 1
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    max_steps: int
+    """Optimizer steps."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_decay_style: str = "cosine"
+    """`cosine`, `linear` or `constant` after warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    dtype: str = "bf16"
+    """Compute dtype: `fp32`, `bf16` or `fp16` (fp32 main params in the optimizer)."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    recompute: str = "none"
+    """Activation recomputation: `none`, `selective` (core attention) or `full`."""
+    log_interval: int = 1
+    """Steps between metric lines."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    eval_interval: int = 0
+    """Steps between held-out evaluations (0: never)."""
+    eval_iters: int = 2
+    """Micro-batches per evaluation."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "log_interval"):
+            _positive(name, getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_decay_style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be none, selective or full, got {self.recompute!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size {self.micro_batch_size}"
+            )
+        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Where training tokens come from."""
+
+    corpus: str = "builtin:tiny_stories"
+    """A text file (one document per blank-line-separated paragraph group), or `builtin:tiny_stories`,
+    the generated corpus that ships with the package."""
+    tokenizer: str = "builtin:tiny_sp"
+    """A SentencePiece `.model` file, an HF tokenizer folder, or `builtin:tiny_sp` (shipped)."""
+    valid_fraction: float = 0.05
+    """Share of documents held out for evaluation."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoggingConfig:
+    """Where metrics go. W&B is offline unless the user sets WANDB_MODE=online (or has an API key and
+    sets `wandb_mode="online"`)."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project: str = "megatron_longgen"
+    wandb_mode: str = "offline"
+    """`offline`, `online` or `disabled`; the WANDB_MODE environment variable wins."""
+    run_name: str | None = None
+    """W&B run name; defaults to the recipe name."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class LongGenConfig:
+    """Everything a run needs. Build it with a recipe (`megatron_longgen.recipes`)."""
+
+    name: str
+    """Recipe name (used as the default run name)."""
+    model: ModelConfig
+    sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainingConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        tp = self.parallel.tensor_parallel
+        if self.model.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads {self.model.num_attention_heads} must be divisible by "
+                f"tensor_parallel {tp}"
+            )
+        if self.model.kv_heads % tp and tp % self.model.kv_heads:
+            raise ValueError(
+                f"num_query_groups {self.model.kv_heads} and tensor_parallel {tp}: one must divide the other"
+            )
+        if self.model.kv_heads < tp:
+            raise ValueError(f"num_query_groups {self.model.kv_heads} < tensor_parallel {tp}")
+        pp = self.parallel.pipeline_parallel
+        vpp = self.parallel.virtual_pipeline_parallel or 1
+        if self.model.num_layers % (pp * vpp):
+            raise ValueError(
+                f"num_layers {self.model.num_layers} must be divisible by pipeline_parallel*virtual = {pp}*{vpp}"
+            )
+        if "S" in self.model.layer_pattern:
+            cp = self.parallel.context_parallel
+            unit = 2 * cp * self.sparse.block_size if cp > 1 else 1
+            if self.train.seq_length % unit:
+                raise ValueError(
+                    f"seq_length {self.train.seq_length} must be a multiple of 2*cp*block_size = "
+                    f"2*{cp}*{self.sparse.block_size} = {unit}"
+                )
+        elif self.parallel.context_parallel > 1:
+            unit = 2 * self.parallel.context_parallel
+            if self.train.seq_length % unit:
+                raise ValueError(
+                    f"seq_length {self.train.seq_length} must be a multiple of 2*cp = {unit}"
+                )
+
+    @property
+    def is_full_attention(self) -> bool:
+        return "S" not in self.model.layer_pattern
+
+
+def _coerce(value: str, annotation: typing.Any) -> typing.Any:
+    """Turn the text of a `--override` into the field's declared type."""
+    text = value.strip()
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"Literal": Literal})  # noqa: S307 - own annotations
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if annotation is int:
+        return int(text)
+    if annotation is float:
+        return float(text)
+    return text
+
+
+def apply_overrides(cfg: LongGenConfig, overrides: list[str]) -> LongGenConfig:
+    """Apply `section.field=value` overrides (e.g. `train.lr=3e-4`, `model.layer_pattern=SSFFSS`).
+
+    Raises ValueError for unknown sections or fields, listing the valid names.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            cfg = dataclasses.replace(cfg, name=value)
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        section, name = parts
+        sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r}; choose from {sorted(sections)}")
+        sub = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(sub)}
+        if name not in fields:
+            raise ValueError(f"unknown field {section}.{name}; {section} has {sorted(fields)}")
+        hints = typing.get_type_hints(type(sub))
+        new_sub = dataclasses.replace(sub, **{name: _coerce(value, hints[name])})
+        cfg = dataclasses.replace(cfg, **{section: new_sub})
+    return cfg
+
+
+def config_to_dict(cfg: LongGenConfig) -> dict:
+    """Plain nested dict (JSON-serialisable) of a config, e.g. for checkpoints and W&B."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> LongGenConfig:
+    """Inverse of `config_to_dict`. Unknown keys raise ValueError (a newer/older checkpoint format)."""
+    sections = {
+        "model": ModelConfig,
+        "sparse": SparseAttentionConfig,
+        "parallel": ParallelConfig,
+        "train": TrainingConfig,
+        "data": DataConfig,
+        "logging": LoggingConfig,
+    }
+    kwargs = {}
+    for key, value in data.items():
+        if key == "name":
+            kwargs["name"] = value
+        elif key in sections:
+            cls = sections[key]
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise ValueError(f"unknown fields in config section {key!r}: {sorted(unknown)}")
+            kwargs[key] = cls(**value)
+        else:
+            raise ValueError(f"unknown config section {key!r}")
+    return LongGenConfig(**kwargs)

@@ -1,0 +1,63 @@
+"""Build the LongGen hybrid Llama as a Megatron-Core `GPTModel`.
+
+pattern string -> `build_block_spec` -> `TransformerBlockSubmodules(layer_specs=[...])` -> `GPTModel`.
+A pattern of all `F` gives the plain Llama baseline through exactly the same code path.
+
+RoPE: GPTModel applies rotary embeddings with each token's absolute position (no re-indexing in sparse
+layers: LongGen's "static position indexing"). The base comes from `ModelConfig.rotary_base`; `linear`
+scaling is position interpolation (`seq_len_interpolation_factor`). YaRN is not available through
+GPTModel for dense Llama in Megatron-Core 0.16.1, so `yarn` is rejected here with a clear error.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_longgen.config import LongGenConfig
+from megatron_longgen.megatron_bridge import padded_vocab_size, to_transformer_config
+from megatron_longgen.models.layer_specs import build_block_spec
+
+
+def model_vocab_size(cfg: LongGenConfig) -> int:
+    """Embedding rows, padded the Megatron way (to make_vocab_size_divisible_by * tp)."""
+    return padded_vocab_size(
+        cfg.model.vocab_size,
+        divisible_by=cfg.model.make_vocab_size_divisible_by,
+        tensor_parallel=cfg.parallel.tensor_parallel,
+    )
+
+
+def build_model(
+    cfg: LongGenConfig,
+    *,
+    transformer_config: TransformerConfig | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pg_collection=None,
+) -> GPTModel:
+    """One model chunk (the whole model without pipeline parallelism). Needs Megatron's parallel state
+    (`utils.distributed.initialize_model_parallel`) to be initialised."""
+    tcfg = transformer_config or to_transformer_config(cfg)
+    if cfg.model.rope_scaling == "yarn":
+        raise ValueError("rope_scaling 'yarn' is not supported by this builder; use 'none' (raised base) or 'linear'")
+    interpolation = cfg.model.rope_scaling_factor if cfg.model.rope_scaling == "linear" else None
+    spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=tcfg, vp_stage=vp_stage)
+    kwargs = {}
+    if pg_collection is not None:
+        kwargs["pg_collection"] = pg_collection
+    return GPTModel(
+        config=tcfg,
+        transformer_layer_spec=spec,
+        vocab_size=model_vocab_size(cfg),
+        max_sequence_length=cfg.train.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        seq_len_interpolation_factor=interpolation,
+        vp_stage=vp_stage,
+        **kwargs,
+    )

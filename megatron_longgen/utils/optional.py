@@ -1,0 +1,59 @@
+"""Probes for optional heavy dependencies, in one place.
+
+Nothing here imports the packages; `importlib.util.find_spec` only looks them up. Code that uses one
+imports it inside the function that needs it, after `require(...)` has produced a clear install hint.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+_EXTRAS = {
+    "transformer_engine": "te",
+    "flash_attn": "flash",
+    "wandb": "wandb",
+    "transformers": "hf",
+    "safetensors": "hf",
+}
+
+
+@functools.cache
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_te() -> bool:
+    return _has("transformer_engine")
+
+
+def has_flash_attn() -> bool:
+    return _has("flash_attn")
+
+
+def has_apex() -> bool:
+    # The PyPI package called `apex` is an unrelated web toolkit; NVIDIA apex has `apex.normalization`.
+    return _has("apex") and _has("apex.normalization")
+
+
+def has_wandb() -> bool:
+    return _has("wandb")
+
+
+def has_transformers() -> bool:
+    return _has("transformers") and _has("safetensors")
+
+
+def has_triton() -> bool:
+    return _has("triton")
+
+
+def require(module: str, *, feature: str) -> None:
+    """Raise ImportError naming the pip extra that provides `module`, unless it is importable."""
+    if not _has(module):
+        extra = _EXTRAS.get(module)
+        hint = f"pip install 'megatron_longgen[{extra}]'" if extra else f"pip install {module}"
+        raise ImportError(f"{feature} needs the optional package {module!r}: {hint}")

@@ -1,0 +1,20 @@
+"""Shared pytest set-up: CPU compatibility for in-process Megatron tests, GPU markers."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    multi = has_gpu and torch.cuda.device_count() >= 2
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multi_gpu" in item.keywords and not multi:
+            item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
