@@ -1,0 +1,403 @@
+"""Triton block-sparse flash attention (forward + backward) driven by tile tables.
+
+Legend: B = batch, N = query heads, G = KV heads, r = N / G, S = sequence, H = head dim, BM / BN = query /
+key tile (tokens), nQT / nKT = query / key tiles, W = table width.
+
+Layout, in the spirit of the Phi-3-small / S2-Attention block-sparse kernels: a CSR-like table per query
+tile lists the key tiles it attends to (`tiles.TileTables`), full tiles first, partial ones after, so each
+of the two loops is uniform (the full loop carries no mask at all). Partial tiles rebuild the token mask
+from the row-sub-block bits, causality and the sequence end.
+
+- forward: one program per (query tile, batch x head); online softmax in base 2; writes out and the fp32
+  natural-log LSE;
+- backward (FlashAttention-2 split, no atomics): a small kernel for delta = rowsum(dO * O) - dLSE; a dK/dV
+  kernel with one program per (key tile, batch x KV head) that walks the transposed table over the r query
+  heads of its group (launched longest-first, so the sink / stride key tiles, which every later query
+  sees, do not form a tail); a dQ kernel with the forward's loop.
+
+Differentiable through both outputs: an incoming LSE gradient enters as delta - dLSE (d lse / d s = p).
+Triton is imported lazily; on a machine without it the kernel reports itself unavailable. Under
+`TRITON_INTERPRET=1` it runs on CPU tensors (tests, tiny shapes only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from megatron_longgen.attention.kernels.base import SparseAttentionKernel, register_kernel
+from megatron_longgen.attention.kernels.tiles import TileTables, build_tile_tables
+from megatron_longgen.attention.masks import SparsePattern
+from megatron_longgen.utils.optional import has_triton
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels():
+    """Compile-on-first-use Triton kernels (imported lazily: triton is optional)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd_kernel(
+        Q, K, V, O, LSE,
+        KV_IDX, KV_BITS, KV_FULL, KV_CNT,
+        sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sob, son, sos,
+        N, NUM_GROUPS, S, W, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // N
+        n = pid_bh % N
+        g = n // (N // NUM_GROUPS)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+        q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        k_base = K + b * skb + g * skg
+        v_base = V + b * svb + g * svg
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        n_full = tl.load(KV_FULL + pid_m)
+        n_all = tl.load(KV_CNT + pid_m)
+        row = pid_m * W
+        for j in range(0, n_full):
+            start = tl.load(KV_IDX + row + j) * BLOCK_N
+            kpos = start + offs_n
+            k = tl.load(k_base + kpos[None, :] * sks + offs_d[:, None])
+            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :])
+            qk = tl.dot(q, k) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        sub = (offs_m - pid_m * BLOCK_M) // ROW_SUB
+        for j in range(n_full, n_all):
+            start = tl.load(KV_IDX + row + j) * BLOCK_N
+            bits = tl.load(KV_BITS + row + j)
+            kpos = start + offs_n
+            col_ok = kpos < S
+            k = tl.load(k_base + kpos[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            keep = ((bits >> sub) & 1) != 0
+            visible = keep[:, None] & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
+            qk = tl.where(visible, tl.dot(q, k) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has_keys = l_i > 0.0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(
+            O + b * sob + n * son + offs_m[:, None] * sos + offs_d[None, :],
+            out.to(O.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+        tl.store(LSE + pid_bh * S + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def delta_kernel(
+        O, DO, DLSE, DELTA, sob, son, sos, sdb, sdn, sds, N, S,
+        HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // N
+        n = pid_bh % N
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        ok = offs_m < S
+        o = tl.load(O + b * sob + n * son + offs_m[:, None] * sos + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            dlse = tl.load(DLSE + pid_bh * S + offs_m, mask=ok, other=0.0)
+            delta -= tl.where(dlse == dlse, dlse, 0.0)  # NaN-safe (rows without keys)
+        tl.store(DELTA + pid_bh * S + offs_m, delta, mask=ok)
+
+    @triton.jit
+    def dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA,
+        KV_IDX, KV_BITS, KV_FULL, KV_CNT,
+        sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sdb, sdn, sds, sgb, sgn, sgs,
+        N, NUM_GROUPS, S, W, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // N
+        n = pid_bh % N
+        g = n // (N // NUM_GROUPS)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+        q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+        delta = tl.load(DELTA + pid_bh * S + offs_m, mask=row_ok, other=0.0)
+        k_base = K + b * skb + g * skg
+        v_base = V + b * svb + g * svg
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        n_full = tl.load(KV_FULL + pid_m)
+        n_all = tl.load(KV_CNT + pid_m)
+        row = pid_m * W
+        for j in range(0, n_full):
+            start = tl.load(KV_IDX + row + j) * BLOCK_N
+            kpos = start + offs_n
+            k = tl.load(k_base + kpos[:, None] * sks + offs_d[None, :])
+            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :])
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        sub = (offs_m - pid_m * BLOCK_M) // ROW_SUB
+        for j in range(n_full, n_all):
+            start = tl.load(KV_IDX + row + j) * BLOCK_N
+            bits = tl.load(KV_BITS + row + j)
+            kpos = start + offs_n
+            col_ok = kpos < S
+            k = tl.load(k_base + kpos[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            keep = ((bits >> sub) & 1) != 0
+            visible = keep[:, None] & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq = dq * sm_scale
+        tl.store(
+            DQ + b * sgb + n * sgn + offs_m[:, None] * sgs + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+    @triton.jit
+    def dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA,
+        Q_IDX, Q_BITS, Q_FULL, Q_CNT, Q_ORDER,
+        sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sdb, sdn, sds,
+        skgb, skgg, skgs, svgb, svgg, svgs,
+        N, NUM_GROUPS, NUM_BG, S, WT, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        pid_bg = pid % NUM_BG  # programs run key tiles longest-first (Q_ORDER), all heads of one together
+        kt = tl.load(Q_ORDER + pid // NUM_BG)
+        b = pid_bg // NUM_GROUPS
+        g = pid_bg % NUM_GROUPS
+        r = N // NUM_GROUPS
+        offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        col_ok = offs_n < S
+        k = tl.load(K + b * skb + g * skg + offs_n[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + g * svg + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        n_full = tl.load(Q_FULL + kt)
+        n_all = tl.load(Q_CNT + kt)
+        row = kt * WT
+        for i in range(0, n_full * r):
+            j = i // r
+            n = g * r + i % r
+            offs_m = tl.load(Q_IDX + row + j) * BLOCK_M + offs_m0
+            q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :])
+            do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :])
+            lse2 = tl.load(LSE + (b * N + n) * S + offs_m) * 1.4426950408889634
+            delta = tl.load(DELTA + (b * N + n) * S + offs_m)
+            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+        sub = offs_m0 // ROW_SUB
+        for i in range(n_full * r, n_all * r):
+            j = i // r
+            n = g * r + i % r
+            qt = tl.load(Q_IDX + row + j)
+            bits = tl.load(Q_BITS + row + j)
+            offs_m = qt * BLOCK_M + offs_m0
+            row_ok = offs_m < S
+            q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+            delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
+            keep = ((bits >> sub) & 1) != 0
+            visible = keep[None, :] & (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]
+            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            p_t = tl.where(visible, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+        dk = dk * sm_scale
+        tl.store(
+            DK + b * skgb + g * skgg + offs_n[:, None] * skgs + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=col_ok[:, None],
+        )
+        tl.store(
+            DV + b * svgb + g * svgg + offs_n[:, None] * svgs + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=col_ok[:, None],
+        )
+
+    return fwd_kernel, delta_kernel, dq_kernel, dkdv_kernel
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch_opts(head_dim: int, *, bwd: bool) -> dict:
+    if _interpret():
+        return {}
+    if bwd:
+        return {"num_warps": 8, "num_stages": 2 if head_dim > 64 else 3}
+    return {"num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
+
+
+class _TritonBlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tables: TileTables, scale: float):
+        fwd_kernel, _, _, _ = _kernels()
+        q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+        B, N, S, H = q.shape
+        G = k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, N, S, dtype=torch.float32, device=q.device)
+        grid = (tables.num_q_tiles, B * N)
+        fwd_kernel[grid](
+            q, k, v, out, lse,
+            tables.kv_idx, tables.kv_bits, tables.kv_full, tables.kv_cnt,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            N, G, S, tables.kv_idx.shape[1], scale * _LOG2E,
+            HEAD_DIM=H, BLOCK_M=tables.block_m, BLOCK_N=tables.block_n, ROW_SUB=tables.row_sub,
+            **_launch_opts(H, bwd=False),
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tables, ctx.scale = tables, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        _, delta_kernel, dq_kernel, dkdv_kernel = _kernels()
+        q, k, v, out, lse = ctx.saved_tensors
+        t: TileTables = ctx.tables
+        B, N, S, H = q.shape
+        G = k.shape[1]
+        d_out = torch.zeros_like(out) if d_out is None else _lastdim_contiguous(d_out.to(out.dtype))
+        delta = torch.empty_like(lse)
+        has_dlse = d_lse is not None
+        d_lse = d_lse.float().contiguous() if has_dlse else lse
+        delta_block = 64
+        delta_kernel[(triton_cdiv(S, delta_block), B * N)](
+            out, d_out, d_lse, delta,
+            out.stride(0), out.stride(1), out.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+            N, S, HAS_DLSE=has_dlse, HEAD_DIM=H, BLOCK_M=delta_block,
+        )  # fmt: skip
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        qk_scale = ctx.scale * _LOG2E
+        opts = _launch_opts(H, bwd=True)
+        dkdv_kernel[(t.num_k_tiles * B * G, 1)](
+            q, k, v, d_out, dk, dv, lse, delta,
+            t.q_idx, t.q_bits, t.q_full, t.q_cnt, t.q_order,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            N, G, B * G, S, t.q_idx.shape[1], qk_scale, ctx.scale,
+            HEAD_DIM=H, BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, **opts,
+        )  # fmt: skip
+        dq_kernel[(t.num_q_tiles, B * N)](
+            q, k, v, d_out, dq, lse, delta,
+            t.kv_idx, t.kv_bits, t.kv_full, t.kv_cnt,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            N, G, S, t.kv_idx.shape[1], qk_scale, ctx.scale,
+            HEAD_DIM=H, BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, **opts,
+        )  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class TritonBlockSparseKernel(SparseAttentionKernel):
+    """Block-sparse flash attention in Triton (bf16/fp16 on CUDA; any float dtype under the interpreter).
+
+    Args:
+        block_m, block_n: query / key tile sizes; None = 128 x 64 (key tiles never exceed the pattern
+            block, so block-strided's 64-token stride blocks fill whole tiles).
+    """
+
+    name = "triton"
+
+    def __init__(self, *, block_m: int | None = None, block_n: int | None = None):
+        self.block_m = block_m
+        self.block_n = block_n
+        self._tables: dict[tuple, TileTables] = {}
+
+    @classmethod
+    def unavailable_reason(cls, *, device: torch.device, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if not has_triton():
+            return "triton is not installed"
+        if device.type == "cpu" and _interpret():
+            return None
+        if device.type != "cuda":
+            return "the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tiny CPU tests)"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {dtype} is not supported on CUDA (bf16/fp16 only)"
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            return "needs compute capability 8.0 or newer"
+        return None
+
+    def tables(self, pattern: SparsePattern, seq_len: int, device) -> TileTables:
+        block_n = self.block_n or min(64, pattern.block_size)
+        block_m = self.block_m or max(128, block_n)
+        key = (pattern, seq_len, str(device), block_m, block_n)
+        if key not in self._tables:
+            self._tables[key] = build_tile_tables(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+        return self._tables[key]
+
+    def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
+        B, N, S, H = q_BNSH.shape
+        if k_BGSH.shape[2] != S or v_BGSH.shape[2] != S:
+            raise ValueError(f"sparse attention needs equal query and key lengths, got {S} and {k_BGSH.shape[2]}")
+        if N % k_BGSH.shape[1]:
+            raise ValueError(f"query heads {N} must be a multiple of kv heads {k_BGSH.shape[1]}")
+        if H not in (16, 32, 64, 128, 256):
+            raise ValueError(f"head dim {H} is not supported by the Triton kernel (16, 32, 64, 128, 256)")
+        tables = self.tables(pattern, S, q_BNSH.device)
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(H)
+        return _TritonBlockSparse.apply(q_BNSH, k_BGSH, v_BGSH, tables, scale)
+
+
+register_kernel(TritonBlockSparseKernel, auto_rank=0)
