@@ -64,5 +64,7 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        # Loss = sum over tokens / tokens in the global batch, exact under CP and uneven loss masks.
+        calculate_per_token_loss=True,
         **recompute,
     )

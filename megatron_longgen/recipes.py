@@ -1,0 +1,163 @@
+"""Named runs: each recipe is a function returning a `LongGenConfig`; a variant calls its base and changes
+fields (`dataclasses.replace`). `longgen-train --recipe NAME` looks them up in `RECIPES`.
+
+| recipe              | what                                                                          |
+|---------------------|-------------------------------------------------------------------------------|
+| debug_tiny          | 6-layer `SSFFSS` hybrid, 1,024 tokens, shipped corpus; CPU in ~1-2 min        |
+| debug_tiny_full     | the same, all layers full (the baseline)                                      |
+| llama2_7b_128k      | LongGen 7B: 4K -> 128K, middle third full, sink+window, TP=8, recompute      |
+| llama2_7b_128k_full | the full-attention baseline of the same run                                   |
+| llama2_70b_128k     | LongGen 70B (GQA 64/8): TP=8, PP=4, CP=2                                      |
+| llama2_70b_128k_full| its full-attention baseline                                                   |
+
+RoPE for 4K -> 128K: the base is raised from 10,000 to 500,000 ("ABF"), following the long-context data
+recipe LongGen builds on (Fu et al. 2024); positions stay absolute in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from megatron_longgen.config import (
+    DataConfig,
+    LongGenConfig,
+    ModelConfig,
+    ParallelConfig,
+    SparseAttentionConfig,
+    TrainingConfig,
+)
+from megatron_longgen.models.layer_pattern import default_layer_pattern, full_pattern
+
+
+def with_full_attention(cfg: LongGenConfig) -> LongGenConfig:
+    """The baseline of a run: same everything, every layer full."""
+    model = dataclasses.replace(cfg.model, layer_pattern=full_pattern(cfg.model.num_layers))
+    return dataclasses.replace(cfg, name=cfg.name + "_full", model=model)
+
+
+def with_sparse_variant(cfg: LongGenConfig, variant: str) -> LongGenConfig:
+    return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, variant=variant))
+
+
+def debug_tiny() -> LongGenConfig:
+    """A small hybrid on the shipped corpus. The sparse pattern is scaled down (16-token blocks, 4-block
+    window, stride 8 blocks) so that the S layers really are sparse at 1,024 tokens: ~80 of up to 1,024
+    keys per query for sink_window."""
+    return LongGenConfig(
+        name="debug_tiny",
+        model=ModelConfig(
+            num_layers=6,
+            hidden_size=128,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=352,
+            vocab_size=1024,
+            layer_pattern="SSFFSS",
+            rotary_base=10000.0,
+        ),
+        sparse=SparseAttentionConfig(
+            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=8,
+            num_local_blocks=2,
+        ),
+        parallel=ParallelConfig(use_distributed_optimizer=False),
+        train=TrainingConfig(
+            seq_length=1024,
+            micro_batch_size=2,
+            global_batch_size=4,
+            max_steps=120,
+            lr=3e-3,
+            min_lr=3e-4,
+            lr_warmup_steps=10,
+            lr_decay_style="cosine",
+            weight_decay=0.01,
+            dtype="fp32",
+            seed=1234,
+            log_interval=5,
+        ),
+        data=DataConfig(corpus="builtin:tiny_stories", tokenizer="builtin:tiny_sp", valid_fraction=0.05),
+    )
+
+
+def debug_tiny_full() -> LongGenConfig:
+    return with_full_attention(debug_tiny())
+
+
+def llama2_7b_128k() -> LongGenConfig:
+    """LongGen on Llama-2 7B: 5B tokens of 128K-packed long documents, TP=8, full recompute, bf16.
+    Start from a converted checkpoint (tools/convert_hf_to_mcore.py)."""
+    num_layers = 32
+    return LongGenConfig(
+        name="llama2_7b_128k",
+        model=ModelConfig(
+            num_layers=num_layers,
+            hidden_size=4096,
+            num_attention_heads=32,
+            ffn_hidden_size=11008,
+            vocab_size=32000,
+            layer_pattern=default_layer_pattern(num_layers),
+            rotary_base=500000.0,
+        ),
+        sparse=SparseAttentionConfig(variant="sink_window"),
+        parallel=ParallelConfig(tensor_parallel=8, sequence_parallel=True, use_distributed_optimizer=True),
+        train=TrainingConfig(
+            seq_length=131072,
+            micro_batch_size=1,
+            global_batch_size=32,
+            max_steps=1200,
+            lr=2e-5,
+            min_lr=2e-5,
+            lr_warmup_steps=0,
+            lr_decay_style="constant",
+            weight_decay=0.0,
+            dtype="bf16",
+            recompute="full",
+            log_interval=1,
+            save_interval=100,
+        ),
+        data=DataConfig(corpus="builtin:tiny_stories", tokenizer="builtin:tiny_sp"),
+    )
+
+
+def llama2_7b_128k_full() -> LongGenConfig:
+    return with_full_attention(llama2_7b_128k())
+
+
+def llama2_70b_128k() -> LongGenConfig:
+    """LongGen on Llama-2 70B (GQA: 64 query / 8 KV heads). 128K tokens need CP to fit activations."""
+    base = llama2_7b_128k()
+    num_layers = 80
+    model = dataclasses.replace(
+        base.model,
+        num_layers=num_layers,
+        hidden_size=8192,
+        num_attention_heads=64,
+        num_query_groups=8,
+        ffn_hidden_size=28672,
+        layer_pattern=default_layer_pattern(num_layers),
+    )
+    parallel = ParallelConfig(
+        tensor_parallel=8, pipeline_parallel=4, context_parallel=2, sequence_parallel=True,
+        use_distributed_optimizer=True,
+    )
+    return dataclasses.replace(base, name="llama2_70b_128k", model=model, parallel=parallel)
+
+
+def llama2_70b_128k_full() -> LongGenConfig:
+    return with_full_attention(llama2_70b_128k())
+
+
+RECIPES: dict[str, Callable[[], LongGenConfig]] = {
+    "debug_tiny": debug_tiny,
+    "debug_tiny_full": debug_tiny_full,
+    "llama2_7b_128k": llama2_7b_128k,
+    "llama2_7b_128k_full": llama2_7b_128k_full,
+    "llama2_70b_128k": llama2_70b_128k,
+    "llama2_70b_128k_full": llama2_70b_128k_full,
+}
+
+
+def get_recipe(name: str) -> LongGenConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+    return RECIPES[name]()

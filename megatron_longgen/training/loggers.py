@@ -1,0 +1,130 @@
+"""Metric loggers behind one tiny interface (`log(metrics, step)`, `close()`).
+
+- `MetricsLogger`: the no-op base class (what non-logging ranks get).
+- `ConsoleLogger`: one human-readable line per logged step (step, loss, tokens/s, ETA, ...).
+- `JsonlLogger`: appends one JSON object per logged step to `RUN_DIR/metrics.jsonl` (flushed each line).
+- `WandbLogger`: Weights & Biases; imports wandb in its constructor; offline unless WANDB_MODE says
+  otherwise.
+- `LoggerGroup`: fans calls out to several loggers.
+`metrics_rank(...)` tells which rank owns the final loss; only that rank builds real loggers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Default logger: does nothing."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ConsoleLogger(MetricsLogger):
+    """Prints `step   12/200 | loss 5.1234 | lr 3.0e-04 | 1234 tok/s | 0.52 s/step | ETA 01:38`."""
+
+    def __init__(self, *, max_steps: int, print_fn=print):
+        self.max_steps = max_steps
+        self.print_fn = print_fn
+
+    def log(self, metrics: dict, step: int) -> None:
+        parts = [f"step {step:>5}/{self.max_steps}"]
+        if "loss" in metrics:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if "eval_loss" in metrics:
+            parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+        if "lr" in metrics:
+            parts.append(f"lr {metrics['lr']:.2e}")
+        if "grad_norm" in metrics:
+            parts.append(f"grad {metrics['grad_norm']:.3f}")
+        if "tokens_per_s" in metrics:
+            parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+        if "step_time_s" in metrics:
+            parts.append(f"{metrics['step_time_s']:.2f} s/step")
+        if "eta_s" in metrics:
+            parts.append(f"ETA {_fmt_duration(metrics['eta_s'])}")
+        self.print_fn(" | ".join(parts), flush=True)
+
+
+class JsonlLogger(MetricsLogger):
+    """One JSON object per `log` call, with `step` first."""
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts a fresh file; a resumed run appends after the steps it already logged.
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class WandbLogger(MetricsLogger):
+    """Weights & Biases run. Project and name come from the config or WANDB_PROJECT / WANDB_NAME;
+    mode from WANDB_MODE, else the config (offline by default: no network needed)."""
+
+    def __init__(self, *, project: str, name: str, config: dict, run_dir: str | os.PathLike, mode: str = "offline"):
+        from megatron_longgen.utils.optional import require
+
+        require("wandb", feature="W&B logging")
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", project),
+            name=os.environ.get("WANDB_NAME", name),
+            mode=os.environ.get("WANDB_MODE", mode),
+            dir=str(run_dir),
+            config=config,
+            resume="allow",
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class LoggerGroup(MetricsLogger):
+    def __init__(self, loggers: list[MetricsLogger]):
+        self.loggers = loggers
+
+    def log(self, metrics: dict, step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def is_metrics_rank(*, pp_rank: int, pp_size: int, tp_rank: int, dp_rank: int, cp_rank: int) -> bool:
+    """The rank that holds the final loss: last pipeline stage, first TP/DP/CP rank."""
+    return pp_rank == pp_size - 1 and tp_rank == 0 and dp_rank == 0 and cp_rank == 0
+
+
+def metrics_rank(*, pp_size: int, world_size: int) -> int:
+    """Global rank of the metrics owner under Megatron's default rank order (tp fastest, then cp, dp,
+    pp slowest): the first rank of the last pipeline stage."""
+    return world_size - world_size // pp_size

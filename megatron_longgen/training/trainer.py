@@ -1,0 +1,330 @@
+"""The training loop: Megatron-Core DDP + (distributed) optimizer + pipeline schedules, our data and logs.
+
+One step = one global batch = `global_batch_size / (micro_batch_size * dp)` micro-batches per data-parallel
+rank, run by Megatron's `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved), then
+`optimizer.step()` (grad clipping inside) and the LR scheduler.
+
+Losses are per-token (`calculate_per_token_loss`): each micro-batch returns (sum of token losses, token
+count) and Megatron divides the gradients by the global token count, so the result does not depend on how
+the batch is split over DP, CP or micro-batches.
+
+Data order is a pure function of (seed, step): global sample `step * global_batch_size + i` of a seeded
+per-epoch permutation, rank `dp` taking its contiguous share. That makes any step reproducible without
+iterator state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_longgen.config import LongGenConfig, config_to_dict
+from megatron_longgen.training.loggers import (
+    ConsoleLogger,
+    JsonlLogger,
+    LoggerGroup,
+    MetricsLogger,
+    WandbLogger,
+    is_metrics_rank,
+)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns on every rank (losses only on the metrics rank)."""
+
+    losses: list[float]
+    final_step: int
+    checkpoint_dir: str | None
+    wall_time_s: float
+
+
+class SampleOrder:
+    """Deterministic global sample order: a fresh seeded permutation of the dataset per epoch."""
+
+    def __init__(self, num_samples: int, *, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.num_samples)
+        if epoch not in self._cache:
+            self._cache = {epoch: torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._cache[epoch][offset])
+
+
+def micro_batches(dataset, order: SampleOrder, *, step: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int):
+    """Yield this DP rank's micro-batches (dicts of [mbs, s] tensors) for optimizer step `step`."""
+    per_rank = global_batch_size // dp_size
+    first = step * global_batch_size + dp_rank * per_rank
+    for start in range(first, first + per_rank, micro_batch_size):
+        samples = [dataset[order(i)] for i in range(start, start + micro_batch_size)]
+        yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+def _forward_step(data_iterator, model, *, device, cp_shard):
+    batch = next(data_iterator)
+    batch = cp_shard(batch)
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    position_ids = batch["position_ids"].to(device)
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(_loss_func, batch["loss_mask"].to(device))
+
+
+class Trainer:
+    """Holds the model chunks, optimizer, scheduler and data for one run."""
+
+    def __init__(self, cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False):
+        from megatron.core import parallel_state as ps
+
+        from megatron_longgen.data.datasets import build_datasets
+        from megatron_longgen.data.tokenizers import load_tokenizer
+        from megatron_longgen.utils.distributed import init_distributed, initialize_model_parallel, set_seed
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.quiet = quiet
+        self.rank, self.world_size = init_distributed()
+        initialize_model_parallel(cfg)
+        set_seed(cfg.train.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.cp_size = ps.get_context_parallel_world_size()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        t = cfg.train
+        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
+            raise ValueError(
+                f"global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size * dp = "
+                f"{t.micro_batch_size} * {self.dp_size}"
+            )
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.is_logging_rank = is_metrics_rank(
+            pp_rank=self.pp_rank, pp_size=self.pp_size, tp_rank=self.tp_rank, dp_rank=self.dp_rank, cp_rank=self.cp_rank
+        )
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"tokenizer {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}"
+            )
+        self.train_data, self.valid_data = build_datasets(cfg, tokenizer=self.tokenizer)
+        self.order = SampleOrder(len(self.train_data), seed=cfg.train.seed)
+        self._build_model_and_optimizer()
+
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_longgen.megatron_bridge import TORCH_DTYPES, to_transformer_config
+        from megatron_longgen.models.builder import build_model
+
+        cfg, t = self.cfg, self.cfg.train
+        self.tcfg = to_transformer_config(cfg)
+        vpp = cfg.parallel.virtual_pipeline_parallel or 1
+        chunks = []
+        for vp_stage in range(vpp):
+            pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            chunk = build_model(cfg, transformer_config=self.tcfg, pre_process=pre, post_process=post,
+                                vp_stage=vp_stage if vpp > 1 else None)
+            chunks.append(chunk.to(self.device))
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=False,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.tcfg, ddp_config=ddp_cfg, module=chunk,
+                                    disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+        dtype = TORCH_DTYPES[t.dtype]
+        opt_cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_cfg, self.model)
+        decay_steps = max(t.max_steps - t.lr_warmup_steps, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if t.lr_warmup_steps else t.lr,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps,
+            lr_decay_steps=t.lr_warmup_steps + decay_steps,
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.max_steps,
+            wd_incr_style="constant",
+        )
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.num_parameters = sum(p.numel() for m in self.model for p in m.parameters())
+
+    # ---------------------------------------------------------------- data
+    def _cp_shard(self, batch: dict) -> dict:
+        if self.cp_size == 1:
+            return batch
+        from megatron_longgen.context_parallel.sharding import shard_batch_for_cp
+
+        return shard_batch_for_cp(batch, cp_rank=self.cp_rank, cp_size=self.cp_size)
+
+    def _iterator(self, dataset, step: int):
+        t = self.cfg.train
+        return micro_batches(dataset, self.order if dataset is self.train_data else SampleOrder(len(dataset), seed=t.seed),
+                             step=step, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                             dp_rank=self.dp_rank, dp_size=self.dp_size)
+
+    def _run(self, data_iter, *, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        vpp = len(self.model)
+        if vpp > 1:
+            # The interleaved schedule wants one iterator per model chunk; each chunk on the first/last stage
+            # consumes micro-batches in the same order, so materialise the list once.
+            batches = list(data_iter)
+            data_iter = [iter(batches) for _ in range(vpp)]
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, device=self.device, cp_shard=self._cp_shard),
+            data_iterator=data_iter,
+            model=self.model if vpp > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=t.seq_length // self.cp_size,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_loss(self, losses_reduced: list) -> float:
+        """Token-weighted mean loss of the global batch (valid on the last pipeline stage)."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for item in losses_reduced:
+            total += item["lm loss"].to(total)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return float(total[0] / total[1].clamp(min=1.0))
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self, step: int) -> dict:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run(self._iterator(self.train_data, step), forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        loss = self._reduce_loss(losses)
+        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": self.optimizer.param_groups[0]["lr"], "update_skipped": not ok}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float | None:
+        if self.valid_data is None:
+            return None
+        for m in self.model:
+            m.eval()
+        losses = []
+        for i in range(self.cfg.train.eval_iters):
+            losses += self._run(self._iterator(self.valid_data, step * 0 + i), forward_only=True)
+        for m in self.model:
+            m.train()
+        return self._reduce_loss(losses)
+
+    def _loggers(self) -> MetricsLogger:
+        if not self.is_logging_rank:
+            return MetricsLogger()
+        loggers: list[MetricsLogger] = [JsonlLogger(self.run_dir / "metrics.jsonl")]
+        if not self.quiet:
+            loggers.append(ConsoleLogger(max_steps=self.cfg.train.max_steps))
+        if self.cfg.logging.wandb:
+            loggers.append(WandbLogger(project=self.cfg.logging.wandb_project,
+                                       name=self.cfg.logging.run_name or self.cfg.name,
+                                       config=config_to_dict(self.cfg), run_dir=self.run_dir,
+                                       mode=self.cfg.logging.wandb_mode))
+        return LoggerGroup(loggers)
+
+    def fit(self) -> TrainResult:
+        from megatron_longgen.training.checkpointing import save_checkpoint
+
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            if not self.quiet:
+                print(f"[longgen] {cfg.name}: pattern {cfg.model.layer_pattern} ({cfg.sparse.variant}), "
+                      f"{self.num_parameters / 1e6:.2f}M params/rank, world {self.world_size} "
+                      f"(tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
+                      f"cp {cfg.parallel.context_parallel} dp {self.dp_size}), device {self.device.type}",
+                      flush=True)
+        logger = self._loggers()
+        tokens_per_step = t.global_batch_size * t.seq_length
+        losses: list[float] = []
+        start = time.perf_counter()
+        window_start, window_steps = start, 0
+        for step in range(t.max_steps):
+            metrics = self.train_step(step)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; stopping")
+            losses.append(metrics["loss"])
+            window_steps += 1
+            done = step + 1
+            if done % t.log_interval == 0 or done == t.max_steps:
+                now = time.perf_counter()
+                step_time = (now - window_start) / window_steps
+                metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                               tokens_per_s_per_gpu=tokens_per_step / step_time / self.world_size,
+                               wall_time_s=now - start, eta_s=step_time * (t.max_steps - done),
+                               tokens=done * tokens_per_step)
+                window_start, window_steps = now, 0
+                if t.eval_interval and done % t.eval_interval == 0:
+                    metrics["eval_loss"] = self.evaluate(step)
+                metrics.pop("update_skipped", None)
+                logger.log(metrics, done)
+        ckpt = save_checkpoint(self.model, cfg, self.run_dir / "checkpoints" / f"step_{t.max_steps:07d}")
+        logger.close()
+        return TrainResult(losses=losses, final_step=t.max_steps, checkpoint_dir=str(ckpt),
+                           wall_time_s=time.perf_counter() - start)
+
+
+def train(cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False) -> TrainResult:
+    """Build everything for `cfg` and train for `cfg.train.max_steps` steps."""
+    return Trainer(cfg, run_dir=run_dir, quiet=quiet).fit()
