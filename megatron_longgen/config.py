@@ -246,10 +246,24 @@ class DataConfig:
     """A SentencePiece `.model` file, an HF tokenizer folder, or `builtin:tiny_sp` (shipped)."""
     valid_fraction: float = 0.05
     """Share of documents held out for evaluation."""
+    blend: str = ""
+    """Megatron-Core indexed datasets (`tools/preprocess_data.py` output prefixes) to train on, instead of
+    `corpus`: `"PREFIX [PREFIX ...]"` (each weighted by its token count) or `"0.7 PREFIX_A 0.3 PREFIX_B"`.
+    Empty: use `corpus`. Samples are packed by Megatron-Core's GPTDataset, seeded by `train.seed`, and
+    each prefix is split into train/valid documents by `valid_fraction`."""
+    cache_dir: str | None = None
+    """Where Megatron-Core caches the sample indices of a `blend` (None: `longgen_index_cache/` next to
+    the first prefix). `build_datasets(cache_dir=...)` overrides it, e.g. with a folder in the run dir."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.blend.strip():
+            from megatron_longgen.data.blend import parse_blend
+
+            parse_blend(self.blend)  # raises ValueError quoting the bad item
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            raise ValueError("cache_dir must be None or a non-empty path, got an empty string")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -1,7 +1,13 @@
 """Build the train / validation datasets a run reads.
 
+Two sources, chosen by `cfg.data`:
+- `blend` set: Megatron-Core indexed datasets written by `tools/preprocess_data.py`, packed and blended by
+  Megatron-Core's GPTDataset / BlendedMegatronDatasetBuilder (`megatron_gpt.py`). The real-run path.
+- otherwise `corpus`: a plain-text file or `builtin:tiny_stories`, packed in memory (`packed.py`). The
+  tiny CPU demo path.
+
 Every dataset yields dicts of `tokens` [s] int64, `labels` [s] int64, `loss_mask` [s] float32 and
-`position_ids` [s] int64, for s = `cfg.train.seq_length`.
+`position_ids` [s] int64, for s = `cfg.train.seq_length`; never an attention mask.
 """
 
 from __future__ import annotations
@@ -11,11 +17,50 @@ from megatron_longgen.data.packed import build_packed_datasets
 from megatron_longgen.data.tokenizers import Tokenizer
 
 
-def build_datasets(cfg: LongGenConfig, *, tokenizer: Tokenizer):
-    """(train, valid-or-None) for `cfg.data`."""
-    return build_packed_datasets(
-        cfg.data.corpus,
+def default_num_samples(cfg: LongGenConfig) -> tuple[int, int]:
+    """(train, valid) sample counts a run consumes: `max_steps * global_batch_size` for training, and
+    `eval_iters * global_batch_size` per evaluation, for `max_steps // eval_interval` periodic evaluations
+    plus a final one (one evaluation when `eval_interval` is 0). `global_batch_size` >= micro-batch x
+    data-parallel size, so this is an upper bound whatever the world size."""
+    t = cfg.train
+    num_evals = (t.max_steps // t.eval_interval + 1) if t.eval_interval > 0 else 1
+    return t.max_steps * t.global_batch_size, num_evals * t.eval_iters * t.global_batch_size
+
+
+def build_datasets(
+    cfg: LongGenConfig,
+    *,
+    tokenizer: Tokenizer,
+    num_train_samples: int | None = None,
+    num_valid_samples: int | None = None,
+    cache_dir: str | None = None,
+):
+    """(train, valid-or-None) for `cfg.data`; see the module docstring for the two paths.
+
+    Indexed path (`cfg.data.blend`): `num_train_samples` / `num_valid_samples` default to
+    `default_num_samples(cfg)`; the datasets hold at least that many samples, deterministic in
+    `cfg.train.seed`. `cache_dir` (else `cfg.data.cache_dir`, else next to the data) receives
+    Megatron-Core's index caches. Call on every rank with torch.distributed initialised.
+    Text path: the sample counts and `cache_dir` are ignored (the corpus is packed once, in order).
+    Raises ValueError for missing/corrupt data (naming the file) or too little data for one sample.
+    """
+    if not cfg.data.blend.strip():
+        return build_packed_datasets(
+            cfg.data.corpus,
+            tokenizer=tokenizer,
+            seq_length=cfg.train.seq_length,
+            valid_fraction=cfg.data.valid_fraction,
+        )
+    from megatron_longgen.data.megatron_gpt import build_indexed_datasets
+
+    default_train, default_valid = default_num_samples(cfg)
+    return build_indexed_datasets(
+        blend=cfg.data.blend,
         tokenizer=tokenizer,
         seq_length=cfg.train.seq_length,
+        seed=cfg.train.seed,
         valid_fraction=cfg.data.valid_fraction,
+        num_train_samples=default_train if num_train_samples is None else num_train_samples,
+        num_valid_samples=default_valid if num_valid_samples is None else num_valid_samples,
+        cache_dir=cache_dir if cache_dir is not None else cfg.data.cache_dir,
     )
