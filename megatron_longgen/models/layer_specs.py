@@ -35,8 +35,22 @@ from megatron_longgen.models.norms import RMSNorm
 from megatron_longgen.utils.optional import has_te
 
 
-def core_attention_spec(kind: str, *, sparse: SparseAttentionConfig, use_te: bool) -> ModuleSpec | type:
-    """The `core_attention` submodule for one layer kind (`S` or `F`)."""
+def core_attention_spec(
+    kind: str, *, sparse: SparseAttentionConfig, use_te: bool, context_parallel: bool = False
+) -> ModuleSpec | type:
+    """The `core_attention` submodule for one layer kind (`S` or `F`); with `context_parallel` (CP > 1)
+    the zig-zag ring / KV-reduced exchange modules of `context_parallel/core_attention.py`."""
+    if context_parallel:
+        from megatron_longgen.context_parallel.core_attention import (
+            ContextParallelFullAttention,
+            ContextParallelSparseAttention,
+        )
+
+        if kind == SPARSE:
+            return ModuleSpec(module=ContextParallelSparseAttention, params={"sparse": sparse})
+        if kind == FULL:
+            return ContextParallelFullAttention
+        raise ValueError(f"layer kind must be 'S' or 'F', got {kind!r}")
     if kind == SPARSE:
         return ModuleSpec(module=SparseCoreAttention, params={"sparse": sparse})
     if kind == FULL:
@@ -48,9 +62,11 @@ def core_attention_spec(kind: str, *, sparse: SparseAttentionConfig, use_te: boo
     raise ValueError(f"layer kind must be 'S' or 'F', got {kind!r}")
 
 
-def build_layer_spec(kind: str, *, sparse: SparseAttentionConfig, use_te: bool = False) -> ModuleSpec:
+def build_layer_spec(
+    kind: str, *, sparse: SparseAttentionConfig, use_te: bool = False, context_parallel: bool = False
+) -> ModuleSpec:
     """A Llama decoder layer whose core attention matches `kind`."""
-    core = core_attention_spec(kind, sparse=sparse, use_te=use_te)
+    core = core_attention_spec(kind, sparse=sparse, use_te=use_te, context_parallel=context_parallel)
     if use_te:
         from megatron.core.extensions.transformer_engine import (
             TELayerNormColumnParallelLinear,
@@ -111,7 +127,10 @@ def build_block_spec(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     local = pattern[offset : offset + count]
-    specs = [build_layer_spec(kind, sparse=sparse, use_te=use_te) for kind in local]
+    context_parallel = config.context_parallel_size > 1
+    specs = [
+        build_layer_spec(kind, sparse=sparse, use_te=use_te, context_parallel=context_parallel) for kind in local
+    ]
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
