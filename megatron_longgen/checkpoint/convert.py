@@ -1,0 +1,497 @@
+"""HF Llama <-> LongGen Megatron-Core checkpoints: the library functions behind `tools/convert_*.py`.
+
+- `hf_to_mcore(hf_dir=..., out_dir=...)` reads `config.json` and the weights shard by shard, maps keys with
+  the table of `hf_mapping.py` and the transforms of `transforms.py`, and writes the folder described in
+  `format.py` (LongGen config + a Megatron-Core dist checkpoint whose keys are those of
+  `GPTModel.sharded_state_dict()`), without building a model.
+- `mcore_to_hf(mcore_dir=..., out_dir=...)` reads that folder one layer at a time (dist_checkpointing
+  reshards, so any TP/PP layout works) and writes safetensors shards + a `config.json` that records the
+  LongGen layout for `hf_model.LongGenLlamaForCausalLM`.
+- `load_model(mcore_dir)` builds our GPTModel in one process and loads the checkpoint.
+
+Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor). The Megatron side is
+written by a single `dist_checkpointing.save`, which needs every converted tensor at once: the import peaks
+at about the model size in the output dtype plus one input shard. The export holds one layer plus one
+output shard. Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from megatron_longgen.checkpoint import format as ckpt_format
+from megatron_longgen.checkpoint.hf_io import HFCheckpointReader, plan_shards, shard_file_names, write_index
+from megatron_longgen.checkpoint.hf_mapping import (
+    MAPPINGS,
+    SUPPORTED_ARCHITECTURES,
+    KeyMapping,
+    check_coverage,
+    expand_mapping,
+)
+from megatron_longgen.checkpoint.transforms import TransformContext, get_transform
+from megatron_longgen.config import (
+    LongGenConfig,
+    ModelConfig,
+    ParallelConfig,
+    SparseAttentionConfig,
+    TrainingConfig,
+    apply_overrides,
+)
+from megatron_longgen.models.layer_pattern import default_layer_pattern, full_pattern
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEFAULT_MAX_STEPS = 1000
+"""`train.max_steps` recorded by the importer. The paper's stage is ~5B tokens; at 128K-token sequences and
+a global batch of 32 that is ~1,200 steps, so 1000 is a sensible order of magnitude. Recipes and the
+trainer override it (`--max-steps` or `--override train.max_steps=N`)."""
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config translation
+# --------------------------------------------------------------------------------------------------------
+
+
+def _rope(hf: dict) -> tuple[float, str, float]:
+    """(rope_theta, scaling kind, factor) from either the transformers v4 or v5 config layout."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    factor = params.get("factor", scaling.get("factor", 1.0))
+    if kind == "default":
+        return float(theta), "none", 1.0
+    if kind == "linear":
+        return float(theta), "linear", float(factor)
+    raise ValueError(f"unsupported RoPE scaling {kind!r} in config.json (supported: default, linear)")
+
+
+def hf_config_to_longgen(
+    hf: dict,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    pattern: str | None = None,
+    sparse_variant: str | None = None,
+    dtype: str | None = None,
+    seq_length: int | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    overrides: tuple[str, ...] = (),
+    name: str = "converted_hf_llama",
+) -> LongGenConfig:
+    """A LongGenConfig for an HF Llama `config.json` (as a dict).
+
+    pattern: None -> the `longgen.layer_pattern` recorded by our exporter, else the LongGen default (middle
+    third full); `"full"` -> all full layers; otherwise an explicit `S`/`F` string. `dtype` None -> the HF
+    config's dtype when it is fp32/bf16/fp16, else bf16. `seq_length` None -> `max_position_embeddings`.
+    Raises ValueError for unsupported architectures or options, naming the value.
+    """
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in ("llama", "longgen_llama") or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(
+            f"unsupported architecture {archs} (model_type {hf.get('model_type')!r}); "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"config.json sets {flag}=true; Llama-2 (and this converter) has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses silu)")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ValueError(f"head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden} is not supported")
+    theta, scaling, factor = _rope(hf)
+    num_layers = hf["num_hidden_layers"]
+    recorded = hf.get("longgen") or {}
+    if pattern is None:
+        layer_pattern = recorded.get("layer_pattern") or default_layer_pattern(num_layers)
+    elif pattern == "full":
+        layer_pattern = full_pattern(num_layers)
+    elif pattern == "default":
+        layer_pattern = default_layer_pattern(num_layers)
+    else:
+        layer_pattern = pattern
+    if dtype is None:
+        hf_dtype = hf.get("dtype") or hf.get("torch_dtype")
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(hf_dtype, "bf16")
+    sparse_fields = {k: v for k, v in recorded.items() if k in {f.name for f in dataclasses.fields(SparseAttentionConfig)}}
+    if sparse_variant is not None:
+        sparse_fields["variant"] = sparse_variant
+    cfg = LongGenConfig(
+        name=name,
+        model=ModelConfig(
+            num_layers=num_layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            ffn_hidden_size=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            layer_pattern=layer_pattern,
+            rotary_base=theta,
+            rope_scaling=scaling,
+            rope_scaling_factor=factor,
+            rope_original_max_position=hf.get("max_position_embeddings", 4096),
+            norm_epsilon=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        ),
+        sparse=SparseAttentionConfig(**sparse_fields),
+        parallel=ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel),
+        train=TrainingConfig(
+            seq_length=seq_length or hf.get("max_position_embeddings", 4096), max_steps=max_steps, dtype=dtype
+        ),
+    )
+    return apply_overrides(cfg, list(overrides))
+
+
+def longgen_to_hf_config(cfg: LongGenConfig, *, dtype: torch.dtype) -> dict:
+    """`config.json` for the exported folder: LlamaConfig fields plus a `longgen` section (per-layer layout
+    and sparse parameters) read by `hf_model.LongGenLlamaConfig`."""
+    m, s = cfg.model, cfg.sparse
+    rope = {"rope_type": "default" if m.rope_scaling == "none" else m.rope_scaling, "rope_theta": m.rotary_base}
+    if m.rope_scaling == "linear":
+        rope["factor"] = m.rope_scaling_factor
+    return {
+        "architectures": ["LongGenLlamaForCausalLM"],
+        "model_type": "longgen_llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.train.seq_length,
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": m.rotary_base,
+        "rope_parameters": rope,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": HF_DTYPE_NAMES[dtype],
+        "longgen": {"layer_pattern": m.layer_pattern, **dataclasses.asdict(s)},
+    }
+
+
+def transform_context(cfg: LongGenConfig, *, padded_vocab_size: int) -> TransformContext:
+    m = cfg.model
+    return TransformContext(
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.kv_heads,
+        head_dim=m.head_dim,
+        vocab_size=m.vocab_size,
+        padded_vocab_size=padded_vocab_size,
+    )
+
+
+def expected_hf_shapes(cfg: LongGenConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every HF tensor the config implies (to catch config/weight mismatches by name)."""
+    m = cfg.model
+    h, d, f, v = m.hidden_size, m.head_dim, m.ffn_hidden_size, m.vocab_size
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (m.num_attention_heads * d, h),
+        "self_attn.k_proj.weight": (m.kv_heads * d, h),
+        "self_attn.v_proj.weight": (m.kv_heads * d, h),
+        "self_attn.o_proj.weight": (h, m.num_attention_heads * d),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for layer in range(m.num_layers):
+        shapes.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output folders: build in OUT.tmp-*, rename when complete
+# --------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `out_dir`; on success it replaces `out_dir`, on error it is
+    deleted (no partial output). An existing `out_dir` raises FileExistsError unless `force`."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def _ensure_process_group() -> None:
+    """dist_checkpointing needs torch.distributed: start a one-rank gloo group if none exists."""
+    import torch.distributed as dist
+
+    from megatron_longgen.utils.distributed import init_distributed
+
+    if not dist.is_initialized():
+        init_distributed()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled)
+
+
+# --------------------------------------------------------------------------------------------------------
+# HF -> Megatron-Core
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: an HF checkpoint folder needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def convert_hf_state(
+    reader: HFCheckpointReader, cfg: LongGenConfig, *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Plain Megatron key -> global tensor (in cfg.train.dtype), reading one HF shard at a time.
+
+    Checks that every HF tensor is used and every Megatron key filled, and every shape against the config.
+    """
+    from megatron_longgen.models.builder import model_vocab_size
+
+    m = cfg.model
+    table = MAPPINGS["llama"]
+    rows = expand_mapping(table, num_layers=m.num_layers, tie_embeddings=m.tie_embeddings)
+    check_coverage(rows=rows, hf_keys=reader.keys(), tie_embeddings=m.tie_embeddings)
+    row_of: dict[str, KeyMapping] = {k: row for row in rows for k in row.hf}
+    shapes = expected_hf_shapes(cfg)
+    ctx = transform_context(cfg, padded_vocab_size=model_vocab_size(cfg))
+    dtype = TORCH_DTYPES[cfg.train.dtype]
+    pending: dict[str, torch.Tensor] = {}
+    converted: dict[str, torch.Tensor] = {}
+    with _progress(len(reader.shard_keys), "HF shards", progress) as bar:
+        for name, keys in reader.shard_keys.items():
+            bar.set_postfix_str(name)
+            with reader.open_shard(name) as shard:
+                for key in keys:
+                    row = row_of.get(key)
+                    if row is None:
+                        continue  # tied lm_head or an ignorable buffer (check_coverage vetted it)
+                    tensor = shard.get(key)
+                    if tuple(tensor.shape) != shapes[key]:
+                        raise ValueError(
+                            f"config/weight shape mismatch: {key} in {shard.path} has shape "
+                            f"{tuple(tensor.shape)} but config.json implies {shapes[key]}"
+                        )
+                    pending[key] = tensor
+                    if all(k in pending for k in row.hf):
+                        parts = [pending.pop(k).to(dtype) for k in row.hf]
+                        converted[row.mcore] = get_transform(row.transform).to_mcore(parts, ctx).contiguous()
+            bar.update(1)
+    filled = {row.mcore for row in rows}
+    assert not pending and set(converted) == filled, "every HF key used and every Megatron key filled"
+    return converted
+
+
+def hf_to_mcore(
+    *,
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    pattern: str | None = None,
+    sparse_variant: str | None = None,
+    dtype: str | None = None,
+    seq_length: int | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    overrides: tuple[str, ...] = (),
+    force: bool = False,
+    progress: bool = False,
+) -> LongGenConfig:
+    """Convert an HF Llama folder into a LongGen Megatron-Core checkpoint folder (see `format.py`).
+
+    The recorded config carries the TP/PP sizes (the vocabulary is padded for that TP size); the dist
+    checkpoint holds global tensors and loads at any layout. Returns the recorded config.
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out.absolute()} already exists; pass --force to replace it")
+    cfg = hf_config_to_longgen(
+        read_hf_config(hf_dir),
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        pattern=pattern,
+        sparse_variant=sparse_variant,
+        dtype=dtype,
+        seq_length=seq_length,
+        max_steps=max_steps,
+        overrides=overrides,
+    )
+    reader = HFCheckpointReader(hf_dir)
+    with atomic_output_dir(out, force=force) as tmp:
+        converted = convert_hf_state(reader, cfg, progress=progress)
+        _ensure_process_group()
+        from megatron.core import dist_checkpointing
+
+        state: dict = {}
+        for key in list(converted):
+            state.update(ckpt_format.sharded_entries(key, converted.pop(key), num_layers=cfg.model.num_layers))
+        ckpt_format.model_dir(tmp).mkdir()
+        dist_checkpointing.save(state, str(ckpt_format.model_dir(tmp)))
+        ckpt_format.save_config(cfg, tmp)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------
+# Megatron-Core -> HF
+# --------------------------------------------------------------------------------------------------------
+
+
+def mcore_to_hf(
+    *,
+    mcore_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Convert a LongGen Megatron-Core checkpoint (any TP/PP it was saved with) into an HF folder of
+    safetensors shards + `config.json` (LongGen layout recorded). `dtype` None keeps the stored dtype.
+    Returns the written config.json as a dict."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out.absolute()} already exists; pass --force to replace it")
+    cfg = ckpt_format.load_config(mcore_dir)
+    model_path = ckpt_format.model_dir(mcore_dir)
+    if not (model_path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{model_path} is not a Megatron-Core dist checkpoint (no metadata.json)")
+    from safetensors.torch import save_file
+
+    reader = ckpt_format.DistCheckpointReader(model_path)
+    m = cfg.model
+    rows = expand_mapping(MAPPINGS["llama"], num_layers=m.num_layers, tie_embeddings=m.tie_embeddings)
+    missing = sorted({ckpt_format.sharded_key(r.mcore) for r in rows} - reader.keys())
+    if missing:
+        raise ValueError(f"checkpoint {model_path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}")
+    vocab_rows = reader.global_shape("embedding.word_embeddings.weight")[0]
+    ctx = transform_context(cfg, padded_vocab_size=vocab_rows)
+    stored_dtype = reader.dtype(ckpt_format.sharded_key(rows[1].mcore))
+    out_dtype = TORCH_DTYPES[dtype] if dtype is not None else stored_dtype
+    hf_shapes = expected_hf_shapes(cfg)
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
+    sizes = [(k, itemsize * int(torch.Size(hf_shapes[k]).numel())) for row in rows for k in row.hf]
+    planned = plan_shards(sizes, max_shard_bytes=max_shard_bytes)
+    file_names = shard_file_names(len(planned))
+    file_of = {k: file_names[i] for i, keys in enumerate(planned) for k in keys}
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_output_dir(out, force=force) as tmp:
+        buffer: dict[str, torch.Tensor] = {}
+        shard_index = 0
+        with _progress(len(file_names), "HF shards", progress) as bar:
+            for row in rows:
+                parts = get_transform(row.transform).to_hf(reader.read_plain(row.mcore), ctx)
+                for key, tensor in zip(row.hf, parts):
+                    if tuple(tensor.shape) != hf_shapes[key]:
+                        raise ValueError(
+                            f"checkpoint tensor {row.mcore} gives {key} of shape {tuple(tensor.shape)}, "
+                            f"but the recorded config implies {hf_shapes[key]}"
+                        )
+                    buffer[key] = tensor.to(out_dtype).contiguous()
+                    weight_map[key] = file_of[key]
+                    total += buffer[key].numel() * itemsize
+                # Flush every shard whose tensors are all converted (rows are in checkpoint order).
+                while shard_index < len(planned) and all(k in buffer for k in planned[shard_index]):
+                    name = file_names[shard_index]
+                    shard = {k: buffer.pop(k) for k in planned[shard_index]}
+                    save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                    shard_index += 1
+                    bar.set_postfix_str(name)
+                    bar.update(1)
+        assert shard_index == len(planned) and not buffer, "every planned shard written"
+        write_index(tmp, weight_map=weight_map, total_size=total)
+        hf_config = longgen_to_hf_config(cfg, dtype=out_dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return hf_config
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading a checkpoint into our model
+# --------------------------------------------------------------------------------------------------------
+
+
+class StrippedVocabLM(torch.nn.Module):
+    """Our GPTModel with logits cut back to the tokenizer vocabulary.
+
+    `forward(input_ids [b, s], position_ids [b, s], attention_mask=None)` -> logits [b, s, vocab_size]
+    (Megatron's padding rows removed). With `labels=`, the GPTModel's per-token loss is returned unchanged.
+    The GPTModel itself is `.module`.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, vocab_size: int):
+        super().__init__()
+        self.module = module
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids, position_ids, attention_mask=None, **kwargs):
+        out = self.module(input_ids, position_ids, attention_mask, **kwargs)
+        if kwargs.get("labels") is not None:
+            return out
+        return out[..., : self.vocab_size]
+
+
+def single_process_config(cfg: LongGenConfig, *, dtype: str) -> LongGenConfig:
+    """`cfg` at TP=PP=CP=1 with the same padded vocabulary as the checkpoint (padding of the recorded TP)."""
+    tp = cfg.parallel.tensor_parallel
+    model = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by * tp)
+    parallel = ParallelConfig(tensor_parallel=1, pipeline_parallel=1, context_parallel=1, use_distributed_optimizer=False)
+    train = dataclasses.replace(cfg.train, dtype=dtype)
+    return dataclasses.replace(cfg, model=model, parallel=parallel, train=train)
+
+
+def load_model(
+    mcore_dir: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: str = "fp32"
+) -> tuple[StrippedVocabLM, LongGenConfig]:
+    """Build our model at TP=PP=CP=1 in one process and load a LongGen checkpoint into it.
+
+    Starts a one-rank gloo group when torch.distributed is not initialised, and (re)initialises Megatron's
+    model-parallel state at TP=PP=CP=1. Returns `(model, cfg)`: `model(input_ids, position_ids, None)` gives
+    logits [batch, seq, cfg.model.vocab_size] (vocabulary padding stripped); `cfg` is the recorded config.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_longgen.models.builder import build_model
+    from megatron_longgen.utils.distributed import initialize_model_parallel, set_seed
+
+    cfg = ckpt_format.load_config(mcore_dir)
+    local = single_process_config(cfg, dtype=dtype)
+    _ensure_process_group()
+    initialize_model_parallel(local)
+    set_seed(local.train.seed)
+    model = build_model(local)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_format.model_dir(mcore_dir)))
+    model.load_state_dict(state)
+    model = model.to(device).eval()
+    return StrippedVocabLM(model, vocab_size=cfg.model.vocab_size), cfg
