@@ -41,7 +41,8 @@ def reference_attention(
         softmax_scale: defaults to 1/sqrt(H).
 
     Returns:
-        out_BNSH in the input dtype, and lse_BNS = logsumexp of the scaled, masked scores (fp32).
+        out_BNSH in the input dtype, and lse_BNS = logsumexp of the scaled, masked scores (fp32, or fp64
+        for fp64 inputs).
         A query row with no visible key gets out = 0 and lse = -inf.
     """
     num_heads, head_dim = q_BNSH.shape[1], q_BNSH.shape[-1]
@@ -51,8 +52,10 @@ def reference_attention(
     scores = torch.matmul(q_BNSH, k.transpose(-1, -2)) * scale
     if mask_ST is not None:
         scores = scores.masked_fill(~mask_ST, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
-    probs = torch.exp(scores.float() - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    # Softmax in at least fp32 (fp64 stays fp64); probabilities go back to the input dtype for P @ V.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     probs = torch.nan_to_num(probs, nan=0.0).to(q_BNSH.dtype)
     out = torch.matmul(probs, v)
     return out, lse
