@@ -66,26 +66,26 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 def expand_mapping(
     table: tuple[KeyMapping, ...], *, num_layers: int, tie_embeddings: bool
 ) -> list[KeyMapping]:
-    """Concrete rows for a model with `num_layers` layers, in checkpoint order (embedding, layers, head).
+    """Concrete rows for a model with `num_layers` layers, in checkpoint order: the rows before the layer
+    rows (embedding), then layer by layer, then the rest (final norm, head).
 
     With tied embeddings the `output_layer.weight` row is dropped: HF's `lm_head.weight`, if a file has it,
     is the same tensor as the embedding and is skipped (see `tied_hf_keys`).
     """
-    rows: list[KeyMapping] = []
-    for row in table:
-        if tie_embeddings and row.mcore == "output_layer.weight":
-            continue
-        if "{layer}" in row.mcore:
-            for layer in range(num_layers):
-                rows.append(
-                    KeyMapping(
-                        hf=tuple(k.format(layer=layer) for k in row.hf),
-                        mcore=row.mcore.format(layer=layer),
-                        transform=row.transform,
-                    )
-                )
-        else:
-            rows.append(row)
+    kept = [row for row in table if not (tie_embeddings and row.mcore == "output_layer.weight")]
+    first_layer_row = next(i for i, row in enumerate(kept) if "{layer}" in row.mcore)
+    layer_rows = [row for row in kept if "{layer}" in row.mcore]
+    rows = [row for row in kept[:first_layer_row] if "{layer}" not in row.mcore]
+    for layer in range(num_layers):
+        rows += [
+            KeyMapping(
+                hf=tuple(k.format(layer=layer) for k in row.hf),
+                mcore=row.mcore.format(layer=layer),
+                transform=row.transform,
+            )
+            for row in layer_rows
+        ]
+    rows += [row for row in kept[first_layer_row:] if "{layer}" not in row.mcore]
     return rows
 
 
