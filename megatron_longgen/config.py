@@ -59,6 +59,10 @@ class ModelConfig:
     """Factor for `linear`/`yarn` scaling (new_context / original_context)."""
     rope_original_max_position: int = 4096
     """Context length the checkpoint was pretrained with (YaRN needs it)."""
+    yarn_beta_fast: float = 32.0
+    """YaRN: rotations per original context above which a dimension is left unscaled (paper: 32)."""
+    yarn_beta_slow: float = 1.0
+    """YaRN: rotations per original context below which a dimension is fully interpolated (paper: 1)."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon (Llama-2: 1e-5)."""
     tie_embeddings: bool = False
@@ -90,6 +94,13 @@ class ModelConfig:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling_factor < 1.0:
             raise ValueError(f"rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        if self.rope_scaling != "none" and self.rope_scaling_factor == 1.0:
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} needs rope_scaling_factor > 1, got 1.0")
+        _positive("rope_original_max_position", self.rope_original_max_position)
+        if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
+            raise ValueError(
+                f"need 0 < yarn_beta_slow < yarn_beta_fast, got {self.yarn_beta_slow} and {self.yarn_beta_fast}"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -216,6 +227,21 @@ class TrainingConfig:
     """Steps between held-out evaluations (0: never)."""
     eval_iters: int = 2
     """Micro-batches per evaluation."""
+    keep_last_checkpoints: int = 3
+    """How many complete checkpoints `RUN_DIR/checkpoints/` keeps (oldest deleted first; 0 keeps all)."""
+    save_on_exit: bool = True
+    """Also checkpoint after the last step and when SIGTERM/SIGUSR1 stops the run."""
+    nan_policy: str = "stop"
+    """Non-finite loss or gradient norm: `stop` (raise with the step number) or `skip` (drop the update,
+    count it, and stop once `max_nan_skips` is exceeded)."""
+    max_nan_skips: int = 10
+    """`skip` policy: non-finite steps tolerated over the whole run before stopping."""
+    init_checkpoint: str | None = None
+    """Checkpoint folder (e.g. from tools/convert_hf_to_mcore.py) whose `model/` weights initialise a
+    fresh run; ignored when `--resume` finds a checkpoint of the run itself."""
+    pipeline_layout: str = "balanced"
+    """Layers per pipeline stage: `balanced` (contiguous stages of equal estimated cost; full-attention
+    layers cost more at long context) or `even` (Megatron's equal layer counts)."""
 
     def __post_init__(self) -> None:
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "log_interval"):
@@ -233,6 +259,18 @@ class TrainingConfig:
             )
         if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
+        if self.keep_last_checkpoints < 0:
+            raise ValueError(f"keep_last_checkpoints must be >= 0, got {self.keep_last_checkpoints}")
+        if self.save_interval < 0 or self.eval_interval < 0:
+            raise ValueError(
+                f"save_interval and eval_interval must be >= 0, got {self.save_interval} and {self.eval_interval}"
+            )
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
+        if self.max_nan_skips < 0:
+            raise ValueError(f"max_nan_skips must be >= 0, got {self.max_nan_skips}")
+        if self.pipeline_layout not in ("balanced", "even"):
+            raise ValueError(f"pipeline_layout must be balanced or even, got {self.pipeline_layout!r}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -278,6 +316,15 @@ class LoggingConfig:
     """`offline`, `online` or `disabled`; the WANDB_MODE environment variable wins."""
     run_name: str | None = None
     """W&B run name; defaults to the recipe name."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 looks the GPU name up in
+    `training/flops.py` (H100/H200 989, A100 312) and reports no MFU when it is unknown (e.g. CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -308,9 +355,13 @@ class LongGenConfig:
             raise ValueError(f"num_query_groups {self.model.kv_heads} < tensor_parallel {tp}")
         pp = self.parallel.pipeline_parallel
         vpp = self.parallel.virtual_pipeline_parallel or 1
-        if self.model.num_layers % (pp * vpp):
+        if self.train.pipeline_layout == "even" and self.model.num_layers % (pp * vpp):
             raise ValueError(
                 f"num_layers {self.model.num_layers} must be divisible by pipeline_parallel*virtual = {pp}*{vpp}"
+            )
+        if self.model.num_layers < pp * vpp:
+            raise ValueError(
+                f"num_layers {self.model.num_layers} must be >= pipeline_parallel*virtual = {pp}*{vpp}"
             )
         if "S" in self.model.layer_pattern:
             cp = self.parallel.context_parallel

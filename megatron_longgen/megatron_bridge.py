@@ -30,7 +30,9 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     elif t.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return TransformerConfig(
+    from megatron_longgen.training.pipeline_layout import pipeline_layout
+
+    tcfg = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -66,5 +68,31 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         # Loss = sum over tokens / tokens in the global batch, exact under CP and uneven loss masks.
         calculate_per_token_loss=True,
+        # Stages balanced by estimated cost (full layers are dearer at long context); None = even split.
+        pipeline_model_parallel_layout=pipeline_layout(cfg),
         **recompute,
     )
+    apply_rope_scaling(tcfg, cfg)
+    return tcfg
+
+
+def apply_rope_scaling(tcfg: TransformerConfig, cfg: LongGenConfig) -> None:
+    """Set the `yarn_*` attributes Megatron-Core 0.16.1's GPTModel reads (with `getattr`) when its
+    position embedding is 'yarn'; a no-op for `none` (raised base only) and `linear` (position
+    interpolation is GPTModel's `seq_len_interpolation_factor`, see models/builder.py).
+
+    YaRN (Peng et al. 2023): frequencies with fewer than `yarn_beta_slow` rotations over the original
+    context are divided by the factor, those with more than `yarn_beta_fast` are kept, a linear ramp in
+    between; attention logits get the temperature 0.1·ln(factor) + 1 through cos/sin scaling
+    (`yarn_mscale` 1, `yarn_mscale_all_dim` 0: Megatron's form of that default).
+    """
+    m = cfg.model
+    if m.rope_scaling != "yarn":
+        return
+    tcfg.yarn_rotary_scaling_factor = m.rope_scaling_factor
+    tcfg.yarn_original_max_position_embeddings = m.rope_original_max_position
+    tcfg.yarn_beta_fast = m.yarn_beta_fast
+    tcfg.yarn_beta_slow = m.yarn_beta_slow
+    tcfg.yarn_mscale = 1.0
+    tcfg.yarn_mscale_all_dim = 0.0
+    tcfg.yarn_correction_range_round_to_int = True

@@ -3,10 +3,15 @@
     longgen-train --recipe debug_tiny --run-dir runs/tiny                      # CPU, ~1-2 minutes
     longgen-train --recipe debug_tiny --run-dir runs/tiny_bs --sparse-variant block_strided
     longgen-train --recipe debug_tiny --run-dir runs/tiny_full --attention full
-    torchrun --nproc-per-node 8 -m megatron_longgen.train --recipe llama2_7b_128k --run-dir runs/7b
+    longgen-train --recipe debug_tiny --run-dir runs/tiny --max-steps 200 --save-interval 50 --resume
+    torchrun --nproc-per-node 8 -m megatron_longgen.train --recipe llama2_7b_128k --run-dir runs/7b \
+        --init-checkpoint ckpt/llama2_7b_mcore --save-interval 100 --resume
 
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per logged step) and
-RUN_DIR/checkpoints/step_NNNNNNN/ (Megatron-Core distributed checkpoint + longgen_config.json).
+RUN_DIR/checkpoints/step_NNNNNNN/ (Megatron-Core distributed checkpoints of model and optimizer, RNG and
+trainer state; the last `train.keep_last_checkpoints` kept; `checkpoints/latest` names the newest).
+`--resume` continues from the latest complete checkpoint (exactly: same losses as an uninterrupted run);
+SIGTERM / SIGUSR1 save a checkpoint at the end of the current step and exit with status 0.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named run (megatron_longgen/recipes.py)")
     parser.add_argument("--run-dir", required=True, help="output folder (metrics, config, checkpoints)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--save-interval", type=int, default=None,
+                        help="override train.save_interval (steps between checkpoints; 0: only on exit)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/checkpoints/latest (a fresh start when there is none)")
+    parser.add_argument("--init-checkpoint", default=None, metavar="DIR",
+                        help="initial weights: a converted checkpoint folder (override train.init_checkpoint)")
     parser.add_argument("--sparse-variant", choices=SPARSE_VARIANTS, default=None, help="sparse pattern of S layers")
     parser.add_argument("--attention", choices=("hybrid", "full"), default="hybrid",
                         help="'full' turns every layer into full attention (the baseline)")
@@ -43,6 +54,10 @@ def config_from_args(args: argparse.Namespace):
     overrides = list(args.override)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.save_interval is not None:
+        overrides.append(f"train.save_interval={args.save_interval}")
+    if args.init_checkpoint is not None:
+        overrides.append(f"train.init_checkpoint={args.init_checkpoint}")
     cfg = apply_overrides(cfg, overrides)
     if args.wandb:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=True))
@@ -60,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longgen.utils.distributed import destroy
 
     try:
-        result = train(cfg, run_dir=args.run_dir, quiet=args.quiet)
+        result = train(cfg, run_dir=args.run_dir, quiet=args.quiet, resume=args.resume)
+    except FloatingPointError as exc:
+        print(f"longgen-train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         destroy()
     if result.losses and not args.quiet:

@@ -4,9 +4,13 @@ pattern string -> `build_block_spec` -> `TransformerBlockSubmodules(layer_specs=
 A pattern of all `F` gives the plain Llama baseline through exactly the same code path.
 
 RoPE: GPTModel applies rotary embeddings with each token's absolute position (no re-indexing in sparse
-layers: LongGen's "static position indexing"). The base comes from `ModelConfig.rotary_base`; `linear`
-scaling is position interpolation (`seq_len_interpolation_factor`). YaRN is not available through
-GPTModel for dense Llama in Megatron-Core 0.16.1, so `yarn` is rejected here with a clear error.
+layers: LongGen's "static position indexing"). Length extension, chosen per recipe by
+`ModelConfig.rope_scaling` and recorded in every checkpoint's `longgen_config.json`:
+- `none`: only the raised base `ModelConfig.rotary_base` (the default: "ABF", 10,000 -> 500,000);
+- `linear`: position interpolation, positions divided by `rope_scaling_factor`
+  (GPTModel's `seq_len_interpolation_factor`);
+- `yarn`: GPTModel's 'yarn' position embedding, parameters set on the TransformerConfig by
+  `megatron_bridge.apply_rope_scaling`.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ def build_model(
     """One model chunk (the whole model without pipeline parallelism). Needs Megatron's parallel state
     (`utils.distributed.initialize_model_parallel`) to be initialised."""
     tcfg = transformer_config or to_transformer_config(cfg)
-    if cfg.model.rope_scaling == "yarn":
-        raise ValueError("rope_scaling 'yarn' is not supported by this builder; use 'none' (raised base) or 'linear'")
+    if cfg.model.rope_scaling == "yarn" and not hasattr(tcfg, "yarn_rotary_scaling_factor"):
+        raise ValueError("rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config")
     interpolation = cfg.model.rope_scaling_factor if cfg.model.rope_scaling == "linear" else None
     spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=tcfg, vp_stage=vp_stage)
     kwargs = {}
@@ -55,7 +59,7 @@ def build_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if cfg.model.rope_scaling == "yarn" else "rope",
         rotary_base=cfg.model.rotary_base,
         seq_len_interpolation_factor=interpolation,
         vp_stage=vp_stage,

@@ -10,7 +10,13 @@ the batch is split over DP, CP or micro-batches.
 
 Data order is a pure function of (seed, step): global sample `step * global_batch_size + i` of a seeded
 per-epoch permutation, rank `dp` taking its contiguous share. That makes any step reproducible without
-iterator state.
+iterator state, so resuming needs only the step number (plus model, optimizer, scheduler and RNG state:
+`training/checkpointing.py`); the loss sequence after `--resume` equals an uninterrupted run's.
+
+Exits: SIGTERM/SIGUSR1 set a flag (`training/guards.py`); all ranks agree at the end of the step, save
+and return normally. A non-finite loss stops the run with the step number, or is skipped and counted
+(`train.nan_policy`). Metrics per logged step: loss, LR, grad norm, tokens/s (total and per GPU), step
+time, wall clock, peak memory, executed and dense-equivalent TFLOP/s per GPU and MFU (`training/flops.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longgen.config import LongGenConfig, config_to_dict
+from megatron_longgen.training.guards import NanGuard
 from megatron_longgen.training.loggers import (
     ConsoleLogger,
     JsonlLogger,
@@ -132,6 +139,7 @@ class Trainer:
             )
         self.train_data, self.valid_data = build_datasets(cfg, tokenizer=self.tokenizer)
         self.order = SampleOrder(len(self.train_data), seed=cfg.train.seed)
+        self.nan_guard = NanGuard(policy=cfg.train.nan_policy, max_skips=cfg.train.max_nan_skips)
         self._build_model_and_optimizer()
 
     def _build_model_and_optimizer(self) -> None:
@@ -204,7 +212,8 @@ class Trainer:
             return batch
         from megatron_longgen.context_parallel.sharding import shard_batch_for_cp
 
-        return shard_batch_for_cp(batch, cp_rank=self.cp_rank, cp_size=self.cp_size)
+        block = self.cfg.sparse.block_size if "S" in self.cfg.model.layer_pattern else 1
+        return shard_batch_for_cp(batch, cp_rank=self.cp_rank, cp_size=self.cp_size, block_size=block)
 
     def _iterator(self, dataset, step: int):
         t = self.cfg.train
@@ -244,35 +253,52 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1.0))
 
     # ---------------------------------------------------------------- steps
+    def _global_flag(self, bad: bool) -> bool:
+        """MAX over all ranks (the loss lives on the last pipeline stage only)."""
+        flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def train_step(self, step: int) -> dict:
+        """One optimizer step on global batch `step` (0-based). A non-finite loss goes to the NaN guard
+        before the optimizer sees the gradients: `stop` raises, `skip` drops the update."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(self._iterator(self.train_data, step), forward_only=False)
+        loss = self._reduce_loss(losses)
+        if self._global_flag(not math.isfinite(loss)):
+            self.nan_guard.check(float("nan") if math.isfinite(loss) else loss, step=step + 1)
+            return {"loss": loss, "grad_norm": float("nan"), "lr": self.optimizer.param_groups[0]["lr"],
+                    "update_skipped": True}
         ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if self.cfg.train.clip_grad > 0 and not math.isfinite(grad_norm) and self.nan_guard.policy == "stop":
+            self.nan_guard.check(grad_norm, step=step + 1, what="gradient norm")
         if ok:
             self.scheduler.step(increment=1)
-        loss = self._reduce_loss(losses)
-        return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "lr": self.optimizer.param_groups[0]["lr"], "update_skipped": not ok}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                "update_skipped": not ok}
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> float | None:
+    def evaluate(self) -> float | None:
+        """Mean token loss over `eval_iters` global batches of held-out data (always the same ones)."""
         if self.valid_data is None:
             return None
         for m in self.model:
             m.eval()
         losses = []
         for i in range(self.cfg.train.eval_iters):
-            losses += self._run(self._iterator(self.valid_data, step * 0 + i), forward_only=True)
+            losses += self._run(self._iterator(self.valid_data, i), forward_only=True)
         for m in self.model:
             m.train()
         return self._reduce_loss(losses)
 
-    def _loggers(self) -> MetricsLogger:
+    def _loggers(self, *, append: bool) -> MetricsLogger:
         if not self.is_logging_rank:
             return MetricsLogger()
-        loggers: list[MetricsLogger] = [JsonlLogger(self.run_dir / "metrics.jsonl")]
+        loggers: list[MetricsLogger] = [JsonlLogger(self.run_dir / "metrics.jsonl", append=append)]
         if not self.quiet:
             loggers.append(ConsoleLogger(max_steps=self.cfg.train.max_steps))
         if self.cfg.logging.wandb:
@@ -282,49 +308,143 @@ class Trainer:
                                        mode=self.cfg.logging.wandb_mode))
         return LoggerGroup(loggers)
 
-    def fit(self) -> TrainResult:
-        from megatron_longgen.training.checkpointing import save_checkpoint
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, step: int) -> Path:
+        """Collective: publish a resumable checkpoint after `step` completed steps."""
+        from megatron_longgen.training.checkpointing import save_training_checkpoint
+
+        return save_training_checkpoint(
+            checkpoints_dir=self.checkpoints_dir, step=step, cfg=self.cfg, model_chunks=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler,
+            extra_state={"nan_skips": self.nan_guard.skipped},
+            keep_last=self.cfg.train.keep_last_checkpoints,
+        )
+
+    def restore(self, *, resume: bool) -> int:
+        """Collective: the step to start from. With `resume`, the latest complete checkpoint of this run
+        (model, optimizer, scheduler, RNG, NaN counter; data order follows from the step); otherwise, or
+        when there is none, `train.init_checkpoint`'s weights when set; else step 0 from scratch."""
+        from megatron_longgen.training.checkpointing import (
+            latest_checkpoint,
+            load_model_weights,
+            load_training_checkpoint,
+        )
+
+        latest = latest_checkpoint(self.checkpoints_dir) if resume else None
+        if latest is not None:
+            state = load_training_checkpoint(latest, model_chunks=self.model, optimizer=self.optimizer,
+                                             scheduler=self.scheduler)
+            self.nan_guard.skipped = int(state.get("nan_skips", 0))
+            self._say(f"resumed from {latest} at step {state['step']}")
+            return int(state["step"])
+        init = self.cfg.train.init_checkpoint
+        if init:
+            src = load_model_weights(init, model_chunks=self.model)
+            if src.model.num_layers != self.cfg.model.num_layers or src.model.hidden_size != self.cfg.model.hidden_size:
+                raise ValueError(
+                    f"init_checkpoint {init} has {src.model.num_layers} layers of width {src.model.hidden_size}; "
+                    f"the run has {self.cfg.model.num_layers} of width {self.cfg.model.hidden_size}"
+                )
+            # The optimizer's fp32 main params were copied from the random init; refresh them.
+            self.optimizer.reload_model_params()
+            self._say(f"initialised weights from {init}")
+        elif resume:
+            self._say(f"--resume: no checkpoint in {self.checkpoints_dir}; starting from scratch")
+        return 0
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(f"[longgen] {text}", flush=True)
+
+    # ---------------------------------------------------------------- loop
+    def _peak_tflops(self) -> float | None:
+        from megatron_longgen.training.flops import peak_tflops_for_device
+
+        if self.cfg.logging.peak_tflops > 0:
+            return self.cfg.logging.peak_tflops
+        if self.device.type == "cuda":
+            return peak_tflops_for_device(torch.cuda.get_device_name(self.device))
+        return None
+
+    def _peak_memory_gib(self) -> float:
+        """Peak GPU memory allocated on this rank; on CPU the process's peak resident set size."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def fit(self, *, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+        """Train until `train.max_steps` (or `stop_after_steps` more steps, or a preemption signal),
+        checkpointing every `train.save_interval` steps and on exit. Collective on every rank."""
+        from megatron_longgen.training.flops import throughput_metrics
+        from megatron_longgen.training.guards import PreemptionFlag
 
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_step = self.restore(resume=resume)
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-            if not self.quiet:
-                print(f"[longgen] {cfg.name}: pattern {cfg.model.layer_pattern} ({cfg.sparse.variant}), "
+            self._say(f"{cfg.name}: pattern {cfg.model.layer_pattern} ({cfg.sparse.variant}), "
                       f"{self.num_parameters / 1e6:.2f}M params/rank, world {self.world_size} "
                       f"(tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
-                      f"cp {cfg.parallel.context_parallel} dp {self.dp_size}), device {self.device.type}",
-                      flush=True)
-        logger = self._loggers()
+                      f"cp {cfg.parallel.context_parallel} dp {self.dp_size}), device {self.device.type}, "
+                      f"steps {start_step}->{t.max_steps}")
+        logger = self._loggers(append=start_step > 0)
+        peak = self._peak_tflops()
         tokens_per_step = t.global_batch_size * t.seq_length
+        end_step = t.max_steps if stop_after_steps is None else min(t.max_steps, start_step + stop_after_steps)
+        preempt = PreemptionFlag()
         losses: list[float] = []
+        saved_at, ckpt, stopped_by = None, None, None
         start = time.perf_counter()
         window_start, window_steps = start, 0
-        for step in range(t.max_steps):
-            metrics = self.train_step(step)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; stopping")
-            losses.append(metrics["loss"])
-            window_steps += 1
-            done = step + 1
-            if done % t.log_interval == 0 or done == t.max_steps:
-                now = time.perf_counter()
-                step_time = (now - window_start) / window_steps
-                metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                               tokens_per_s_per_gpu=tokens_per_step / step_time / self.world_size,
-                               wall_time_s=now - start, eta_s=step_time * (t.max_steps - done),
-                               tokens=done * tokens_per_step)
-                window_start, window_steps = now, 0
-                if t.eval_interval and done % t.eval_interval == 0:
-                    metrics["eval_loss"] = self.evaluate(step)
-                metrics.pop("update_skipped", None)
-                logger.log(metrics, done)
-        ckpt = save_checkpoint(self.model, cfg, self.run_dir / "checkpoints" / f"step_{t.max_steps:07d}")
-        logger.close()
-        return TrainResult(losses=losses, final_step=t.max_steps, checkpoint_dir=str(ckpt),
+        done = start_step
+        try:
+            for step in range(start_step, end_step):
+                metrics = self.train_step(step)
+                losses.append(metrics["loss"])
+                window_steps += 1
+                done = step + 1
+                if done % t.log_interval == 0 or done == end_step:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    step_time = (now - window_start) / window_steps
+                    metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                                   tokens_per_s_per_gpu=tokens_per_step / step_time / self.world_size,
+                                   wall_time_s=now - start, eta_s=step_time * (t.max_steps - done),
+                                   tokens=done * tokens_per_step, peak_mem_gib=self._peak_memory_gib(),
+                                   nan_skips=self.nan_guard.skipped,
+                                   **throughput_metrics(cfg=cfg, step_time_s=step_time,
+                                                        num_gpus=self.world_size, peak_tflops=peak))
+                    window_start, window_steps = now, 0
+                    if t.eval_interval and done % t.eval_interval == 0:
+                        metrics["eval_loss"] = self.evaluate()
+                    logger.log(metrics, done)
+                elif t.eval_interval and done % t.eval_interval == 0:
+                    logger.log({"eval_loss": self.evaluate()}, done)
+                if preempt.should_stop(device=self.device):
+                    stopped_by = "signal"
+                    break
+                if t.save_interval and done % t.save_interval == 0:
+                    ckpt, saved_at = self.save(done), done
+            if (t.save_on_exit or stopped_by) and saved_at != done and done > start_step:
+                ckpt, saved_at = self.save(done), done
+        finally:
+            preempt.restore()
+            logger.close()
+        if stopped_by:
+            self._say(f"preemption signal: saved {ckpt} at step {done}; exiting")
+        return TrainResult(losses=losses, final_step=done, checkpoint_dir=str(ckpt) if ckpt else None,
                            wall_time_s=time.perf_counter() - start)
 
 
-def train(cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False) -> TrainResult:
-    """Build everything for `cfg` and train for `cfg.train.max_steps` steps."""
-    return Trainer(cfg, run_dir=run_dir, quiet=quiet).fit()
+def train(cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False, resume: bool = False,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Build everything for `cfg` and train (see `Trainer.fit`)."""
+    return Trainer(cfg, run_dir=run_dir, quiet=quiet).fit(resume=resume, stop_after_steps=stop_after_steps)
