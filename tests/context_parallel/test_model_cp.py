@@ -1,0 +1,194 @@
+"""Model level: a LongGen GPTModel under CP=2 and CP=2 x TP=2 gives the CP=1 loss and gradients.
+
+Four gloo ranks are started once. Each builds the same tiny hybrid model (pattern "SFFS": sparse layers
+through the KV-reduced exchange, full layers through ring attention) three times, from the same seed:
+TP1/CP1 on the full batch (the reference), TP1/CP2 and TP2/CP2 on its zig-zag shard of the batch
+(`shard_batch_for_cp`). For CP runs the per-token losses are summed over the CP group and parameter
+gradients all-reduced over it (what Megatron's DDP does over the data-parallel x CP group), then compared
+with the reference; TP-sharded parameters are compared with the matching slice of the reference gradient.
+Both sparse variants are covered. RoPE is checked directly too: the rotary table GPTModel uses on a CP
+rank must equal the global table at `zigzag_positions`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.distributed import run_distributed
+
+SEQ, BATCH, VOCAB = 32, 2, 128
+VARIANTS = {
+    "sink_window": dict(variant="sink_window", block_size=4, num_sink_blocks=1, num_window_blocks=2, backend="torch"),
+    "block_strided": dict(variant="block_strided", block_size=4, stride_blocks=3, num_local_blocks=2, backend="torch"),
+}
+
+
+def _cfg(variant: str, tp: int, cp: int):
+    from megatron_longgen.config import (
+        LongGenConfig,
+        ModelConfig,
+        ParallelConfig,
+        SparseAttentionConfig,
+        TrainingConfig,
+    )
+
+    return LongGenConfig(
+        name="cp_model_test",
+        model=ModelConfig(
+            num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+            vocab_size=VOCAB, make_vocab_size_divisible_by=16, layer_pattern="SFFS", rotary_base=10000.0,
+        ),
+        sparse=SparseAttentionConfig(**VARIANTS[variant]),
+        parallel=ParallelConfig(tensor_parallel=tp, context_parallel=cp, use_distributed_optimizer=False),
+        train=TrainingConfig(seq_length=SEQ, micro_batch_size=BATCH, global_batch_size=BATCH, max_steps=1, dtype="fp32"),
+    )
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    loss_mask = (torch.rand(BATCH, SEQ, generator=gen) > 0.2).float()
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
+        "attention_mask": None,
+    }
+
+
+def _run(variant: str, tp: int, cp: int):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_longgen.context_parallel.sharding import shard_batch_for_cp
+    from megatron_longgen.models.builder import build_model
+    from megatron_longgen.utils.distributed import initialize_model_parallel, set_seed
+
+    cfg = _cfg(variant, tp, cp)
+    initialize_model_parallel(cfg)
+    set_seed(1234)
+    model = build_model(cfg)
+    full = _batch()
+    cp_group = ps.get_context_parallel_group()
+    batch = shard_batch_for_cp(full, cp_rank=dist.get_rank(cp_group), cp_size=cp, block_size=cfg.sparse.block_size)
+    per_token = model(
+        input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    )
+    loss = (per_token * batch["loss_mask"]).sum() / full["loss_mask"].sum()
+    loss.backward()
+    loss_total = loss.detach().clone()
+    dist.all_reduce(loss_total, group=cp_group)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        dist.all_reduce(g, group=cp_group)
+        # numpy, not tensors: results cross the process boundary by value (no shared-memory handles).
+        grads[name] = (g.numpy(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1)
+    rope = model.rotary_pos_emb(SEQ).detach().flatten(1).numpy()
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+    return {
+        "loss": float(loss_total),
+        "grads": grads,
+        "rope": rope,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "cp_rank": dist.get_rank(cp_group),
+        "kinds": kinds,
+    }
+
+
+def _group_errors(pair_group):
+    """Core attention refuses a CP group that does not match the config, or a missing one."""
+    import types
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_longgen.context_parallel.core_attention import ContextParallelFullAttention
+
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=4, attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    errors = {}
+    for key, pgc in (("mismatch", types.SimpleNamespace(cp=pair_group)), ("missing", None)):
+        try:
+            ContextParallelFullAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgc)
+            errors[key] = None
+        except ValueError as e:
+            errors[key] = str(e)
+    return errors
+
+
+def _worker(rank, world_size):
+    import torch.distributed as dist
+
+    out = {}
+    for variant in VARIANTS:
+        for tp, cp in ((1, 1), (1, 2), (2, 2)):
+            out[(variant, tp, cp)] = _run(variant, tp, cp)
+    pairs = [dist.new_group(ranks=[0, 1]), dist.new_group(ranks=[2, 3])]
+    out["errors"] = _group_errors(pairs[rank // 2])
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_results():
+    return run_distributed(_worker, world_size=4, timeout_s=280)
+
+
+def _expected_grad(name, ref, partition_dim, tp, tp_rank):
+    """The TP rank's slice of a full (TP=1) gradient. SwiGLU's fused fc1 is [gate; up] and each TP rank
+    holds [gate slice; up slice], so it is sliced per half."""
+    if partition_dim < 0 or tp == 1:
+        return ref
+    if "linear_fc1" in name:
+        return torch.cat([half.chunk(tp, dim=partition_dim)[tp_rank] for half in ref.chunk(2, dim=0)])
+    return ref.chunk(tp, dim=partition_dim)[tp_rank]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)])
+def test_loss_and_grads_match_cp1(model_results, variant, tp, cp):
+    for rank, res in enumerate(model_results):
+        ref = res[(variant, 1, 1)]
+        got = res[(variant, tp, cp)]
+        assert abs(got["loss"] - ref["loss"]) < 1e-5, (rank, got["loss"], ref["loss"])
+        assert set(got["grads"]) == set(ref["grads"])
+        for name, (g, pdim) in got["grads"].items():
+            g = torch.from_numpy(g)
+            want = _expected_grad(name, torch.from_numpy(ref["grads"][name][0]), pdim, tp, got["tp_rank"])
+            assert g.shape == want.shape, (name, g.shape, want.shape)
+            diff = float((g - want).abs().max())
+            scale = float(want.abs().max()) + 1e-12
+            assert diff <= 1e-5 * max(scale, 1.0), f"rank {rank} {variant} tp{tp} cp{cp} {name}: max diff {diff:.3g}"
+        assert "ContextParallelFullAttention" in got["kinds"] and "ContextParallelSparseAttention" in got["kinds"]
+
+
+@pytest.mark.timeout(300)
+def test_reference_grads_are_not_trivial(model_results):
+    grads = model_results[0][("sink_window", 1, 1)]["grads"]
+    qkv = [torch.from_numpy(g) for name, (g, _) in grads.items() if "linear_qkv" in name]
+    assert qkv and all(float(g.abs().max()) > 1e-6 for g in qkv)
+
+
+@pytest.mark.timeout(300)
+def test_rope_uses_global_positions(model_results):
+    from megatron_longgen.context_parallel.sharding import zigzag_positions
+
+    for res in model_results:
+        full = torch.from_numpy(res[("sink_window", 1, 1)]["rope"])
+        local = torch.from_numpy(res[("sink_window", 1, 2)]["rope"])
+        pos = zigzag_positions(cp_rank=res[("sink_window", 1, 2)]["cp_rank"], cp_size=2, seq_len=SEQ)
+        assert local.shape[0] == SEQ // 2
+        torch.testing.assert_close(local, full[pos], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_core_attention_group_errors(model_results):
+    for res in model_results:
+        e = res["errors"]
+        assert "pg_collection.cp has 2 ranks but config.context_parallel_size is 4" in e["mismatch"], e
+        assert "needs pg_collection.cp" in e["missing"], e
