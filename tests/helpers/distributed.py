@@ -36,6 +36,13 @@ def _entry(fn, rank, world_size, port, args, out_queue):
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
+        import warnings
+
+        # Megatron-Core warns at import about missing apex/TE and deprecated torch APIs; in N spawned ranks
+        # that noise would bury real failures in the CI log.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         import torch
 
         torch.set_num_threads(1)
