@@ -12,9 +12,13 @@ from megatron_longgen.attention.kernels.base import (
 )
 from megatron_longgen.attention.kernels.torch_block import block_sparse_attention_torch
 from megatron_longgen.attention.kernels.torch_kernel import TorchBlockSparseKernel
+from megatron_longgen.attention.kernels.triton_block_sparse import TritonBlockSparseKernel  # noqa: I001
+from megatron_longgen.attention.kernels.flex import FlexSparseKernel
 
 __all__ = [
+    "FlexSparseKernel",
     "SparseAttentionKernel",
+    "TritonBlockSparseKernel",
     "TorchBlockSparseKernel",
     "available_kernels",
     "block_sparse_attention_torch",

@@ -87,6 +87,12 @@ def select_sparse_kernel(name: str, *, device: torch.device, dtype: torch.dtype)
                 break
         else:
             chosen = "torch"
+            if device.type == "cuda":
+                warnings.warn(
+                    f"no fast sparse attention backend runs on {device} with {dtype} "
+                    f"(tried {AUTO_ORDER}); falling back to the slow 'torch' kernel",
+                    stacklevel=2,
+                )
     elif name not in registry:
         raise ValueError(f"unknown sparse attention backend {name!r}; choose from {sorted(registry)}")
     else:

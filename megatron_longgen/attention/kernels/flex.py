@@ -21,7 +21,7 @@ import math
 import torch
 
 from megatron_longgen.attention.kernels.base import SparseAttentionKernel, register_kernel
-from megatron_longgen.attention.kernels.tiles import check_tiles, tile_bits
+from megatron_longgen.attention.kernels.tiles import all_bits, check_tiles, tile_bits
 from megatron_longgen.attention.masks import SparsePattern
 
 
@@ -41,8 +41,7 @@ def flex_block_mask(pattern: SparsePattern, seq_len: int, *, block_m: int, block
     flex_mod = _flex_module()
     bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
     n_qt, n_kt = bits.shape
-    row_sub = min(pattern.block_size, block_m)
-    all_rows = (1 << (block_m // row_sub)) - 1
+    all_rows = all_bits(pattern, block_m=block_m, block_n=block_n)
     q_start = torch.arange(n_qt, device=device)[:, None] * block_m
     k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
     in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
@@ -109,9 +108,7 @@ class FlexSparseKernel(SparseAttentionKernel):
 
     def _tiles(self, pattern: SparsePattern) -> tuple[int, int]:
         block_m = self.block_m or 128
-        block_n = self.block_n or min(128, pattern.block_size)
-        if pattern.block_size % block_n:
-            block_n = pattern.block_size
+        block_n = self.block_n or 128
         check_tiles(pattern, block_m=block_m, block_n=block_n)
         return block_m, block_n
 

@@ -2,17 +2,17 @@
 
 Legend: S = sequence length, b = pattern block size, BM / BN = query / key tile sizes (tokens),
 nQT / nKT = query / key tiles, W = kept key tiles per query tile (table width), R = BM // min(b, BM) row
-sub-blocks of a query tile (each lies inside one pattern block).
+and C = BN // min(b, BN) column sub-blocks of a tile (each lies inside one pattern block).
 
 Everything here is block-level: the largest tensor is [nQT, nKT] int32 (8 MiB at 128K with 128x64 tiles),
 never [S, S]. A tile entry is
 
-- *full* when every query row of the tile keeps every key column: all its row sub-blocks keep the key
-  block, the key tile ends before the query tile starts (no token-level causal cut) and neither tile runs
+- *full* when every query row of the tile keeps every key column: all its (row, column) sub-block
+  pairs are kept, the key tile ends before the query tile starts (no token-level causal cut) and neither tile runs
   past the sequence end; kernels skip all masking there;
 - *partial* otherwise (the diagonal, tiles that only some row sub-blocks keep, the ragged end); kernels
-  rebuild the token mask from `bits` (bit r set = row sub-block r keeps this key tile), causality and the
-  sequence length.
+  rebuild the token mask from `bits` (bit r * C + c set = row sub-block r keeps column sub-block c),
+  causality and the sequence length.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class TileTables:
     block_m: int
     block_n: int
     row_sub: int
+    col_sub: int
     num_q_tiles: int
     num_k_tiles: int
     kv_idx: torch.Tensor
@@ -51,34 +52,44 @@ class TileTables:
 
 
 def check_tiles(pattern: SparsePattern, *, block_m: int, block_n: int) -> None:
-    """ValueError unless key tiles nest inside pattern blocks and query tiles are whole sub-blocks."""
+    """ValueError unless each tile is whole pattern blocks or lies inside one, with at most 30 sub-blocks."""
     b = pattern.block_size
-    if b % block_n:
-        raise ValueError(f"key tile {block_n} must divide the pattern block size {b}")
-    row_sub = min(b, block_m)
-    if block_m % row_sub or b % row_sub:
-        raise ValueError(f"query tile {block_m} and pattern block {b} must nest (one divides the other)")
-    if block_m // row_sub > 30:
-        raise ValueError(f"query tile {block_m} spans {block_m // row_sub} pattern blocks; at most 30 allowed")
+    for what, tile in (("query", block_m), ("key", block_n)):
+        if tile % b and b % tile:
+            raise ValueError(f"{what} tile {tile} and pattern block {b} must nest (one divides the other)")
+    subs = (block_m // min(b, block_m)) * (block_n // min(b, block_n))
+    if subs > 30:
+        raise ValueError(f"tiles {block_m} x {block_n} span {subs} pattern-block pairs; at most 30 allowed")
 
 
 def tile_bits(pattern: SparsePattern, seq_len: int, *, block_m: int, block_n: int, device) -> torch.Tensor:
-    """[nQT, nKT] int32: bit r set when row sub-block r of query tile i keeps key tile j (0 = skipped)."""
+    """[nQT, nKT] int32: bit (r * C + c) set when row sub-block r of query tile i keeps column sub-block c
+    of key tile j (sub-blocks: min(b, tile) tokens; C = block_n // min(b, block_n)); 0 = tile skipped."""
     check_tiles(pattern, block_m=block_m, block_n=block_n)
     b = pattern.block_size
-    row_sub = min(b, block_m)
+    row_sub, col_sub = min(b, block_m), min(b, block_n)
+    n_cs = block_n // col_sub
     n_qt, n_kt = num_blocks(seq_len, block_m), num_blocks(seq_len, block_n)
     nb = num_blocks(seq_len, b)
     keep = block_mask_matrix(pattern, nb, nb, device=device)  # [nB, nB]
-    kt_block = (torch.arange(n_kt, device=device) * block_n) // b  # pattern block of each key tile
-    keep_k = keep[:, kt_block]  # [nB, nKT]
     bits = torch.zeros(n_qt, n_kt, dtype=torch.int32, device=device)
     for r in range(block_m // row_sub):
         row_start = torch.arange(n_qt, device=device) * block_m + r * row_sub
-        valid = row_start < seq_len
+        row_ok = row_start < seq_len
         qb = (row_start // b).clamp(max=nb - 1)
-        bits |= (keep_k[qb] & valid[:, None]).to(torch.int32) << r
+        for c in range(n_cs):
+            col_start = torch.arange(n_kt, device=device) * block_n + c * col_sub
+            col_ok = col_start < seq_len
+            kb = (col_start // b).clamp(max=nb - 1)
+            kept = keep[qb][:, kb] & row_ok[:, None] & col_ok[None, :]
+            bits |= kept.to(torch.int32) << (r * n_cs + c)
     return bits
+
+
+def all_bits(pattern: SparsePattern, *, block_m: int, block_n: int) -> int:
+    """The bits value of a tile whose every (row, column) sub-block pair is kept."""
+    b = pattern.block_size
+    return (1 << ((block_m // min(b, block_m)) * (block_n // min(b, block_n)))) - 1
 
 
 def _pack_rows(bits: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -106,8 +117,7 @@ def build_tile_tables(
     """The forward (query-major) and, if `transposed`, backward (key-major) tile tables."""
     bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
     n_qt, n_kt = bits.shape
-    row_sub = min(pattern.block_size, block_m)
-    all_rows = (1 << (block_m // row_sub)) - 1
+    all_rows = all_bits(pattern, block_m=block_m, block_n=block_n)
     q_start = torch.arange(n_qt, device=device)[:, None] * block_m
     k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
     in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
@@ -121,7 +131,8 @@ def build_tile_tables(
     return TileTables(
         block_m=block_m,
         block_n=block_n,
-        row_sub=row_sub,
+        row_sub=min(pattern.block_size, block_m),
+        col_sub=min(pattern.block_size, block_n),
         num_q_tiles=n_qt,
         num_k_tiles=n_kt,
         kv_idx=kv_idx,

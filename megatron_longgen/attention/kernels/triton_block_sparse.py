@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +54,7 @@ def _kernels():
         KV_IDX, KV_BITS, KV_FULL, KV_CNT,
         sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sob, son, sos,
         N, NUM_GROUPS, S, W, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -85,7 +86,8 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        sub = (offs_m - pid_m * BLOCK_M) // ROW_SUB
+        # Bit index of each (row, column) sub-block pair inside a tile (see tiles.tile_bits).
+        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[None, :]
         for j in range(n_full, n_all):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             bits = tl.load(KV_BITS + row + j)
@@ -93,8 +95,7 @@ def _kernels():
             col_ok = kpos < S
             k = tl.load(k_base + kpos[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            keep = ((bits >> sub) & 1) != 0
-            visible = keep[:, None] & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
+            visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             qk = tl.where(visible, tl.dot(q, k) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -139,7 +140,7 @@ def _kernels():
         KV_IDX, KV_BITS, KV_FULL, KV_CNT,
         sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sdb, sdn, sds, sgb, sgn, sgs,
         N, NUM_GROUPS, S, W, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -170,7 +171,7 @@ def _kernels():
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-        sub = (offs_m - pid_m * BLOCK_M) // ROW_SUB
+        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[None, :]
         for j in range(n_full, n_all):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             bits = tl.load(KV_BITS + row + j)
@@ -178,8 +179,7 @@ def _kernels():
             col_ok = kpos < S
             k = tl.load(k_base + kpos[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            keep = ((bits >> sub) & 1) != 0
-            visible = keep[:, None] & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
+            visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             p = tl.where(visible, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
@@ -199,7 +199,7 @@ def _kernels():
         sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sdb, sdn, sds,
         skgb, skgg, skgs, svgb, svgg, svgs,
         N, NUM_GROUPS, NUM_BG, S, WT, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         pid_bg = pid % NUM_BG  # programs run key tiles longest-first (Q_ORDER), all heads of one together
@@ -231,7 +231,8 @@ def _kernels():
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
-        sub = offs_m0 // ROW_SUB
+        # [key, query] bit index of each (query row, key column) sub-block pair (see tiles.tile_bits).
+        bit_t = (offs_m0 // ROW_SUB)[None, :] * (BLOCK_N // COL_SUB) + ((offs_n - kt * BLOCK_N) // COL_SUB)[:, None]
         for i in range(n_full * r, n_all * r):
             j = i // r
             n = g * r + i % r
@@ -244,8 +245,8 @@ def _kernels():
             lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
-            keep = ((bits >> sub) & 1) != 0
-            visible = keep[None, :] & (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]
+            keep = ((bits >> bit_t) & 1) != 0
+            visible = keep & (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :] & col_ok[:, None]
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
             p_t = tl.where(visible, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
@@ -271,42 +272,77 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch_opts(head_dim: int, *, bwd: bool) -> dict:
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes (tokens) and Triton launch options of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """One launch config per kernel: forward, dQ, and dK/dV (whose table is the transpose of its tiles)."""
+
+    fwd: LaunchConfig
+    dq: LaunchConfig
+    dkdv: LaunchConfig
+
+
+# Measured on an H200 (bf16, 32 x 128 MHA and 64/8 x 128 GQA at 128K; tools/bench_attention.py --sweep,
+# benchmarks/notes_attention.md). The dK/dV kernel dominates the time; small query tiles (32) with 64-key
+# tiles and one warpgroup were its fastest configs for both patterns.
+DEFAULT_CONFIGS: dict[str, TritonConfig] = {
+    "sink_window": TritonConfig(
+        fwd=LaunchConfig(128, 64, 8, 3), dq=LaunchConfig(128, 64, 8, 2), dkdv=LaunchConfig(32, 64, 4, 3)
+    ),
+    "block_strided": TritonConfig(
+        fwd=LaunchConfig(128, 64, 8, 3), dq=LaunchConfig(128, 64, 8, 2), dkdv=LaunchConfig(32, 64, 4, 5)
+    ),
+}
+
+
+def _opts(cfg: LaunchConfig) -> dict:
     if _interpret():
         return {}
-    if bwd:
-        return {"num_warps": 8, "num_stages": 2 if head_dim > 64 else 3}
-    return {"num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _tile_args(t: TileTables) -> dict:
+    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, COL_SUB=t.col_sub)
 
 
 class _TritonBlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, tables: TileTables, scale: float):
+    def forward(ctx, q, k, v, tables: tuple[TileTables, TileTables, TileTables], config: TritonConfig, scale):
         fwd_kernel, _, _, _ = _kernels()
         q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
         B, N, S, H = q.shape
         G = k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty(B, N, S, dtype=torch.float32, device=q.device)
-        grid = (tables.num_q_tiles, B * N)
-        fwd_kernel[grid](
+        t = tables[0]
+        fwd_kernel[(t.num_q_tiles, B * N)](
             q, k, v, out, lse,
-            tables.kv_idx, tables.kv_bits, tables.kv_full, tables.kv_cnt,
+            t.kv_idx, t.kv_bits, t.kv_full, t.kv_cnt,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            N, G, S, tables.kv_idx.shape[1], scale * _LOG2E,
-            HEAD_DIM=H, BLOCK_M=tables.block_m, BLOCK_N=tables.block_n, ROW_SUB=tables.row_sub,
-            **_launch_opts(H, bwd=False),
+            N, G, S, t.kv_idx.shape[1], scale * _LOG2E,
+            HEAD_DIM=H, **_tile_args(t), **_opts(config.fwd),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tables, ctx.scale = tables, scale
+        ctx.tables, ctx.config, ctx.scale = tables, config, scale
+        ctx.set_materialize_grads(False)  # an unused LSE must not cost a zero-filled [B, N, S] gradient
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         _, delta_kernel, dq_kernel, dkdv_kernel = _kernels()
         q, k, v, out, lse = ctx.saved_tensors
-        t: TileTables = ctx.tables
+        _, t_dq, t_kv = ctx.tables
+        config: TritonConfig = ctx.config
         B, N, S, H = q.shape
         G = k.shape[1]
         d_out = torch.zeros_like(out) if d_out is None else _lastdim_contiguous(d_out.to(out.dtype))
@@ -314,7 +350,7 @@ class _TritonBlockSparse(torch.autograd.Function):
         has_dlse = d_lse is not None
         d_lse = d_lse.float().contiguous() if has_dlse else lse
         delta_block = 64
-        delta_kernel[(triton_cdiv(S, delta_block), B * N)](
+        delta_kernel[(-(-S // delta_block), B * N)](
             out, d_out, d_lse, delta,
             out.stride(0), out.stride(1), out.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
             N, S, HAS_DLSE=has_dlse, HEAD_DIM=H, BLOCK_M=delta_block,
@@ -323,45 +359,39 @@ class _TritonBlockSparse(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         qk_scale = ctx.scale * _LOG2E
-        opts = _launch_opts(H, bwd=True)
-        dkdv_kernel[(t.num_k_tiles * B * G, 1)](
+        dkdv_kernel[(t_kv.num_k_tiles * B * G, 1)](
             q, k, v, d_out, dk, dv, lse, delta,
-            t.q_idx, t.q_bits, t.q_full, t.q_cnt, t.q_order,
+            t_kv.q_idx, t_kv.q_bits, t_kv.q_full, t_kv.q_cnt, t_kv.q_order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            N, G, B * G, S, t.q_idx.shape[1], qk_scale, ctx.scale,
-            HEAD_DIM=H, BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, **opts,
+            N, G, B * G, S, t_kv.q_idx.shape[1], qk_scale, ctx.scale,
+            HEAD_DIM=H, **_tile_args(t_kv), **_opts(config.dkdv),
         )  # fmt: skip
-        dq_kernel[(t.num_q_tiles, B * N)](
+        dq_kernel[(t_dq.num_q_tiles, B * N)](
             q, k, v, d_out, dq, lse, delta,
-            t.kv_idx, t.kv_bits, t.kv_full, t.kv_cnt,
+            t_dq.kv_idx, t_dq.kv_bits, t_dq.kv_full, t_dq.kv_cnt,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            N, G, S, t.kv_idx.shape[1], qk_scale, ctx.scale,
-            HEAD_DIM=H, BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, **opts,
+            N, G, S, t_dq.kv_idx.shape[1], qk_scale, ctx.scale,
+            HEAD_DIM=H, **_tile_args(t_dq), **_opts(config.dq),
         )  # fmt: skip
-        return dq, dk, dv, None, None
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        return dq, dk, dv, None, None, None
 
 
 class TritonBlockSparseKernel(SparseAttentionKernel):
     """Block-sparse flash attention in Triton (bf16/fp16 on CUDA; any float dtype under the interpreter).
 
     Args:
-        block_m, block_n: query / key tile sizes; None = 128 x 64 (key tiles never exceed the pattern
-            block, so block-strided's 64-token stride blocks fill whole tiles).
+        config: tiles and launch options per kernel; None = `DEFAULT_CONFIGS[pattern.name]`, with tiles
+            clipped to the pattern block size where the pattern uses blocks smaller than 64 tokens.
     """
 
     name = "triton"
 
-    def __init__(self, *, block_m: int | None = None, block_n: int | None = None):
-        self.block_m = block_m
-        self.block_n = block_n
+    def __init__(self, *, config: TritonConfig | None = None):
+        self.config = config
         self._tables: dict[tuple, TileTables] = {}
 
     @classmethod
@@ -369,22 +399,33 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
         device = torch.device(device)
         if not has_triton():
             return "triton is not installed"
-        if device.type == "cpu" and _interpret():
-            return None
         if device.type != "cuda":
-            return "the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tiny CPU tests)"
+            # Under TRITON_INTERPRET=1 the kernel also runs on CPU tensors, but far too slowly for anything
+            # but tests, which instantiate it directly; `auto` must never pick it there.
+            return "the Triton kernel needs CUDA"
         if dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {dtype} is not supported on CUDA (bf16/fp16 only)"
         if torch.cuda.get_device_capability(device)[0] < 8:
             return "needs compute capability 8.0 or newer"
         return None
 
-    def tables(self, pattern: SparsePattern, seq_len: int, device) -> TileTables:
-        block_n = self.block_n or min(64, pattern.block_size)
-        block_m = self.block_m or max(128, block_n)
-        key = (pattern, seq_len, str(device), block_m, block_n)
+    def config_for(self, pattern: SparsePattern) -> TritonConfig:
+        if self.config is not None:
+            return self.config
+        cfg = DEFAULT_CONFIGS[pattern.name]
+        b = pattern.block_size
+        if b >= 64:
+            return cfg
+        # Small test patterns: keep tiles and blocks nested (tiles of at most 2 x 2 pattern blocks).
+        small = LaunchConfig(2 * b if b >= 16 else 16, b if b >= 16 else 16)
+        return TritonConfig(fwd=small, dq=small, dkdv=small)
+
+    def _table(self, pattern, seq_len, device, cfg: LaunchConfig, transposed: bool) -> TileTables:
+        key = (pattern, seq_len, str(device), cfg.block_m, cfg.block_n, transposed)
         if key not in self._tables:
-            self._tables[key] = build_tile_tables(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+            self._tables[key] = build_tile_tables(
+                pattern, seq_len, block_m=cfg.block_m, block_n=cfg.block_n, device=device, transposed=transposed
+            )
         return self._tables[key]
 
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
@@ -395,9 +436,15 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
             raise ValueError(f"query heads {N} must be a multiple of kv heads {k_BGSH.shape[1]}")
         if H not in (16, 32, 64, 128, 256):
             raise ValueError(f"head dim {H} is not supported by the Triton kernel (16, 32, 64, 128, 256)")
-        tables = self.tables(pattern, S, q_BNSH.device)
+        cfg = self.config_for(pattern)
+        dev = q_BNSH.device
+        tables = (
+            self._table(pattern, S, dev, cfg.fwd, False),
+            self._table(pattern, S, dev, cfg.dq, False),
+            self._table(pattern, S, dev, cfg.dkdv, True),
+        )
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(H)
-        return _TritonBlockSparse.apply(q_BNSH, k_BGSH, v_BGSH, tables, scale)
+        return _TritonBlockSparse.apply(q_BNSH, k_BGSH, v_BGSH, tables, cfg, scale)
 
 
 register_kernel(TritonBlockSparseKernel, auto_rank=0)

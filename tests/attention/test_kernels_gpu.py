@@ -1,0 +1,82 @@
+"""GPU checks of every fast sparse-attention backend against the dense oracle (fp32 upcast).
+
+Legend: B = batch, N = query heads, G = KV heads, S = sequence, H = head dim.
+
+Criterion (STYLE rule 5): err(fast bf16 vs fp32 oracle) <= 2 x err(naive bf16 oracle vs fp32 oracle) for
+the output and the LSE, 3 x for the gradients (max abs error; failures print max and mean). The oracle
+builds [B, N, S, S] scores, so lengths stay at a few thousand tokens; 4160 = 65 blocks puts the default
+patterns past their window and onto a second stride block.
+"""
+
+import pytest
+import torch
+
+from megatron_longgen.attention.kernels import available_kernels
+from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
+from megatron_longgen.attention.reference import reference_attention
+
+pytestmark = pytest.mark.gpu
+
+PATTERNS = {
+    "sink_window": SinkWindowPattern(),
+    "block_strided": BlockStridedPattern(),
+    "sink_window_w4": SinkWindowPattern(num_window_blocks=4),
+    "block_strided_st4_l2": BlockStridedPattern(stride_blocks=4, num_local_blocks=2),
+}
+SHAPES = [  # (N, G, H)
+    (8, 8, 128),
+    (8, 2, 64),
+]
+
+
+def _fast_backends():
+    dev = torch.device("cuda")
+    reg = available_kernels()
+    return [n for n in ("triton", "flex") if reg[n].is_available(device=dev, dtype=torch.bfloat16)]
+
+
+def _run(fn, q, k, v, d_out, d_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    (out.float() * d_out).sum().add_((lse * d_lse).sum()).backward()
+    return out.float(), lse.float(), q.grad.float(), k.grad.float(), v.grad.float()
+
+
+def _check(name, fast, ref, naive, factor):
+    err = (fast - ref).abs()
+    base = (naive - ref).abs().max().item()
+    assert err.max().item() <= factor * base + 1e-6, (
+        f"{name}: max err {err.max().item():.3e} (mean {err.mean().item():.3e}) > {factor} x naive bf16 err {base:.3e}"
+    )
+
+
+@pytest.mark.parametrize("backend", _fast_backends() if torch.cuda.is_available() else ["none"])
+@pytest.mark.parametrize("pattern_name", sorted(PATTERNS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}G{s[1]}H{s[2]}")
+@pytest.mark.parametrize("seq_len", [577, 2048, 4160])
+def test_backend_matches_oracle(backend, pattern_name, shape, seq_len):
+    N, G, H = shape
+    pattern = PATTERNS[pattern_name]
+    torch.manual_seed(seq_len + N + H)
+    dev = torch.device("cuda")
+    q = torch.randn(1, N, seq_len, H, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, G, seq_len, H, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, G, seq_len, H, device=dev, dtype=torch.bfloat16)
+    d_out = torch.randn(1, N, seq_len, H, device=dev)
+    d_lse = torch.randn(1, N, seq_len, device=dev)
+    mask = pattern.dense_mask(seq_len, device=dev)
+    kernel = available_kernels()[backend]()
+    fast = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, d_lse)
+    ref = _run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse)
+    naive = _run(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v, d_out, d_lse)
+    assert fast[1].dtype == torch.float32
+    for i, what in enumerate(["out", "lse", "dq", "dk", "dv"]):
+        _check(f"{backend} {pattern_name} S={seq_len} {what}", fast[i], ref[i], naive[i], 2 if i < 2 else 3)
+
+
+def test_auto_picks_a_fast_backend_on_gpu():
+    from megatron_longgen.attention.kernels import select_sparse_kernel
+    from megatron_longgen.attention.kernels.base import AUTO_ORDER
+
+    kernel = select_sparse_kernel("auto", device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert kernel.name == AUTO_ORDER[0]
