@@ -1,0 +1,227 @@
+"""CPU tests of the sparse-attention kernels: tile tables, FlexAttention (eager), Triton (interpreter).
+
+Legend: B = batch, N = query heads, G = KV heads, S = sequence, H = head dim, b = pattern block size.
+
+Everything is compared with the one dense oracle (`reference_attention` with the pattern's dense mask),
+outputs, LSE and gradients (through out and lse), in fp32 where both sides compute exactly, so the
+tolerances are tight. Lengths that are not multiples of the block or tile sizes are included.
+FlexAttention's backward is refused on CPU by a device guard; the tests lift it (test-only patch).
+The Triton kernels run under `TRITON_INTERPRET=1` in one subprocess (the variable must be set before
+Triton builds its kernels), on tiny shapes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from megatron_longgen.attention.kernels import available_kernels, select_sparse_kernel
+from megatron_longgen.attention.kernels.flex import FlexSparseKernel, flex_block_mask
+from megatron_longgen.attention.kernels.tiles import build_tile_tables, tile_bits
+from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
+from megatron_longgen.attention.reference import reference_attention
+from megatron_longgen.utils.optional import has_triton
+
+SMALL_PATTERNS = [
+    SinkWindowPattern(block_size=16, num_sink_blocks=1, num_window_blocks=3),
+    SinkWindowPattern(block_size=16, num_sink_blocks=2, num_window_blocks=2),
+    BlockStridedPattern(block_size=16, stride_blocks=3, num_local_blocks=1),
+    BlockStridedPattern(block_size=16, stride_blocks=4, num_local_blocks=2),
+]
+TILES = [(32, 16), (16, 16), (32, 32), (64, 16), (16, 32), (8, 8)]
+
+
+def _expand(tile_mask, block_m, block_n, seq_len):
+    return tile_mask.repeat_interleave(block_m, 0)[:seq_len].repeat_interleave(block_n, 1)[:, :seq_len]
+
+
+def _mask_from_bits(bits, pattern, block_m, block_n, seq_len):
+    """Token mask rebuilt from the tile bits (the kernels' rule): kept sub-block pair & causal."""
+    b = pattern.block_size
+    rs, cs = min(b, block_m), min(b, block_n)
+    pos = torch.arange(seq_len)
+    qt, kt = pos // block_m, pos // block_n
+    bit = ((pos % block_m) // rs)[:, None] * (block_n // cs) + ((pos % block_n) // cs)[None, :]
+    kept = (bits[qt][:, kt] >> bit) & 1
+    return kept.bool() & (pos[None, :] <= pos[:, None])
+
+
+@pytest.mark.parametrize("pattern", SMALL_PATTERNS, ids=lambda p: p.mask_fn().__name__)
+@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("seq_len", [1, 37, 128, 200])
+def test_tile_tables_reproduce_the_dense_mask(pattern, tiles, seq_len):
+    block_m, block_n = tiles
+    dense = pattern.dense_mask(seq_len)
+    bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device="cpu")
+    assert torch.equal(_mask_from_bits(bits, pattern, block_m, block_n, seq_len), dense)
+    t = build_tile_tables(pattern, seq_len, block_m=block_m, block_n=block_n, device="cpu")
+    for i in range(t.num_q_tiles):
+        cnt, nfull = int(t.kv_cnt[i]), int(t.kv_full[i])
+        listed = t.kv_idx[i, :cnt].tolist()
+        assert sorted(listed) == torch.nonzero(bits[i]).flatten().tolist()
+        assert listed[:nfull] == sorted(listed[:nfull]) and listed[nfull:] == sorted(listed[nfull:])
+        for kt in listed[:nfull]:  # a full tile is attended everywhere: no mask may be skipped wrongly
+            block = dense[i * block_m : (i + 1) * block_m, kt * block_n : (kt + 1) * block_n]
+            assert block.shape == (block_m, block_n) and bool(block.all())
+    for kt in range(t.num_k_tiles):  # the transposed table lists the same pairs
+        listed = t.q_idx[kt, : int(t.q_cnt[kt])].tolist()
+        assert sorted(listed) == torch.nonzero(bits[:, kt]).flatten().tolist()
+    assert sorted(t.q_order.tolist()) == list(range(t.num_k_tiles))
+    assert t.q_cnt[t.q_order.long()].tolist() == sorted(t.q_cnt.tolist(), reverse=True)
+
+
+def test_tile_tables_reject_tiles_that_do_not_nest():
+    with pytest.raises(ValueError, match="key tile 24 and pattern block 16"):
+        tile_bits(SMALL_PATTERNS[0], 64, block_m=32, block_n=24, device="cpu")
+    with pytest.raises(ValueError, match="at most 30"):
+        tile_bits(SinkWindowPattern(block_size=16), 64, block_m=128, block_n=128, device="cpu")
+
+
+@pytest.mark.parametrize("pattern", [SinkWindowPattern(), BlockStridedPattern()], ids=["sink_window", "block_strided"])
+def test_flex_block_mask_covers_the_pattern_at_default_sizes(pattern):
+    seq_len = 64 * 130 + 5  # past the window and the second stride block, ragged end
+    mask = flex_block_mask(pattern, seq_len, block_m=128, block_n=128, device="cpu")
+    n_q, n_k = -(-seq_len // 128), -(-seq_len // 128)
+
+    def tiles(num, idx):
+        out = torch.zeros(n_q, n_k, dtype=torch.bool)
+        for i in range(n_q):
+            out[i, idx[0, 0, i, : int(num[0, 0, i])].long()] = True
+        return out
+
+    partial = tiles(mask.kv_num_blocks, mask.kv_indices)
+    full = tiles(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert not bool((partial & full).any())
+    dense = pattern.dense_mask(seq_len)
+    assert bool(_expand(full | partial, 128, 128, seq_len)[dense].all()), "a kept pair lies in a skipped tile"
+    assert bool(dense[_expand(full, 128, 128, seq_len)].all()), "a full tile holds a masked pair"
+    # Sparsity is real: the sink + window row holds at most 18 tiles, not the causal ~n_q / 2.
+    if isinstance(pattern, SinkWindowPattern):
+        assert int((full | partial).sum(dim=1).max()) <= 18
+
+
+def _run(fn, q, k, v, d_out, d_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def _compare(got, ref, tol):
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+        err = (a.float() - b.float()).abs()
+        assert err.max().item() <= tol, f"{name}: max err {err.max().item():.3e}, mean {err.mean().item():.3e}"
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    from torch.nn.attention import flex_attention as flex_mod
+
+    monkeypatch.setattr(flex_mod, "_validate_device", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("pattern", SMALL_PATTERNS[::2] + [SMALL_PATTERNS[3]], ids=lambda p: p.mask_fn().__name__)
+@pytest.mark.parametrize("seq_len", [53, 128])
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_flex_eager_matches_oracle(flex_backward_on_cpu, pattern, seq_len, tiles):
+    torch.manual_seed(seq_len)
+    q = torch.randn(2, 4, seq_len, 16)
+    k = torch.randn(2, 2, seq_len, 16)
+    v = torch.randn(2, 2, seq_len, 16)
+    d_out, d_lse = torch.randn_like(q), torch.randn(2, 4, seq_len)
+    kernel = FlexSparseKernel(block_m=tiles[0], block_n=tiles[1], compiled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
+        got = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern, softmax_scale=0.3), q, k, v, d_out, d_lse)
+    mask = pattern.dense_mask(seq_len)
+    ref = _run(lambda q, k, v: reference_attention(q, k, v, mask, softmax_scale=0.3), q, k, v, d_out, d_lse)
+    assert got[1].dtype == torch.float32
+    _compare(got, ref, 2e-5)
+
+
+_TRITON_SCRIPT = r"""
+import json, sys, torch
+from megatron_longgen.attention.kernels.triton_block_sparse import LaunchConfig as L, TritonBlockSparseKernel, TritonConfig
+from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
+from megatron_longgen.attention.reference import reference_attention
+
+def run(fn, q, k, v, d_out, d_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    ((out.float() * d_out).sum() + (lse * d_lse).sum()).backward()
+    return [out.float(), lse, q.grad.float(), k.grad.float(), v.grad.float()]
+
+cases = [
+    ("sink_window", SinkWindowPattern(block_size=16, num_window_blocks=3), 100, 4, 2, 32, None, "float32"),
+    ("block_strided", BlockStridedPattern(block_size=16, stride_blocks=3, num_local_blocks=2), 100, 4, 2, 32, None, "float32"),
+    ("sink_window_2x2_key_tiles", SinkWindowPattern(block_size=16, num_window_blocks=2), 77, 2, 1, 16,
+     TritonConfig(fwd=L(32, 32), dq=L(16, 32), dkdv=L(32, 32)), "float32"),
+    ("block_strided_fp16", BlockStridedPattern(block_size=16, stride_blocks=2), 64, 2, 2, 16, None, "float16"),
+]
+results = {}
+for name, pattern, S, N, G, H, cfg, dtype in cases:
+    torch.manual_seed(S)
+    dt = getattr(torch, dtype)
+    q, k, v = torch.randn(1, N, S, H).to(dt), torch.randn(1, G, S, H).to(dt), torch.randn(1, G, S, H).to(dt)
+    d_out, d_lse = torch.randn(1, N, S, H), torch.randn(1, N, S)
+    kernel = TritonBlockSparseKernel(config=cfg)
+    got = run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, d_lse)
+    mask = pattern.dense_mask(S)
+    ref = run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse)
+    results[name] = dict(dtype=dtype, lse_dtype=str(got[1].dtype),
+                         errors=[(a - b).abs().max().item() for a, b in zip(got, ref)])
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter_results():
+    if not has_triton():
+        pytest.skip("triton is not installed (pip install triton==3.7.1 for the interpreter tests)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
+    return json.loads(line[len("RESULTS") :])
+
+
+@pytest.mark.parametrize(
+    "case", ["sink_window", "block_strided", "sink_window_2x2_key_tiles", "block_strided_fp16"]
+)
+def test_triton_interpreter_matches_oracle(triton_interpreter_results, case):
+    res = triton_interpreter_results[case]
+    assert res["lse_dtype"] == "torch.float32"
+    # fp32 end to end: rounding only. fp16 inputs: the kernel rounds P and dS to fp16 before the
+    # matmuls (as every flash kernel does), the oracle does not.
+    tol = 2e-5 if res["dtype"] == "float32" else 2e-2
+    for what, err in zip(["out", "lse", "dq", "dk", "dv"], res["errors"]):
+        assert err <= tol, f"{case} {what}: max err {err:.3e} > {tol}"
+
+
+def test_auto_is_the_torch_kernel_on_cpu():
+    kernel = select_sparse_kernel("auto", device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert kernel.name == "torch"
+
+
+@pytest.mark.parametrize("name", ["triton", "flex"])
+def test_fast_backends_warn_and_fall_back_on_cpu(name):
+    assert not available_kernels()[name].is_available(device=torch.device("cpu"), dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=f"backend '{name}' is unavailable"):
+        kernel = select_sparse_kernel(name, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert kernel.name == "torch"
+
+
+def test_kernels_reject_unequal_lengths():
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match="64 and 32"):
+        FlexSparseKernel(compiled=False)(q, k, k, pattern=SMALL_PATTERNS[0])
+    from megatron_longgen.attention.kernels.triton_block_sparse import TritonBlockSparseKernel
+
+    with pytest.raises(ValueError, match="64 and 32"):
+        TritonBlockSparseKernel()(q, k, k, pattern=SMALL_PATTERNS[0])
