@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_longgen.config import apply_overrides
 from megatron_longgen.recipes import debug_tiny
 
 TINY_OVERRIDES = (
-    "model.num_layers=4",
-    "model.layer_pattern=SFFS",
     "model.hidden_size=64",
     "model.num_attention_heads=4",
     "model.num_query_groups=2",
@@ -21,6 +21,8 @@ TINY_OVERRIDES = (
 )
 
 
-def tiny_config(*overrides: str):
-    """debug_tiny shrunk to 4 layers of width 64 at 128 tokens, plus `overrides` (section.field=value)."""
-    return apply_overrides(debug_tiny(), [*TINY_OVERRIDES, *overrides])
+def tiny_config(*overrides: str, pattern: str = "SFFS"):
+    """debug_tiny shrunk to `len(pattern)` layers of width 64 at 128 tokens, plus `overrides`."""
+    base = debug_tiny()
+    model = dataclasses.replace(base.model, num_layers=len(pattern), layer_pattern=pattern)
+    return apply_overrides(dataclasses.replace(base, model=model), [*TINY_OVERRIDES, *overrides])

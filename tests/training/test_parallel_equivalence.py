@@ -1,0 +1,127 @@
+"""Two gloo ranks vs one: DP=2 equals DP=1 at the same global batch (plain and distributed optimizer),
+PP=2 with the cost-balanced layout equals PP=1, and a TP=2 checkpoint resumes at TP=1 (resharding).
+Workers start once per module; the tests assert on what they return."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers.distributed import run_distributed
+from tests.training.tiny import tiny_config
+
+STEPS = 5
+
+
+def _params(trainer) -> dict:
+    module = trainer.model[0].module
+    # numpy, not tensors: torch's multiprocessing queue would pass tensors through shared memory that dies
+    # with the worker process.
+    return {name: p.detach().float().numpy().copy() for name, p in module.named_parameters()}
+
+
+def _two_ranks(rank, world_size, root):
+    from pathlib import Path
+
+    from megatron_longgen.training.trainer import Trainer
+
+    root = Path(root)
+    out = {}
+    # PP=2 builds its stages' layers from other RNG draws than PP=1, so it starts from the step-0
+    # weights of the DP run (weights-only init, resharded to PP=2 on load).
+    init = root / "dp2_plain" / "checkpoints" / "step_0000000"
+    for name, extra in {
+        "dp2_plain": ("parallel.use_distributed_optimizer=false",),
+        "dp2_distopt": ("parallel.use_distributed_optimizer=true",),
+        "pp2": ("parallel.pipeline_parallel=2", "parallel.use_distributed_optimizer=false",
+                f"train.init_checkpoint={init}"),
+    }.items():
+        trainer = Trainer(tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false", *extra),
+                          run_dir=root / name, quiet=True)
+        if name == "dp2_plain":
+            trainer.save(0)
+        result = trainer.fit()
+        out[name] = {"losses": result.losses, "params": _params(trainer) if name != "pp2" else None,
+                     "is_logging_rank": trainer.is_logging_rank}
+    # TP=2: stop after STEPS (checkpoint), then one more step from it.
+    tp_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2")
+    Trainer(tp_cfg, run_dir=root / "tp2", quiet=True).fit(stop_after_steps=STEPS)
+    import dataclasses
+
+    no_exit_save = dataclasses.replace(tp_cfg, train=dataclasses.replace(tp_cfg.train, save_on_exit=False))
+    out["tp2_next"] = Trainer(no_exit_save, run_dir=root / "tp2", quiet=True).fit(resume=True).losses
+    return out
+
+
+def _one_rank(rank, world_size, root):
+    from pathlib import Path
+
+    from megatron_longgen.training.trainer import Trainer
+
+    root = Path(root)
+    out = {}
+    trainer = Trainer(tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false",
+                                  "parallel.use_distributed_optimizer=false"), run_dir=root / "dp1", quiet=True)
+    out["dp1"] = {"losses": trainer.fit().losses, "params": _params(trainer)}
+    out["metrics"] = [json.loads(line) for line in (root / "dp1" / "metrics.jsonl").read_text().splitlines()]
+    # Resharding: the TP=2 checkpoint (step STEPS) resumed at TP=1 gives the step STEPS+1 loss of TP=2.
+    cfg = tiny_config(f"train.max_steps={STEPS + 1}", "train.save_on_exit=false")
+    out["tp1_from_tp2"] = Trainer(cfg, run_dir=root / "tp2", quiet=True).fit(resume=True).losses
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("parallel"))
+    two = run_distributed(_two_ranks, world_size=2, args=(root,), timeout_s=400)
+    one = run_distributed(_one_rank, world_size=1, args=(root,), timeout_s=300)[0]
+    return two, one
+
+
+def _logged(two, name):
+    return next(r[name] for r in two if r[name]["is_logging_rank"])
+
+
+@pytest.mark.parametrize("name", ["dp2_plain", "dp2_distopt"])
+def test_dp2_matches_dp1(results, name):
+    two, one = results
+    got, ref = _logged(two, name), one["dp1"]
+    assert len(got["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+    for rank_result in two:  # every DP replica ends with the reference weights
+        for key, value in ref["params"].items():
+            torch.testing.assert_close(torch.from_numpy(rank_result[name]["params"][key]), torch.from_numpy(value),
+                                       rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_distributed_optimizer_matches_plain(results):
+    two, _ = results
+    for rank_result in two:
+        for key, value in rank_result["dp2_plain"]["params"].items():
+            torch.testing.assert_close(torch.from_numpy(rank_result["dp2_distopt"]["params"][key]),
+                                       torch.from_numpy(value), rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_pp2_balanced_matches_pp1(results):
+    two, _ = results
+    got = _logged(two, "pp2")["losses"]
+    ref = _logged(two, "dp2_plain")["losses"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_tp2_checkpoint_resumes_at_tp1(results):
+    two, one = results
+    assert len(two[0]["tp2_next"]) == 1 and len(one["tp1_from_tp2"]) == 1
+    torch.testing.assert_close(torch.tensor(one["tp1_from_tp2"]), torch.tensor(two[0]["tp2_next"]), rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_lines_have_throughput_fields(results):
+    _, one = results
+    lines = one["metrics"]
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "wall_time_s",
+                "peak_mem_gib", "tflops_per_gpu", "tflops_per_gpu_dense_equiv"):
+        assert key in lines[-1], key
+    # SFFS with 16-token blocks at 128 tokens: the sparse layers skip pairs, so executed < dense-equivalent.
+    assert lines[-1]["tflops_per_gpu"] < lines[-1]["tflops_per_gpu_dense_equiv"]
+    assert lines[-1]["tokens_per_s"] == pytest.approx(4 * 128 / lines[-1]["step_time_s"])

@@ -1,0 +1,82 @@
+"""Single rank, in one spawned process: loss falls, and 10 steps + resume + 10 steps reproduce 20 straight
+steps bit for bit (losses, gradient norms and final weights); checkpoint rotation and `latest`; weights-only
+initialisation from a checkpoint folder (the converted-HF path)."""
+
+import pytest
+
+from tests.helpers.distributed import run_distributed
+from tests.training.tiny import tiny_config
+
+
+def _params(trainer) -> dict:
+    module = trainer.model[0].module
+    # numpy, not tensors: torch's multiprocessing queue would pass tensors through shared memory that dies
+    # with the worker process.
+    return {name: p.detach().float().numpy().copy() for name, p in module.named_parameters()}
+
+
+def _worker(rank, world_size, root):
+    from pathlib import Path
+
+    from megatron_longgen.training.checkpointing import complete_checkpoints, latest_checkpoint
+    from megatron_longgen.training.trainer import Trainer
+
+    root = Path(root)
+    cfg = tiny_config("train.max_steps=20", "train.keep_last_checkpoints=2", "train.eval_interval=10")
+    out = {}
+    straight = Trainer(cfg, run_dir=root / "straight", quiet=True)
+    out["straight"] = straight.fit()
+    out["straight_params"] = _params(straight)
+
+    first = Trainer(cfg, run_dir=root / "split", quiet=True)
+    out["first"] = first.fit(stop_after_steps=10)
+    out["after_first"] = [p.name for p in complete_checkpoints(root / "split" / "checkpoints")]
+    second = Trainer(cfg, run_dir=root / "split", quiet=True)
+    out["second"] = second.fit(resume=True)
+    out["second_params"] = _params(second)
+    out["latest"] = latest_checkpoint(root / "split" / "checkpoints").name
+
+    # Save every 4 steps, keep 2: only the newest two complete folders remain.
+    rot = Trainer(tiny_config("train.max_steps=12", "train.save_interval=4", "train.keep_last_checkpoints=2"),
+                  run_dir=root / "rot", quiet=True)
+    rot.fit()
+    out["rotation"] = [p.name for p in complete_checkpoints(root / "rot" / "checkpoints")]
+
+    # Weights-only init from the final checkpoint of the straight run: first loss = loss of those weights.
+    init_cfg = tiny_config("train.max_steps=1", f"train.init_checkpoint={root / 'straight' / 'checkpoints' / 'step_0000020'}")
+    init = Trainer(init_cfg, run_dir=root / "init", quiet=True)
+    init_params = None
+    init.restore(resume=False)
+    init_params = _params(init)
+    out["init_matches"] = all((init_params[k] == out["straight_params"][k]).all() for k in init_params)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_distributed(_worker, world_size=1, args=(str(tmp_path_factory.mktemp("resume")),), timeout_s=400)[0]
+
+
+def test_loss_decreases(results):
+    losses = results["straight"].losses
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+
+
+def test_resume_is_bit_identical(results):
+    straight, first, second = results["straight"].losses, results["first"].losses, results["second"].losses
+    assert len(first) == 10 and len(second) == 10
+    assert first == straight[:10]
+    assert second == straight[10:], [a - b for a, b in zip(second, straight[10:])]
+    for name, value in results["straight_params"].items():
+        assert (value == results["second_params"][name]).all(), name
+
+
+def test_checkpoints_published_and_rotated(results):
+    assert results["after_first"] == ["step_0000010"]
+    assert results["latest"] == "step_0000020"
+    assert results["rotation"] == ["step_0000008", "step_0000012"]
+
+
+def test_init_from_checkpoint_loads_weights(results):
+    assert results["init_matches"]
