@@ -17,6 +17,10 @@ from megatron_longgen.attention.reference import reference_attention
 
 pytestmark = pytest.mark.gpu
 
+# Each shape is a new compiled FlexAttention graph; past the default limit of 8, torch.compile would fall
+# back to eager (S^2) FlexAttention and the compiled kernel would go untested.
+torch._dynamo.config.recompile_limit = 64
+
 PATTERNS = {
     "sink_window": SinkWindowPattern(),
     "block_strided": BlockStridedPattern(),
