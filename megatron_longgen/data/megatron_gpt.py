@@ -20,13 +20,14 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
 
 from megatron_longgen.data.blend import parse_blend
-from megatron_longgen.data.indexed import validate_indexed_prefix
+from megatron_longgen.data.indexed import read_document_lengths, validate_indexed_prefix
 from megatron_longgen.data.tokenizers import Tokenizer
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -62,6 +63,49 @@ class MegatronSamples(torch.utils.data.Dataset):
         return {key: sample[key] for key in SAMPLE_KEYS}
 
 
+def _check_tokenizer_matches(prefix: str, *, tokenizer: Tokenizer) -> None:
+    """Compare the tokenizer recorded in `prefix.stats.json` (when present) with the run's tokenizer."""
+    stats_path = prefix + ".stats.json"
+    if not os.path.isfile(stats_path):
+        return
+    with open(stats_path, encoding="utf-8") as f:
+        stats = json.load(f)
+    recorded = (stats.get("vocab_size"), stats.get("bos_id"))
+    if recorded != (tokenizer.vocab_size, tokenizer.bos_id):
+        raise ValueError(
+            f"{prefix} was tokenized with {stats.get('tokenizer')!r} (vocab_size {recorded[0]}, bos {recorded[1]}), "
+            f"but the run's tokenizer {tokenizer.spec!r} has vocab_size {tokenizer.vocab_size}, bos {tokenizer.bos_id}"
+        )
+
+
+def _check_split_tokens(prefixes: list[str], *, split: str, seq_length: int) -> None:
+    """Raise ValueError when the train or valid documents of a prefix cannot fill one sample.
+
+    Megatron-Core would loop for ever adding epochs of an empty split, so the split is recomputed here
+    with its own functions and rounding (documents [round(beg * n), round(end * n)) of each prefix).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        lengths = read_document_lengths(prefix)
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        for name, bookends in zip(("train", "valid"), matrix):
+            if bookends is None:
+                continue
+            beg, end = (int(round(b * float(lengths.size))) for b in bookends)
+            num_tokens = int(starts[end] - starts[beg])
+            if num_tokens <= seq_length:
+                raise ValueError(
+                    f"the {name} split of {prefix} (documents {beg}..{end} of {lengths.size}) holds {num_tokens} "
+                    f"tokens: too few for one sample of seq_length {seq_length} (+1 for the labels); "
+                    f"use more data, a shorter seq_length or another valid_fraction (0 disables the split)"
+                )
+
+
 def build_indexed_datasets(
     *,
     blend: str,
@@ -78,8 +122,8 @@ def build_indexed_datasets(
 
     Must be called on every rank (rank 0 builds the index caches first). `cache_dir` None puts them in
     `<directory of the first prefix>/longgen_index_cache`. Raises ValueError for a malformed blend, a
-    missing, corrupt or truncated `.bin/.idx` (naming the file), a prefix whose tokens cannot fill one
-    sample, or a uint16 dataset with a tokenizer of more than 65,536 ids; RuntimeError when torch.distributed
+    missing, corrupt or truncated `.bin/.idx` (naming the file), a prefix whose train or valid split
+    cannot fill one sample, a `PREFIX.stats.json` recording another tokenizer, or a uint16 dataset with a tokenizer of more than 65,536 ids; RuntimeError when torch.distributed
     is not initialised.
     """
     import torch.distributed as dist
@@ -106,6 +150,10 @@ def build_indexed_datasets(
                 f"indexed dataset {info.prefix} stores uint16 tokens but the tokenizer has "
                 f"{tokenizer.vocab_size} ids: it was written with another tokenizer"
             )
+    for prefix in prefixes:
+        _check_tokenizer_matches(prefix, tokenizer=tokenizer)
+    split = f"{1.0 - valid_fraction:.8f},{valid_fraction:.8f},0"  # fixed-point: Megatron's parser reads digits only
+    _check_split_tokens(prefixes, split=split, seq_length=seq_length)
     if len(prefixes) == 1:
         weights = None  # a single GPTDataset; Megatron would otherwise wrap it in a BlendedDataset
     elif weights is None:
@@ -117,7 +165,7 @@ def build_indexed_datasets(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
-        split=f"{1.0 - valid_fraction},{valid_fraction},0",
+        split=split,
         path_to_cache=cache_dir,
         tokenizer=MegatronTokenizerView(tokenizer),
         reset_position_ids=False,

@@ -4,6 +4,7 @@ BlendedDataset (up to 128K-token samples), blend proportions, seeding, splits, a
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import shutil
 
@@ -174,6 +175,27 @@ def test_corrupt_or_missing_data_is_a_clear_error(gloo_group, prefixes, tokenize
         build_datasets(_cfg(str(tmp_path / "nothing")), tokenizer=tokenizer, num_train_samples=4)
     with pytest.raises(ValueError, match=r"too few for one sample of seq_length 1000000"):
         build_datasets(_cfg(prefixes["a"], seq_length=1_000_000), tokenizer=tokenizer, num_train_samples=4)
+
+
+def test_split_too_small_is_an_error_not_a_hang(gloo_group, tokenizer, tmp_path):
+    # 5 documents: a 5% valid split rounds to no document, which Megatron-Core would pad with epochs for ever.
+    prefix = str(tmp_path / "few")
+    records = [{"text": make_text(random.Random(i), 60)} for i in range(5)]
+    preprocess(inputs=[write_jsonl(tmp_path / "few.jsonl", records)], tokenizer="builtin:tiny_sp",
+               output_prefix=prefix, progress=False)
+    with pytest.raises(ValueError, match=r"the valid split of .*few \(documents 5\.\.5 of 5\) holds 0 tokens"):
+        build_datasets(_cfg(prefix, valid_fraction=0.05), tokenizer=tokenizer, num_train_samples=4)
+
+
+def test_tokenizer_mismatch_is_an_error(gloo_group, prefixes, tokenizer, tmp_path):
+    other = str(tmp_path / "other")
+    for ext in (".bin", ".idx", ".stats.json"):
+        shutil.copy(prefixes["a"] + ext, other + ext)
+    stats = json.loads(open(other + ".stats.json").read())
+    stats["vocab_size"] = 32000
+    open(other + ".stats.json", "w").write(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"vocab_size 32000, bos 1\), but the run's tokenizer 'builtin:tiny_sp' has vocab_size 1024"):
+        build_datasets(_cfg(other), tokenizer=tokenizer, num_train_samples=4)
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,15 @@ def test_bad_inputs(tmp_path):
         run([nokey], workers=0)
 
 
+def test_sampling_that_keeps_nothing_is_an_error(tmp_path, inputs):
+    # All documents short and short_weight 0: no source can keep its share, nothing is written.
+    sampling = LengthSampling(long_threshold=10_000, long_weight=1.0, short_weight=0.0)
+    with pytest.raises(ValueError, match="length sampling kept no document"):
+        preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"),
+                   sampling=sampling, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
