@@ -9,10 +9,10 @@
   LongGen layout for `hf_model.LongGenLlamaForCausalLM`.
 - `load_model(mcore_dir)` builds our GPTModel in one process and loads the checkpoint.
 
-Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor). The Megatron side is
-written by a single `dist_checkpointing.save`, which needs every converted tensor at once: the import peaks
-at about the model size in the output dtype plus one input shard. The export holds one layer plus one
-output shard. Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
+Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor); the tensors each
+input shard completes are saved as one dist-checkpoint part, and the parts are merged into one checkpoint
+at the end (`format.merge_dist_checkpoints`: files renamed, metadata merged). The import thus holds about
+one input shard plus its converted copy; the export holds one layer plus one output shard. Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
 """
 
 from __future__ import annotations
@@ -273,12 +273,13 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
 
 def convert_hf_state(
     reader: HFCheckpointReader, cfg: LongGenConfig, *, progress: bool = False
-) -> dict[str, torch.Tensor]:
-    """Plain Megatron key -> global tensor (in cfg.train.dtype), reading one HF shard at a time.
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, per HF shard, the Megatron tensors completed by it: plain key -> global tensor in
+    cfg.train.dtype. A row whose HF tensors straddle two shards is completed by the later one.
 
     Checks that every HF tensor is used and every Megatron key filled, and every shape against the config.
     """
-    from megatron_longgen.models.builder import model_vocab_size
+    from megatron_longgen.megatron_bridge import padded_vocab_size
 
     m = cfg.model
     table = MAPPINGS["llama"]
@@ -286,13 +287,17 @@ def convert_hf_state(
     check_coverage(rows=rows, hf_keys=reader.keys(), tie_embeddings=m.tie_embeddings)
     row_of: dict[str, KeyMapping] = {k: row for row in rows for k in row.hf}
     shapes = expected_hf_shapes(cfg)
-    ctx = transform_context(cfg, padded_vocab_size=model_vocab_size(cfg))
+    padded = padded_vocab_size(
+        m.vocab_size, divisible_by=m.make_vocab_size_divisible_by, tensor_parallel=cfg.parallel.tensor_parallel
+    )
+    ctx = transform_context(cfg, padded_vocab_size=padded)
     dtype = TORCH_DTYPES[cfg.train.dtype]
     pending: dict[str, torch.Tensor] = {}
-    converted: dict[str, torch.Tensor] = {}
+    filled: set[str] = set()
     with _progress(len(reader.shard_keys), "HF shards", progress) as bar:
         for name, keys in reader.shard_keys.items():
             bar.set_postfix_str(name)
+            converted: dict[str, torch.Tensor] = {}
             with reader.open_shard(name) as shard:
                 for key in keys:
                     row = row_of.get(key)
@@ -308,10 +313,11 @@ def convert_hf_state(
                     if all(k in pending for k in row.hf):
                         parts = [pending.pop(k).to(dtype) for k in row.hf]
                         converted[row.mcore] = get_transform(row.transform).to_mcore(parts, ctx).contiguous()
+            filled.update(converted)
+            if converted:
+                yield converted
             bar.update(1)
-    filled = {row.mcore for row in rows}
-    assert not pending and set(converted) == filled, "every HF key used and every Megatron key filled"
-    return converted
+    assert not pending and filled == {row.mcore for row in rows}, "every HF key used and every Megatron key filled"
 
 
 def hf_to_mcore(
@@ -350,15 +356,38 @@ def hf_to_mcore(
     )
     reader = HFCheckpointReader(hf_dir)
     with atomic_output_dir(out, force=force) as tmp:
-        converted = convert_hf_state(reader, cfg, progress=progress)
         _ensure_process_group()
         from megatron.core import dist_checkpointing
 
-        state: dict = {}
-        for key in list(converted):
-            state.update(ckpt_format.sharded_entries(key, converted.pop(key), num_layers=cfg.model.num_layers))
-        ckpt_format.model_dir(tmp).mkdir()
-        dist_checkpointing.save(state, str(ckpt_format.model_dir(tmp)))
+        # One dist-checkpoint part per HF shard, merged at the end: memory stays at about one shard.
+        parts, layer_maps = [], []
+        num_layers = cfg.model.num_layers
+        for batch in convert_hf_state(reader, cfg, progress=progress):
+            # Stacked layer tensors of this part span only its own layers (slot -> layer in layer_map).
+            layer_map: dict[str, list[int]] = {}
+            for key in batch:
+                layer, _ = ckpt_format.split_layer_key(key)
+                if layer is not None:
+                    layer_map.setdefault(ckpt_format.sharded_key(key), []).append(layer)
+            state: dict = {}
+            for key in list(batch):
+                layer, _ = ckpt_format.split_layer_key(key)
+                slot = None
+                if layer is not None:
+                    layers = layer_map[ckpt_format.sharded_key(key)]
+                    slot = (layers.index(layer), len(layers))
+                state.update(ckpt_format.sharded_entries(key, batch.pop(key), num_layers=num_layers, stack_slot=slot))
+            part = tmp / f"part-{len(parts):05d}"
+            part.mkdir()
+            # A part holds the `_extra_state` objects of its own layers only: no whole-checkpoint check here
+            # (loading the merged checkpoint through a model's sharded_state_dict is what the tests verify).
+            dist_checkpointing.save(state, str(part), validate_access_integrity=False)
+            parts.append(part)
+            layer_maps.append(layer_map)
+            del state
+        ckpt_format.merge_dist_checkpoints(
+            parts, ckpt_format.model_dir(tmp), layer_maps=layer_maps, num_layers=num_layers
+        )
         ckpt_format.save_config(cfg, tmp)
     return cfg
 

@@ -104,13 +104,21 @@ def sharded_key(key: str) -> str:
 
 
 def sharded_entries(
-    key: str, tensor: torch.Tensor, *, num_layers: int, replica_id: int = 0
+    key: str,
+    tensor: torch.Tensor,
+    *,
+    num_layers: int,
+    stack_slot: tuple[int, int] | None = None,
+    replica_id: int = 0,
 ) -> dict:
     """ShardedTensor (+ `_extra_state` ShardedObject) entries for one plain key holding a *global* tensor.
 
     Layer tensors get a leading layer axis of size `num_layers` (offset = the layer index), exactly as
-    Megatron's TransformerBlock stacks them. The returned dict is keyed by plain keys so several calls can
-    be merged into one state dict for `dist_checkpointing.save`.
+    Megatron's TransformerBlock stacks them. `stack_slot=(slot, count)` instead places the tensor at `slot`
+    of a `count`-long axis: the converter saves a part holding only some layers that way (in a one-rank
+    world torch_dist needs every chunk of a saved tensor to be present) and `merge_dist_checkpoints` puts
+    the true layer offsets back. The returned dict is keyed by plain keys so several calls can be merged
+    into one state dict for `dist_checkpointing.save`.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
@@ -121,8 +129,9 @@ def sharded_entries(
             key, tensor, replica_id=replica_id, allow_shape_mismatch=key in VOCAB_KEYS
         )
         return entries
+    slot, count = stack_slot if stack_slot is not None else (layer, num_layers)
     entries[key] = ShardedTensor.from_rank_offsets(
-        sharded_key(key), tensor, (0, layer, num_layers), replica_id=replica_id, prepend_axis_num=1
+        sharded_key(key), tensor, (0, slot, count), replica_id=replica_id, prepend_axis_num=1
     )
     module = rest.rsplit(".", 1)[0]
     if module in _EXTRA_STATE_MODULES and rest.endswith(".weight"):
@@ -131,6 +140,87 @@ def sharded_entries(
             f"decoder.layers.{module}._extra_state", None, (num_layers,), (layer,), replica_id=replica_id
         )
     return entries
+
+
+def merge_dist_checkpoints(parts: list[Path], out: Path, *, layer_maps: list[dict[str, list[int]]], num_layers: int) -> None:
+    """Merge dist checkpoints holding *disjoint* chunks of the same model into one folder `out`.
+
+    Lets the converter save part by part (one input shard at a time) instead of holding the whole model
+    for a single `dist_checkpointing.save`. Every part was written by `dist_checkpointing.save` (torch_dist
+    backend) in this process. The data files are moved (renamed, not copied) into `out`; the torch DCP
+    `.metadata` of the parts is merged (a stacked tensor's chunks from several parts are concatenated,
+    storage entries re-pointed to the renamed files); Megatron's `metadata.json` and `common.pt` come from
+    the first part (they do not depend on the tensors). `layer_maps[p][fqn]` lists the true layer of each
+    slot of a stacked tensor saved with `sharded_entries(..., stack_slot=...)` in part p; those chunks get
+    their layer offsets and the `num_layers` axis back. Raises ValueError if two parts hold the same chunk.
+    """
+    import dataclasses
+    import pickle
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out.mkdir()
+    merged = None
+    file_count = 0
+    if len(layer_maps) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(layer_maps)} layer maps")
+    for part, layer_map in zip(parts, layer_maps):
+        metadata = FileSystemReader(str(part)).read_metadata()
+        renames: dict[str, str] = {}
+        for name in sorted(p.name for p in part.glob("*.distcp")):
+            renames[name] = f"__0_{file_count}.distcp"
+            os.replace(part / name, out / renames[name])
+            file_count += 1
+        _restore_layer_offsets(metadata, layer_map, num_layers=num_layers)
+        storage = {
+            index: dataclasses.replace(info, relative_path=renames[info.relative_path])
+            for index, info in metadata.storage_data.items()
+        }
+        if merged is None:
+            merged = metadata
+            merged.storage_data = storage
+            for name in ("metadata.json", "common.pt"):
+                shutil.copyfile(part / name, out / name)
+        else:
+            clash = set(storage) & set(merged.storage_data)
+            if clash:
+                raise ValueError(f"dist checkpoint parts overlap, e.g. {sorted(map(str, clash))[:3]}")
+            merged.storage_data.update(storage)
+            for fqn, md in metadata.state_dict_metadata.items():
+                have = merged.state_dict_metadata.get(fqn)
+                if have is None:
+                    merged.state_dict_metadata[fqn] = md
+                elif isinstance(have, TensorStorageMetadata):
+                    if tuple(have.size) != tuple(md.size):
+                        raise ValueError(f"{fqn}: global shape {tuple(md.size)} in {part} != {tuple(have.size)}")
+                    have.chunks.extend(md.chunks)
+                else:
+                    raise ValueError(f"non-tensor entry {fqn} appears in two dist checkpoint parts")
+            if isinstance(merged.planner_data, dict) and isinstance(metadata.planner_data, dict):
+                merged.planner_data.update(metadata.planner_data)
+        shutil.rmtree(part)
+    assert merged is not None, "at least one part"
+    with open(out / ".metadata", "wb") as handle:
+        pickle.dump(merged, handle)
+
+
+def _restore_layer_offsets(metadata, layer_map: dict[str, list[int]], *, num_layers: int) -> None:
+    """In one part's DCP metadata, turn slot offsets of stacked tensors back into layer offsets."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    def to_layer(fqn: str, offsets) -> torch.Size:
+        return torch.Size((layer_map[fqn][offsets[0]], *offsets[1:]))
+
+    for fqn, layers in layer_map.items():
+        md = metadata.state_dict_metadata[fqn]
+        md.size = torch.Size((num_layers, *md.size[1:]))
+        md.chunks = [ChunkStorageMetadata(offsets=to_layer(fqn, c.offsets), sizes=c.sizes) for c in md.chunks]
+    metadata.storage_data = {
+        (MetadataIndex(index.fqn, to_layer(index.fqn, index.offset)) if index.fqn in layer_map else index): info
+        for index, info in metadata.storage_data.items()
+    }
 
 
 class DistCheckpointReader:
