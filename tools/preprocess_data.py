@@ -27,17 +27,25 @@ from megatron_longgen.data.preprocess import preprocess
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt / .parquet files")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model, HF tokenizer folder, or builtin:tiny_sp")
+    p.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model, HF tokenizer folder, or builtin:tiny_sp"
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--text-key", default="text", help="JSON key / parquet column holding the text")
-    p.add_argument("--source-key", default=None,
-                   help="dotted JSON key / column naming each document's source (default: the file name)")
+    p.add_argument(
+        "--source-key",
+        default=None,
+        help="dotted JSON key / column naming each document's source (default: the file name)",
+    )
     p.add_argument("--long-threshold", type=int, default=4096, help="tokens from which a document is long")
     p.add_argument("--long-weight", type=float, default=1.0, help="relative weight of long documents")
     p.add_argument("--short-weight", type=float, default=1.0, help="relative weight of short documents")
-    p.add_argument("--no-keep-source-shares", action="store_true",
-                   help="do not rescale sources back to their input token shares")
+    p.add_argument(
+        "--no-keep-source-shares",
+        action="store_true",
+        help="do not rescale sources back to their input token shares",
+    )
     p.add_argument("--target-tokens", type=int, default=None, help="expected total output tokens")
     p.add_argument("--seed", type=int, default=1234, help="seed of the length-sampling draw")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
     )
     print(
-        f"wrote {args.output_prefix}.bin/.idx: {stats['documents_out']} documents, {stats['tokens_out']} tokens "
-        f"({stats['documents_in']} documents, {stats['tokens_in']} tokens in); stats in {args.output_prefix}.stats.json"
+        f"wrote {args.output_prefix}.bin/.idx: {stats['documents_out']} documents, "
+        f"{stats['tokens_out']} tokens ({stats['documents_in']} documents, {stats['tokens_in']} tokens in); "
+        f"stats in {args.output_prefix}.stats.json"
     )
     return stats
 

@@ -41,7 +41,8 @@ def parse_blend(blend: str) -> tuple[list[str], list[float] | None]:
         weight, prefix = _as_weight(items[i]), items[i + 1]
         if weight is None or _as_weight(prefix) is not None:
             raise ValueError(
-                f"blend {blend!r}: expected WEIGHT PREFIX at items {i} and {i + 1}, got {items[i]!r} {prefix!r}"
+                f"blend {blend!r}: expected WEIGHT PREFIX at items {i} and {i + 1}, "
+                f"got {items[i]!r} {prefix!r}"
             )
         if not weight > 0:
             raise ValueError(f"blend {blend!r}: weight of {prefix!r} must be > 0, got {weight}")

@@ -27,7 +27,16 @@ import numpy as np
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 # Megatron-Core's DType codes (indexed_dataset.DType), duplicated so validation needs no megatron import.
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,9 @@ def validate_indexed_prefix(prefix: str) -> IndexedInfo:
     with open(idx_path, "rb") as f:
         header = f.read(_HEADER_BYTES)
     if header[:9] != INDEX_MAGIC:
-        raise ValueError(f"{idx_path} is not a Megatron-Core index (magic {header[:9]!r}, expected {INDEX_MAGIC!r})")
+        raise ValueError(
+            f"{idx_path} is not a Megatron-Core index (magic {header[:9]!r}, expected {INDEX_MAGIC!r})"
+        )
     (version,) = struct.unpack("<Q", header[9:17])
     code = header[17]
     num_seq, num_docs = struct.unpack("<QQ", header[18:34])
@@ -87,7 +98,8 @@ def validate_indexed_prefix(prefix: str) -> IndexedInfo:
     expected_bin = num_tokens * np.dtype(dtype).itemsize
     if bin_size != expected_bin:
         raise ValueError(
-            f"{bin_path} is corrupt or truncated: {bin_size} bytes, but the index lists {num_tokens} tokens of "
+            f"{bin_path} is corrupt or truncated: {bin_size} bytes, but the index lists {num_tokens} "
+            f"tokens of "
             f"{np.dtype(dtype).name} = {expected_bin} bytes"
         )
     return IndexedInfo(

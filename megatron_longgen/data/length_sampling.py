@@ -61,9 +61,7 @@ class LengthSampling:
         return self.long_weight == self.short_weight == 1.0 and self.target_tokens is None
 
 
-def expected_copies(
-    lengths: np.ndarray, source_ids: np.ndarray, *, policy: LengthSampling
-) -> np.ndarray:
+def expected_copies(lengths: np.ndarray, source_ids: np.ndarray, *, policy: LengthSampling) -> np.ndarray:
     """Expected number of copies of each document (float64 [num_docs]); see the module docstring.
 
     `lengths` [num_docs] are token counts, `source_ids` [num_docs] small non-negative ints naming sources.

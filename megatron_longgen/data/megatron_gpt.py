@@ -73,8 +73,9 @@ def _check_tokenizer_matches(prefix: str, *, tokenizer: Tokenizer) -> None:
     recorded = (stats.get("vocab_size"), stats.get("bos_id"))
     if recorded != (tokenizer.vocab_size, tokenizer.bos_id):
         raise ValueError(
-            f"{prefix} was tokenized with {stats.get('tokenizer')!r} (vocab_size {recorded[0]}, bos {recorded[1]}), "
-            f"but the run's tokenizer {tokenizer.spec!r} has vocab_size {tokenizer.vocab_size}, bos {tokenizer.bos_id}"
+            f"{prefix} was tokenized with {stats.get('tokenizer')!r} (vocab_size {recorded[0]}, "
+            f"bos {recorded[1]}), but the run's tokenizer {tokenizer.spec!r} has vocab_size "
+            f"{tokenizer.vocab_size}, bos {tokenizer.bos_id}"
         )
 
 
@@ -96,13 +97,13 @@ def _check_split_tokens(prefixes: list[str], *, split: str, seq_length: int) -> 
         for name, bookends in zip(("train", "valid"), matrix):
             if bookends is None:
                 continue
-            beg, end = (int(round(b * float(lengths.size))) for b in bookends)
+            beg, end = (round(b * float(lengths.size)) for b in bookends)
             num_tokens = int(starts[end] - starts[beg])
             if num_tokens <= seq_length:
                 raise ValueError(
-                    f"the {name} split of {prefix} (documents {beg}..{end} of {lengths.size}) holds {num_tokens} "
-                    f"tokens: too few for one sample of seq_length {seq_length} (+1 for the labels); "
-                    f"use more data, a shorter seq_length or another valid_fraction (0 disables the split)"
+                    f"the {name} split of {prefix} (documents {beg}..{end} of {lengths.size}) holds "
+                    f"{num_tokens} tokens: too few for one sample of seq_length {seq_length} (+1 for the "
+                    f"labels); use more data, a shorter seq_length or another valid_fraction (0 disables the split)"
                 )
 
 
@@ -123,8 +124,8 @@ def build_indexed_datasets(
     Must be called on every rank (rank 0 builds the index caches first). `cache_dir` None puts them in
     `<directory of the first prefix>/longgen_index_cache`. Raises ValueError for a malformed blend, a
     missing, corrupt or truncated `.bin/.idx` (naming the file), a prefix whose train or valid split
-    cannot fill one sample, a `PREFIX.stats.json` recording another tokenizer, or a uint16 dataset with a tokenizer of more than 65,536 ids; RuntimeError when torch.distributed
-    is not initialised.
+    cannot fill one sample, a `PREFIX.stats.json` recording another tokenizer, or a uint16 dataset with a
+    tokenizer of more than 65,536 ids; RuntimeError when torch.distributed is not initialised.
     """
     import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -152,7 +153,8 @@ def build_indexed_datasets(
             )
     for prefix in prefixes:
         _check_tokenizer_matches(prefix, tokenizer=tokenizer)
-    split = f"{1.0 - valid_fraction:.8f},{valid_fraction:.8f},0"  # fixed-point: Megatron's parser reads digits only
+    # Fixed-point: Megatron's split parser reads digits and dots only (1e-05 would become 1 and 05).
+    split = f"{1.0 - valid_fraction:.8f},{valid_fraction:.8f},0"
     _check_split_tokens(prefixes, split=split, seq_length=seq_length)
     if len(prefixes) == 1:
         weights = None  # a single GPTDataset; Megatron would otherwise wrap it in a BlendedDataset

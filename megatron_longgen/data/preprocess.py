@@ -30,7 +30,12 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_longgen.data.indexed import AtomicIndexedWriter, read_document_lengths
-from megatron_longgen.data.length_sampling import LengthSampling, draw_copies, expected_copies, sampling_report
+from megatron_longgen.data.length_sampling import (
+    LengthSampling,
+    draw_copies,
+    expected_copies,
+    sampling_report,
+)
 from megatron_longgen.data.tokenizers import Tokenizer
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -74,7 +79,9 @@ def _read_parquet(path: Path, *, text_key: str, source_key: str | None) -> Itera
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise ValueError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow") from exc
+        raise ValueError(
+            f"reading {path} needs pyarrow, which is not installed: pip install pyarrow"
+        ) from exc
     table = pq.ParquetFile(path)
     columns = [text_key] + ([source_key] if source_key else [])
     missing = [c for c in columns if c not in table.schema_arrow.names]
@@ -126,14 +133,20 @@ def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
-def _init_worker(spec: str) -> None:
+def _use_tokenizer(tok: Tokenizer) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer(spec)
+    _WORKER_TOKENIZER = tok
+
+
+def _init_worker(spec: str) -> None:
+    _use_tokenizer(Tokenizer(spec))
 
 
 def _encode_batch(batch: list[tuple[str, str]]) -> list[tuple[str, list[int] | None]]:
     # None marks an empty document (skipped, but counted).
-    return [(src, _WORKER_TOKENIZER.encode(text, add_bos=True) if text.strip() else None) for src, text in batch]
+    return [
+        (src, _WORKER_TOKENIZER.encode(text, add_bos=True) if text.strip() else None) for src, text in batch
+    ]
 
 
 def _token_dtype(vocab_size: int) -> type:
@@ -173,7 +186,7 @@ def preprocess(
     try:
         with AtomicIndexedWriter(first_prefix, dtype=dtype) as writer:
             if pool is None:
-                _init_worker(tokenizer)
+                _use_tokenizer(tok)
                 encoded = map(_encode_batch, _batches(docs))
             else:
                 encoded = pool.imap(_encode_batch, _batches(docs))
@@ -202,8 +215,14 @@ def preprocess(
     else:
         copies = draw_copies(expected, seed=seed)
         try:
-            _write_copies(raw_prefix=first_prefix, output_prefix=output_prefix, lengths=lengths, copies=copies,
-                          dtype=dtype, progress=progress)
+            _write_copies(
+                raw_prefix=first_prefix,
+                output_prefix=output_prefix,
+                lengths=lengths,
+                copies=copies,
+                dtype=dtype,
+                progress=progress,
+            )
         finally:
             for ext in (".bin", ".idx"):
                 if os.path.exists(first_prefix + ext):
@@ -215,8 +234,15 @@ def preprocess(
         "bos_id": tok.bos_id,
         "dtype": np.dtype(dtype).name,
         "empty_documents_skipped": num_empty,
-        **sampling_report(lengths=lengths, source_ids=ids, source_names=list(source_names), expected=expected,
-                          copies=copies, policy=sampling, seed=seed),
+        **sampling_report(
+            lengths=lengths,
+            source_ids=ids,
+            source_names=list(source_names),
+            expected=expected,
+            copies=copies,
+            policy=sampling,
+            seed=seed,
+        ),
     }
     tmp = f"{output_prefix}.stats.json.tmp{os.getpid()}"
     Path(tmp).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
@@ -225,7 +251,13 @@ def preprocess(
 
 
 def _write_copies(
-    *, raw_prefix: str, output_prefix: str, lengths: np.ndarray, copies: np.ndarray, dtype: type, progress: bool
+    *,
+    raw_prefix: str,
+    output_prefix: str,
+    lengths: np.ndarray,
+    copies: np.ndarray,
+    dtype: type,
+    progress: bool,
 ) -> None:
     """Write document i of `raw_prefix` `copies[i]` times, in order, to `output_prefix` (atomically)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])

@@ -10,7 +10,22 @@ import torch.distributed as dist
 
 from megatron_longgen.data.tokenizers import load_tokenizer
 
-WORDS = ["Ada", "walked", "to", "Oslo", "with", "a", "red", "kite", "and", "the", "owl", "sang", "softly", "."]
+WORDS = [
+    "Ada",
+    "walked",
+    "to",
+    "Oslo",
+    "with",
+    "a",
+    "red",
+    "kite",
+    "and",
+    "the",
+    "owl",
+    "sang",
+    "softly",
+    ".",
+]
 
 
 def make_text(rng: random.Random, num_words: int) -> str:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megatron_longgen.data.indexed import AtomicIndexedWriter, validate_indexed_prefix
 
-DOCS = [np.array([1, 5, 6, 7], dtype=np.uint16), np.array([1, 9], dtype=np.uint16), np.array([1, 3, 3], dtype=np.uint16)]
+DOCS = [
+    np.array([1, 5, 6, 7], dtype=np.uint16),
+    np.array([1, 9], dtype=np.uint16),
+    np.array([1, 3, 3], dtype=np.uint16),
+]
 
 
 def _write(prefix: str, docs=DOCS) -> None:
@@ -35,18 +40,17 @@ def test_round_trip_through_megatron_reader(tmp_path):
 def test_failed_write_leaves_old_dataset_and_no_temporaries(tmp_path):
     prefix = str(tmp_path / "ds")
     _write(prefix)
-    before = {ext: open(prefix + ext, "rb").read() for ext in (".bin", ".idx")}
-    with pytest.raises(RuntimeError, match="boom"):
-        with AtomicIndexedWriter(prefix, dtype=np.uint16) as writer:
-            writer.add_document(np.array([1, 2], dtype=np.uint16))
-            raise RuntimeError("boom")
+    before = {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")}
+    with pytest.raises(RuntimeError, match="boom"), AtomicIndexedWriter(prefix, dtype=np.uint16) as writer:
+        writer.add_document(np.array([1, 2], dtype=np.uint16))
+        raise RuntimeError("boom")
     assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]
-    assert {ext: open(prefix + ext, "rb").read() for ext in (".bin", ".idx")} == before
+    assert {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")} == before
 
 
 def _corrupt(prefix: str, ext: str, how: str) -> None:
     path = prefix + ext
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     if how == "truncate":
         data = data[:-3]
     elif how == "extend":
@@ -58,13 +62,17 @@ def _corrupt(prefix: str, ext: str, how: str) -> None:
     elif how == "bad_boundaries":
         # Last document boundary (int64 at the end of the index) pointing past the sequences.
         data = data[:-8] + np.int64(7).tobytes()
-    open(path, "wb").write(data)
+    Path(path).write_bytes(data)
 
 
 @pytest.mark.parametrize(
     "ext, how, match",
     [
-        (".bin", "truncate", r"ds\.bin is corrupt or truncated: 15 bytes, but the index lists 9 tokens of uint16 = 18"),
+        (
+            ".bin",
+            "truncate",
+            r"ds\.bin is corrupt or truncated: 15 bytes, but the index lists 9 tokens of uint16 = 18",
+        ),
         (".bin", "extend", r"ds\.bin is corrupt or truncated: 20 bytes"),
         (".idx", "truncate", r"ds\.idx is corrupt or truncated: \d+ bytes, but 3 sequences and 4 document"),
         (".idx", "magic", r"ds\.idx is not a Megatron-Core index"),

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megatron_longgen.data.length_sampling import LengthSampling, draw_copies, expected_copies, sampling_report
+from megatron_longgen.data.length_sampling import (
+    LengthSampling,
+    draw_copies,
+    expected_copies,
+    sampling_report,
+)
 
 THRESHOLD = 1000
 
@@ -16,17 +21,30 @@ def _corpus(seed: int = 0):
     parts = []
     for sid, (num_docs, long_prob) in enumerate([(20000, 0.02), (1000, 0.8), (5000, 0.2)]):
         is_long = rng.random(num_docs) < long_prob
-        lengths = np.where(is_long, rng.integers(THRESHOLD, 8 * THRESHOLD, num_docs), rng.integers(20, THRESHOLD, num_docs))
+        lengths = np.where(
+            is_long, rng.integers(THRESHOLD, 8 * THRESHOLD, num_docs), rng.integers(20, THRESHOLD, num_docs)
+        )
         parts.append((lengths, np.full(num_docs, sid)))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), ["web", "books", "code"]
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        ["web", "books", "code"],
+    )
 
 
 def _report(policy: LengthSampling, seed: int = 7) -> dict:
     lengths, ids, names = _corpus()
     expected = expected_copies(lengths, ids, policy=policy)
     copies = draw_copies(expected, seed=seed)
-    return sampling_report(lengths=lengths, source_ids=ids, source_names=names, expected=expected, copies=copies,
-                           policy=policy, seed=seed)
+    return sampling_report(
+        lengths=lengths,
+        source_ids=ids,
+        source_names=names,
+        expected=expected,
+        copies=copies,
+        policy=policy,
+        seed=seed,
+    )
 
 
 def test_upsampling_keeps_source_shares_and_hits_long_fraction():
@@ -60,14 +78,22 @@ def test_without_share_keeping_long_sources_grow():
     assert web["share_out"] < web["share_in"]
     # Short documents have weight 1: every one is written exactly once.
     lengths, ids, _ = _corpus()
-    copies = draw_copies(expected_copies(lengths, ids, policy=LengthSampling(long_threshold=THRESHOLD, long_weight=4.0,
-                                                                              keep_source_shares=False)), seed=1)
+    copies = draw_copies(
+        expected_copies(
+            lengths,
+            ids,
+            policy=LengthSampling(long_threshold=THRESHOLD, long_weight=4.0, keep_source_shares=False),
+        ),
+        seed=1,
+    )
     assert np.all(copies[lengths < THRESHOLD] == 1) and np.all(copies[lengths >= THRESHOLD] == 4)
 
 
 def test_draw_is_seeded():
     lengths, ids, _ = _corpus()
-    expected = expected_copies(lengths, ids, policy=LengthSampling(long_threshold=THRESHOLD, short_weight=0.3))
+    expected = expected_copies(
+        lengths, ids, policy=LengthSampling(long_threshold=THRESHOLD, short_weight=0.3)
+    )
     a, b, c = draw_copies(expected, seed=5), draw_copies(expected, seed=5), draw_copies(expected, seed=6)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)

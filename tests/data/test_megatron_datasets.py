@@ -7,6 +7,7 @@ import dataclasses
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def _expected_gpt_sample(gpt, docs: list[np.ndarray], idx: int) -> np.ndarray:
     pos, offset = gpt.sample_index[gpt.shuffle_index[idx]]
     begin = int(starts[pos] + offset)
     end_pos = int(np.searchsorted(starts, begin + gpt.config.sequence_length + 1, side="left"))
-    stream = np.concatenate([docs[d] for d in order[pos:end_pos + 1]])
+    stream = np.concatenate([docs[d] for d in order[pos : end_pos + 1]])
     local = begin - int(starts[pos])
     return stream[local : local + gpt.config.sequence_length + 1]
 
@@ -78,8 +79,12 @@ def prefixes(tmp_path_factory):
     for name, num_docs in (("a", 300), ("b", 120)):
         records = [{"text": make_text(rng, rng.randint(3, 60))} for _ in range(num_docs)]
         prefix = str(root / name)
-        preprocess(inputs=[write_jsonl(root / f"{name}.jsonl", records)], tokenizer="builtin:tiny_sp",
-                   output_prefix=prefix, progress=False)
+        preprocess(
+            inputs=[write_jsonl(root / f"{name}.jsonl", records)],
+            tokenizer="builtin:tiny_sp",
+            output_prefix=prefix,
+            progress=False,
+        )
         out[name] = prefix
     return out
 
@@ -94,8 +99,13 @@ def test_needs_a_process_group(prefixes, tokenizer):
 def test_single_prefix_round_trip_and_sample_contract(gloo_group, prefixes, tokenizer, tmp_path):
     num_tokens = validate_indexed_prefix(prefixes["a"]).num_tokens
     want = 3 * num_tokens // SEQ  # more than one epoch: documents are reshuffled per epoch
-    train, valid = build_datasets(_cfg(prefixes["a"]), tokenizer=tokenizer, num_train_samples=want,
-                                  num_valid_samples=5, cache_dir=str(tmp_path / "cache"))
+    train, valid = build_datasets(
+        _cfg(prefixes["a"]),
+        tokenizer=tokenizer,
+        num_train_samples=want,
+        num_valid_samples=5,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert len(train) >= want and valid is not None and len(valid) >= 5
     sample = train[0]
     assert tuple(sample) == SAMPLE_KEYS
@@ -116,8 +126,12 @@ def test_single_prefix_round_trip_and_sample_contract(gloo_group, prefixes, toke
 
 def test_weighted_blend_proportions_and_round_trip(gloo_group, prefixes, tokenizer, tmp_path):
     blend = f"0.7 {prefixes['a']} 0.3 {prefixes['b']}"
-    train, _ = build_datasets(_cfg(blend, cache_dir=str(tmp_path)), tokenizer=tokenizer, num_train_samples=2000,
-                              num_valid_samples=10)
+    train, _ = build_datasets(
+        _cfg(blend, cache_dir=str(tmp_path)),
+        tokenizer=tokenizer,
+        num_train_samples=2000,
+        num_valid_samples=10,
+    )
     assert len(train) >= 2000
     share_a = float(np.mean(train.inner.dataset_index == 0))
     assert abs(share_a - 0.7) < 0.01
@@ -128,16 +142,23 @@ def test_weighted_blend_proportions_and_round_trip(gloo_group, prefixes, tokeniz
 
 def test_unweighted_blend_weights_by_tokens(gloo_group, prefixes, tokenizer, tmp_path):
     tokens = [validate_indexed_prefix(prefixes[n]).num_tokens for n in ("a", "b")]
-    train, _ = build_datasets(_cfg(f"{prefixes['a']} {prefixes['b']}", cache_dir=str(tmp_path)),
-                              tokenizer=tokenizer, num_train_samples=1000, num_valid_samples=10)
+    train, _ = build_datasets(
+        _cfg(f"{prefixes['a']} {prefixes['b']}", cache_dir=str(tmp_path)),
+        tokenizer=tokenizer,
+        num_train_samples=1000,
+        num_valid_samples=10,
+    )
     assert len(train) >= 1000
     assert abs(float(np.mean(train.inner.dataset_index == 0)) - tokens[0] / sum(tokens)) < 0.01
 
 
 def test_deterministic_by_seed(gloo_group, prefixes, tokenizer, tmp_path):
     def first_samples(seed: int, cache: str) -> list[torch.Tensor]:
-        train, _ = build_datasets(_cfg(prefixes["a"], seed=seed, cache_dir=str(tmp_path / cache)),
-                                  tokenizer=tokenizer, num_train_samples=50)
+        train, _ = build_datasets(
+            _cfg(prefixes["a"], seed=seed, cache_dir=str(tmp_path / cache)),
+            tokenizer=tokenizer,
+            num_train_samples=50,
+        )
         return [train[j]["tokens"] for j in range(20)]
 
     a, b, c = first_samples(7, "x"), first_samples(7, "y"), first_samples(8, "z")
@@ -146,18 +167,29 @@ def test_deterministic_by_seed(gloo_group, prefixes, tokenizer, tmp_path):
 
 
 def test_no_valid_split(gloo_group, prefixes, tokenizer, tmp_path):
-    train, valid = build_datasets(_cfg(prefixes["a"], valid_fraction=0.0, cache_dir=str(tmp_path)),
-                                  tokenizer=tokenizer, num_train_samples=10, num_valid_samples=10)
+    train, valid = build_datasets(
+        _cfg(prefixes["a"], valid_fraction=0.0, cache_dir=str(tmp_path)),
+        tokenizer=tokenizer,
+        num_train_samples=10,
+        num_valid_samples=10,
+    )
     assert valid is None and len(train) >= 10
 
 
 def test_packs_128k_sequences(gloo_group, tokenizer, tmp_path):
     prefix = str(tmp_path / "stories")
-    preprocess(inputs=[str(asset_path("tiny_stories.txt"))], tokenizer="builtin:tiny_sp", output_prefix=prefix,
-               progress=False)
+    preprocess(
+        inputs=[str(asset_path("tiny_stories.txt"))],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=prefix,
+        progress=False,
+    )
     seq = 131072
-    train, _ = build_datasets(_cfg(prefix, seq_length=seq, valid_fraction=0.0, cache_dir=str(tmp_path / "c")),
-                              tokenizer=tokenizer, num_train_samples=4)
+    train, _ = build_datasets(
+        _cfg(prefix, seq_length=seq, valid_fraction=0.0, cache_dir=str(tmp_path / "c")),
+        tokenizer=tokenizer,
+        num_train_samples=4,
+    )
     assert len(train) >= 4
     assert train[3]["tokens"].shape == (seq,) and "attention_mask" not in train[3]
     _assert_round_trip(train, {prefix: _doc_tokens(prefix)}, range(4))
@@ -181,9 +213,15 @@ def test_split_too_small_is_an_error_not_a_hang(gloo_group, tokenizer, tmp_path)
     # 5 documents: a 5% valid split rounds to no document, which Megatron-Core would pad with epochs for ever.
     prefix = str(tmp_path / "few")
     records = [{"text": make_text(random.Random(i), 60)} for i in range(5)]
-    preprocess(inputs=[write_jsonl(tmp_path / "few.jsonl", records)], tokenizer="builtin:tiny_sp",
-               output_prefix=prefix, progress=False)
-    with pytest.raises(ValueError, match=r"the valid split of .*few \(documents 5\.\.5 of 5\) holds 0 tokens"):
+    preprocess(
+        inputs=[write_jsonl(tmp_path / "few.jsonl", records)],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=prefix,
+        progress=False,
+    )
+    with pytest.raises(
+        ValueError, match=r"the valid split of .*few \(documents 5\.\.5 of 5\) holds 0 tokens"
+    ):
         build_datasets(_cfg(prefix, valid_fraction=0.05), tokenizer=tokenizer, num_train_samples=4)
 
 
@@ -191,10 +229,13 @@ def test_tokenizer_mismatch_is_an_error(gloo_group, prefixes, tokenizer, tmp_pat
     other = str(tmp_path / "other")
     for ext in (".bin", ".idx", ".stats.json"):
         shutil.copy(prefixes["a"] + ext, other + ext)
-    stats = json.loads(open(other + ".stats.json").read())
+    stats = json.loads(Path(other + ".stats.json").read_text())
     stats["vocab_size"] = 32000
-    open(other + ".stats.json", "w").write(json.dumps(stats))
-    with pytest.raises(ValueError, match=r"vocab_size 32000, bos 1\), but the run's tokenizer 'builtin:tiny_sp' has vocab_size 1024"):
+    Path(other + ".stats.json").write_text(json.dumps(stats))
+    with pytest.raises(
+        ValueError,
+        match=r"vocab_size 32000, bos 1\), but the run's tokenizer 'builtin:tiny_sp' has vocab_size 1024",
+    ):
         build_datasets(_cfg(other), tokenizer=tokenizer, num_train_samples=4)
 
 
@@ -234,8 +275,12 @@ def test_text_corpus_path_still_works(tmp_path, tokenizer):
 def _two_rank_worker(rank, world_size, blend, cache_dir):
     from megatron_longgen.data.tokenizers import load_tokenizer
 
-    train, valid = build_datasets(_cfg(blend, cache_dir=cache_dir), tokenizer=load_tokenizer("builtin:tiny_sp"),
-                                  num_train_samples=200, num_valid_samples=8)
+    train, valid = build_datasets(
+        _cfg(blend, cache_dir=cache_dir),
+        tokenizer=load_tokenizer("builtin:tiny_sp"),
+        num_train_samples=200,
+        num_valid_samples=8,
+    )
     return [train[j]["tokens"].tolist() for j in range(0, 200, 10)], len(valid)
 
 
@@ -244,8 +289,9 @@ def test_two_ranks_share_the_cache_and_see_the_same_samples(prefixes, tokenizer,
     from tests.helpers.distributed import run_distributed
 
     blend = f"0.5 {prefixes['a']} 0.5 {prefixes['b']}"
-    results = run_distributed(_two_rank_worker, world_size=2, args=(blend, str(tmp_path / "shared")),
-                              timeout_s=240)
+    results = run_distributed(
+        _two_rank_worker, world_size=2, args=(blend, str(tmp_path / "shared")), timeout_s=240
+    )
     assert results[0] == results[1]
     assert results[0][1] >= 8
     # The samples do not depend on the process that built the index caches.
@@ -253,8 +299,12 @@ def test_two_ranks_share_the_cache_and_see_the_same_samples(prefixes, tokenizer,
     if created:
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
-        local, _ = build_datasets(_cfg(blend, cache_dir=str(tmp_path / "local")), tokenizer=tokenizer,
-                                  num_train_samples=200, num_valid_samples=8)
+        local, _ = build_datasets(
+            _cfg(blend, cache_dir=str(tmp_path / "local")),
+            tokenizer=tokenizer,
+            num_train_samples=200,
+            num_valid_samples=8,
+        )
     finally:
         if created:
             dist.destroy_process_group()

@@ -34,8 +34,10 @@ def _read_docs(prefix: str) -> list[list[int]]:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     rng = random.Random(0)
-    records = [{"text": make_text(rng, rng.randint(3, 60)), "meta": {"set": "web" if i % 3 else "books"}}
-               for i in range(150)]
+    records = [
+        {"text": make_text(rng, rng.randint(3, 60)), "meta": {"set": "web" if i % 3 else "books"}}
+        for i in range(150)
+    ]
     records.insert(5, {"text": "   ", "meta": {"set": "web"}})  # empty: skipped and counted
     jsonl = write_jsonl(root / "a.jsonl", records)
     txt = root / "b.txt"
@@ -45,8 +47,12 @@ def inputs(tmp_path_factory):
 
 def test_exact_tokens_with_bos(tmp_path, inputs, tokenizer):
     prefix = str(tmp_path / "out")
-    stats = preprocess(inputs=[inputs["jsonl"], inputs["txt"]], tokenizer="builtin:tiny_sp", output_prefix=prefix,
-                       progress=False)
+    stats = preprocess(
+        inputs=[inputs["jsonl"], inputs["txt"]],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=prefix,
+        progress=False,
+    )
     texts = [r["text"] for r in inputs["records"] if r["text"].strip()]
     texts += ["First story here.", "Second one, a bit longer.", "Third."]
     docs = _read_docs(prefix)
@@ -62,8 +68,12 @@ def test_exact_tokens_with_bos(tmp_path, inputs, tokenizer):
 
 def test_workers_do_not_change_output(tmp_path, inputs):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=one, workers=1, progress=False)
-    preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=two, workers=2, progress=False)
+    preprocess(
+        inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=one, workers=1, progress=False
+    )
+    preprocess(
+        inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=two, workers=2, progress=False
+    )
     for ext in (".bin", ".idx"):
         assert Path(one + ext).read_bytes() == Path(two + ext).read_bytes(), ext
 
@@ -71,36 +81,60 @@ def test_workers_do_not_change_output(tmp_path, inputs):
 def test_length_sampling_end_to_end(tmp_path, inputs, tokenizer):
     prefix = str(tmp_path / "long")
     sampling = LengthSampling(long_threshold=30, long_weight=3.0, short_weight=0.2)
-    stats = preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=prefix,
-                       source_key="meta.set", sampling=sampling, seed=3, progress=False)
+    stats = preprocess(
+        inputs=[inputs["jsonl"]],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=prefix,
+        source_key="meta.set",
+        sampling=sampling,
+        seed=3,
+        progress=False,
+    )
     docs = _read_docs(prefix)
     assert len(docs) == stats["documents_out"]
     assert sum(map(len, docs)) == stats["tokens_out"]
     assert set(stats["sources"]) == {"web", "books"}
-    originals = {tuple([tokenizer.bos_id] + tokenizer.encode(r["text"])) for r in inputs["records"] if r["text"].strip()}
+    originals = {
+        tuple([tokenizer.bos_id] + tokenizer.encode(r["text"]))
+        for r in inputs["records"]
+        if r["text"].strip()
+    }
     assert all(tuple(d) in originals for d in docs)
     for src in stats["sources"].values():
         assert src["long_token_fraction_out"] > src["long_token_fraction_in"]
     # Copies are drawn with the seed: a rerun is byte-identical, leaving no temporary files behind.
     again = str(tmp_path / "again")
-    preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=again, source_key="meta.set",
-               sampling=sampling, seed=3, progress=False)
+    preprocess(
+        inputs=[inputs["jsonl"]],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=again,
+        source_key="meta.set",
+        sampling=sampling,
+        seed=3,
+        progress=False,
+    )
     assert Path(prefix + ".bin").read_bytes() == Path(again + ".bin").read_bytes()
     assert not [n for n in os.listdir(tmp_path) if ".raw" in n or ".tmp" in n]
 
 
-@pytest.mark.parametrize("content, suffix", [("", ".jsonl"), ("\n\n  \n", ".txt"), ('{"text": ""}\n', ".jsonl")])
+@pytest.mark.parametrize(
+    "content, suffix", [("", ".jsonl"), ("\n\n  \n", ".txt"), ('{"text": ""}\n', ".jsonl")]
+)
 def test_empty_input_is_a_clear_error(tmp_path, content, suffix):
     path = tmp_path / f"empty{suffix}"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match="hold no non-empty documents"):
-        preprocess(inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False)
+        preprocess(
+            inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False
+        )
     assert os.listdir(tmp_path) == [path.name]
 
 
 def test_bad_inputs(tmp_path):
     def run(files, **kw):
-        preprocess(inputs=files, tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False, **kw)
+        preprocess(
+            inputs=files, tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False, **kw
+        )
 
     with pytest.raises(ValueError, match="input file .*nope.jsonl does not exist"):
         run([str(tmp_path / "nope.jsonl")])
@@ -125,8 +159,13 @@ def test_sampling_that_keeps_nothing_is_an_error(tmp_path, inputs):
     # All documents short and short_weight 0: no source can keep its share, nothing is written.
     sampling = LengthSampling(long_threshold=10_000, long_weight=1.0, short_weight=0.0)
     with pytest.raises(ValueError, match="length sampling kept no document"):
-        preprocess(inputs=[inputs["jsonl"]], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"),
-                   sampling=sampling, progress=False)
+        preprocess(
+            inputs=[inputs["jsonl"]],
+            tokenizer="builtin:tiny_sp",
+            output_prefix=str(tmp_path / "o"),
+            sampling=sampling,
+            progress=False,
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -136,7 +175,9 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     path = tmp_path / "x.parquet"
     path.write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="needs pyarrow, which is not installed"):
-        preprocess(inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False)
+        preprocess(
+            inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False
+        )
 
 
 def test_parquet_input(tmp_path, tokenizer):
@@ -145,17 +186,37 @@ def test_parquet_input(tmp_path, tokenizer):
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["one doc", "two docs here"], "src": ["a", "b"]}), path)
-    stats = preprocess(inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"),
-                       source_key="src", progress=False)
-    assert _read_docs(str(tmp_path / "o")) == [[tokenizer.bos_id] + tokenizer.encode(t) for t in ("one doc", "two docs here")]
+    stats = preprocess(
+        inputs=[str(path)],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=str(tmp_path / "o"),
+        source_key="src",
+        progress=False,
+    )
+    assert _read_docs(str(tmp_path / "o")) == [
+        [tokenizer.bos_id] + tokenizer.encode(t) for t in ("one doc", "two docs here")
+    ]
     assert set(stats["sources"]) == {"a", "b"}
 
 
 def test_cli_unknown_tokenizer_exits_with_message(tmp_path, inputs):
     result = subprocess.run(
-        [sys.executable, str(TOOL), "--input", inputs["jsonl"], "--tokenizer", str(tmp_path / "missing.model"),
-         "--output-prefix", str(tmp_path / "o"), "--no-progress"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            str(TOOL),
+            "--input",
+            inputs["jsonl"],
+            "--tokenizer",
+            str(tmp_path / "missing.model"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 2
     assert "preprocess_data.py: error: unknown tokenizer" in result.stderr
