@@ -68,16 +68,19 @@ def check_step_kernel(name: str, device) -> dict:
     return {"ok": ok, "errors": report}
 
 
-def check_cp(group, kernel, device) -> dict:
-    """Ring attention and both sparse variants over `group` vs the oracle (bf16 vs fp32 gold)."""
+def check_cp(group, kernel, sparse_kernels, device) -> dict:
+    """Ring attention and both sparse variants (each sparse kernel) over `group` vs the oracle (bf16 vs
+    fp32 gold)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(1)
     S, n, g, h = 1024 * world, 8, 2, 64
     q, k, v, do = (torch.randn(1, x, S, h, device=device) for x in (n, g, g, n))
     out = {}
-    cases = {"full": None, "sink_window": SinkWindowPattern(block_size=64, num_sink_blocks=1, num_window_blocks=4),
-             "block_strided": BlockStridedPattern(block_size=64, stride_blocks=3, num_local_blocks=2)}
-    for name, pattern in cases.items():
+    patterns = {"sink_window": SinkWindowPattern(block_size=64, num_sink_blocks=1, num_window_blocks=4),
+                "block_strided": BlockStridedPattern(block_size=64, stride_blocks=3, num_local_blocks=2)}
+    cases = {"full": (None, None)}
+    cases.update({f"{p}_{sk}": (patterns[p], sk) for p in patterns for sk in sparse_kernels})
+    for name, (pattern, sparse_kernel) in cases.items():
         mask = dense_causal_mask(S, device=device) if pattern is None else pattern.dense_mask(S, device=device)
         gold = [t.clone().requires_grad_() for t in (q, k, v)]
         o_gold, _ = reference_attention(*gold, mask)
@@ -89,7 +92,7 @@ def check_cp(group, kernel, device) -> dict:
         if pattern is None:
             o, _ = ring_attention(*loc, cp_group=group, kernel=kernel)
         else:
-            o, _ = sparse_cp_attention(*loc, pattern=pattern, cp_group=group)
+            o, _ = sparse_cp_attention(*loc, pattern=pattern, cp_group=group, kernel=sparse_kernel)
         o.backward(shard_sequence(do.bfloat16(), cp_rank=rank, cp_size=world, seq_dim=2))
 
         def sh(t):
@@ -149,7 +152,7 @@ def bench_layer(kind, pattern, *, group, seq_len, args, kernel, device) -> float
         iters = args.iters
     else:
         def attn(a, b, c):
-            return sparse_cp_attention(a, b, c, pattern=pattern, cp_group=group)
+            return sparse_cp_attention(a, b, c, pattern=pattern, cp_group=group, kernel=kernel)
         iters = args.sparse_iters
     ms = _time(_fwd_bwd(attn, q, k, v, do), warmup=1, iters=iters, group=group)
     del q, k, v, do
@@ -168,6 +171,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--sparse-iters", type=int, default=2)
     p.add_argument("--step-kernels", default="cudnn,flash", help="fast ring step kernels to check and time")
+    p.add_argument("--sparse-kernels", default="flex,torch", help="sparse CP kernels to check and time")
     p.add_argument("--skip-sparse", action="store_true")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -205,7 +209,8 @@ def main() -> None:
         print("step kernel checks:", {n: c["ok"] for n, c in checks.items()}, flush=True)
     if not valid:
         raise SystemExit("no fast ring step kernel passed its check")
-    result["cp_checks"] = check_cp(cp_group, valid[0], device)
+    sparse_kernels = args.sparse_kernels.split(",") if device.type == "cuda" else ["torch"]
+    result["cp_checks"] = check_cp(cp_group, valid[0], sparse_kernels, device)
     if rank == 0:
         print("cp checks:", {n: c["ok"] for n, c in result["cp_checks"].items()}, flush=True)
 
@@ -234,22 +239,27 @@ def main() -> None:
             plans = [plan_sparse_exchange(pattern, cp_rank=r, cp_size=world, seq_len=seq) for r in range(world)]
             moved = [pl.forward_bytes(batch=args.batch, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                       element_size=elem) for pl in plans]
-            t1 = bench_layer("sparse", pattern, group=solo, seq_len=seq, args=args, kernel=None, device=device)
-            dist.barrier()
-            tr = bench_layer("sparse", pattern, group=cp_group, seq_len=seq, args=args, kernel=None, device=device)
             max_recv = max(m["received"] for m in moved)
-            sparse[name] = {
-                "pattern": repr(pattern), "kernel": "torch_block (block_sparse_attention_torch)",
-                "cp1_ms": t1, f"cp{world}_ms": tr, "ratio": tr / t1,
+            entry = {
+                "pattern": repr(pattern),
                 "bytes_received_fwd_per_rank": [m["received"] for m in moved],
                 "bytes_sent_fwd_per_rank": [m["sent"] for m in moved],
                 "blocks_fetched_per_rank": [pl.num_fetched_blocks for pl in plans],
                 "allgather_kv_bytes_per_rank": (world - 1) * kv_shard,
                 "bytes_fraction_of_allgather": max_recv / ((world - 1) * kv_shard),
+                "timings": {},
             }
-            if rank == 0:
-                print(f"sparse {name}: cp1 {t1:.1f} ms, cp{world} {tr:.1f} ms, ratio {tr / t1:.3f}, "
-                      f"bytes {max_recv} = {sparse[name]['bytes_fraction_of_allgather']:.4f} of all-gather", flush=True)
+            for sk in sparse_kernels:
+                if not all(result["cp_checks"][f"{n}_{sk}"]["ok"] for n in patterns):
+                    continue
+                t1 = bench_layer("sparse", pattern, group=solo, seq_len=seq, args=args, kernel=sk, device=device)
+                dist.barrier()
+                tr = bench_layer("sparse", pattern, group=cp_group, seq_len=seq, args=args, kernel=sk, device=device)
+                entry["timings"][sk] = {"cp1_ms": t1, f"cp{world}_ms": tr, "ratio": tr / t1}
+                if rank == 0:
+                    print(f"sparse {name} [{sk}]: cp1 {t1:.1f} ms, cp{world} {tr:.1f} ms, ratio {tr / t1:.3f}, "
+                          f"bytes {max_recv} = {entry['bytes_fraction_of_allgather']:.4f} of all-gather", flush=True)
+            sparse[name] = entry
     result["sparse"] = sparse
     if rank == 0:
         text = json.dumps(result, indent=2, default=str)

@@ -13,12 +13,15 @@ global state.
 - `ContextParallelFullAttention`: zig-zag ring attention (`ring_attention.py`), step kernel chosen once
   per device/dtype (`step_kernel="auto"`: cuDNN / flash on GPU, fp32 math on CPU).
 - `ContextParallelSparseAttention`: the layer's static sparse pattern with the KV-reduced block exchange
-  (`sparse_exchange.py`).
+  (`sparse_exchange.py`). `SparseAttentionConfig.backend` maps to the exchange's kernels: `torch` ->
+  the PyTorch block kernel, `flex` -> FlexAttention, anything else (`auto`, and the whole-sequence
+  kernels `triton` / `sdpa_chunks`, which have no CP form) -> `auto` (Flex on CUDA, else torch).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -56,6 +59,19 @@ def _check_forward(attention_mask, attention_bias, packed_seq_params, kind: str)
         raise ValueError(f"context-parallel {kind} attention supports neither packed_seq_params nor attention_bias")
     if attention_mask is not None:
         raise ValueError(f"context-parallel {kind} attention is causal by construction: pass attention_mask=None")
+
+
+_WARNED_BACKENDS: set[str] = set()
+
+
+def _warn_backend_once(backend: str) -> None:
+    if backend not in _WARNED_BACKENDS:
+        _WARNED_BACKENDS.add(backend)
+        warnings.warn(
+            f"sparse backend {backend!r} has no context-parallel form; CP sparse layers use 'auto' "
+            "(FlexAttention on CUDA, the PyTorch block kernel elsewhere)",
+            stacklevel=3,
+        )
 
 
 def _to_bnsh(x_sbnh: torch.Tensor) -> torch.Tensor:
@@ -136,6 +152,9 @@ class ContextParallelSparseAttention(MegatronModule):
         self.layer_number = layer_number
         self.sparse = sparse
         self.pattern: SparsePattern = pattern_from_config(sparse)
+        self.kernel = sparse.backend if sparse.backend in ("torch", "flex") else "auto"
+        if sparse.backend not in ("auto", "torch", "flex"):
+            _warn_backend_once(sparse.backend)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
     def forward(
@@ -151,6 +170,6 @@ class ContextParallelSparseAttention(MegatronModule):
         _check_forward(attention_mask, attention_bias, packed_seq_params, "sparse")
         out, _ = sparse_cp_attention(
             _to_bnsh(query), _to_bnsh(key), _to_bnsh(value),
-            pattern=self.pattern, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
+            pattern=self.pattern, cp_group=self.cp_group, softmax_scale=self.softmax_scale, kernel=self.kernel,
         )
         return _from_bnsh(out)

@@ -18,13 +18,18 @@ metadata is exchanged. Example, sink_window b=64 with 32 window blocks, S = 128K
 The exchange is an autograd function: the backward sends the fetched blocks' dK/dV back to their owners,
 which add them into their local gradients (no `torch.distributed.nn`). Attention then runs on
 [local blocks | fetched blocks] with a per-query-block key table and the tokens' *global* positions for
-the causal rule, through `block_sparse_attention_torch` (any device, recomputing backward).
+the causal rule. Two kernels (`kernel=`): `torch`, i.e. `block_sparse_attention_torch` (any device,
+recomputing backward, differentiable through lse too), and `flex`, a compiled FlexAttention with a block
+mask built from the same table (`flex_sparse.py`, CUDA). `auto` takes `flex` where it can run, else
+`torch`, and logs the choice once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,10 @@ from megatron_longgen.attention.masks import SparsePattern, mask_matrix_to_table
 from megatron_longgen.context_parallel.ring_comm import TAG_HALO, TAG_HALO_GRAD, exchange_blocks, group_rank_and_size
 from megatron_longgen.context_parallel.sharding import block_owner, check_cp_divisibility, rank_block_ids
 from megatron_longgen.context_parallel.step_kernels import default_scale
+
+logger = logging.getLogger(__name__)
+SPARSE_CP_KERNELS = ("auto", "torch", "flex")
+_LOGGED: set = set()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +181,7 @@ def sparse_cp_attention(
     pattern: SparsePattern,
     cp_group: dist.ProcessGroup,
     softmax_scale: float | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static sparse causal attention over a zig-zag sharded sequence, exchanging only needed blocks.
 
@@ -180,9 +190,11 @@ def sparse_cp_attention(
         pattern: the layer's `SinkWindowPattern` / `BlockStridedPattern` (block size b).
         cp_group: the context-parallel group (R = its size; R = 1 runs without communication).
         softmax_scale: defaults to 1/sqrt(H).
+        kernel: `auto`, `torch` or `flex` (module docstring); an explicit `flex` that cannot run raises.
 
     Returns:
-        out_BNSH (input dtype) and lse_BNS (fp32), differentiable w.r.t. q, k, v. Collective over
+        out_BNSH (input dtype) and lse_BNS (fp32), differentiable w.r.t. q, k, v (lse only with the
+        `torch` kernel). Collective over
         `cp_group`; the global length R*S must be a multiple of 2*R*b (ValueError otherwise).
     """
     rank, world = group_rank_and_size(cp_group)
@@ -190,11 +202,19 @@ def sparse_cp_attention(
     if k_BGSH.shape[2] != S or v_BGSH.shape != k_BGSH.shape:
         raise ValueError(f"q/k/v local lengths differ: q {tuple(q_BNSH.shape)}, k {tuple(k_BGSH.shape)}, "
                          f"v {tuple(v_BGSH.shape)}")
+    if kernel not in SPARSE_CP_KERNELS:
+        raise ValueError(f"sparse CP kernel must be one of {SPARSE_CP_KERNELS}, got {kernel!r}")
     plan = plan_sparse_exchange(pattern, cp_rank=rank, cp_size=world, seq_len=S * world)
+    chosen = _choose_kernel(kernel, plan, q_BNSH.device)
     k_all, v_all = k_BGSH, v_BGSH
     if world > 1:
         k_f, v_f = _FetchBlocks.apply(k_BGSH, v_BGSH, plan, cp_group)
         k_all, v_all = torch.cat([k_BGSH, k_f], dim=2), torch.cat([v_BGSH, v_f], dim=2)
+    scale = default_scale(q_BNSH.shape[-1], softmax_scale)
+    if chosen == "flex":
+        from megatron_longgen.context_parallel.flex_sparse import flex_cp_attention
+
+        return flex_cp_attention(q_BNSH, k_all, v_all, plan=plan, softmax_scale=scale)
     return block_sparse_attention_torch(
         q_BNSH,
         k_all,
@@ -203,5 +223,19 @@ def sparse_cp_attention(
         block_size=pattern.block_size,
         q_positions=plan.q_positions,
         k_positions=plan.k_positions,
-        softmax_scale=default_scale(q_BNSH.shape[-1], softmax_scale),
+        softmax_scale=scale,
     )
+
+
+def _choose_kernel(kernel: str, plan: SparseExchangePlan, device: torch.device) -> str:
+    from megatron_longgen.context_parallel.flex_sparse import flex_unavailable_reason
+
+    reason = flex_unavailable_reason(plan=plan, device=device) if kernel in ("auto", "flex") else "not requested"
+    if kernel == "flex" and reason is not None:
+        raise ValueError(f"sparse CP kernel 'flex' cannot run: {reason}")
+    chosen = "flex" if reason is None else "torch"
+    key = (kernel, chosen, device.type)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("sparse CP attention kernel: %s (requested %s; %s)", chosen, kernel, reason or "available")
+    return chosen
