@@ -15,7 +15,7 @@ import pytest
 
 from megatron_longgen.data.indexed import validate_indexed_prefix
 from megatron_longgen.data.length_sampling import LengthSampling
-from megatron_longgen.data.preprocess import preprocess
+from megatron_longgen.data.preprocess import _token_dtype, preprocess
 from tests.data.conftest import make_text, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,6 +167,32 @@ def test_sampling_that_keeps_nothing_is_an_error(tmp_path, inputs):
             progress=False,
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_hf_tokenizer_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "Ada", "walked", "to", "Oslo", "."]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "hf"
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "Ada walked to Oslo ."}, {"text": "Oslo Oslo"}])
+    stats = preprocess(
+        inputs=[path], tokenizer=str(folder), output_prefix=str(tmp_path / "o"), progress=False
+    )
+    assert _read_docs(str(tmp_path / "o")) == [[1, 3, 4, 5, 6, 7], [1, 6, 6]]
+    assert (stats["vocab_size"], stats["bos_id"]) == (8, 1)
+
+
+def test_token_dtype_follows_vocab_size():
+    assert _token_dtype(32000) is np.uint16 and _token_dtype(65536) is np.uint16
+    assert _token_dtype(65537) is np.int32 and _token_dtype(128256) is np.int32
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
