@@ -94,8 +94,6 @@ class ModelConfig:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling_factor < 1.0:
             raise ValueError(f"rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
-        if self.rope_scaling != "none" and self.rope_scaling_factor == 1.0:
-            raise ValueError(f"rope_scaling {self.rope_scaling!r} needs rope_scaling_factor > 1, got 1.0")
         _positive("rope_original_max_position", self.rope_original_max_position)
         if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
             raise ValueError(

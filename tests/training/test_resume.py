@@ -49,6 +49,22 @@ def _worker(rank, world_size, root):
     init.restore(resume=False)
     init_params = _params(init)
     out["init_matches"] = all((init_params[k] == out["straight_params"][k]).all() for k in init_params)
+
+    # RoPE length extension: same weights, different rotary embedding; recorded in the checkpoint.
+    from megatron_longgen.checkpoint.format import load_config
+
+    out["rope"] = {}
+    for scaling in ("none", "linear", "yarn"):
+        extra = () if scaling == "none" else ("model.rope_scaling_factor=4", "model.rope_original_max_position=32")
+        rope_cfg = tiny_config("train.max_steps=1", f"model.rope_scaling={scaling}", *extra)
+        trainer = Trainer(rope_cfg, run_dir=root / f"rope_{scaling}", quiet=True)
+        result = trainer.fit()
+        saved = load_config(result.checkpoint_dir).model
+        out["rope"][scaling] = {
+            "loss": result.losses[0],
+            "module": type(trainer.model[0].module.rotary_pos_emb).__name__,
+            "saved": (saved.rope_scaling, saved.rope_scaling_factor, saved.rope_original_max_position),
+        }
     return out
 
 
@@ -80,3 +96,14 @@ def test_checkpoints_published_and_rotated(results):
 
 def test_init_from_checkpoint_loads_weights(results):
     assert results["init_matches"]
+
+
+def test_rope_scaling_variants_build_differ_and_are_recorded(results):
+    rope = results["rope"]
+    assert rope["none"]["module"] == "RotaryEmbedding" and rope["linear"]["module"] == "RotaryEmbedding"
+    assert rope["yarn"]["module"] == "YarnRotaryEmbedding"
+    losses = [rope[k]["loss"] for k in ("none", "linear", "yarn")]
+    assert len(set(losses)) == 3, losses  # same weights and batch: only the positions' rotation differs
+    assert rope["none"]["saved"] == ("none", 1.0, 4096)
+    assert rope["linear"]["saved"] == ("linear", 4.0, 32)
+    assert rope["yarn"]["saved"] == ("yarn", 4.0, 32)
