@@ -12,7 +12,9 @@ Pipeline (`preprocess`):
    place at the end. With length sampling (`length_sampling.py`) they first go to a temporary "raw"
    dataset; the copies per document are drawn from the lengths with `seed`, and the final dataset is
    written from the raw one by memory-mapping it (so corpora larger than memory work).
-4. `PREFIX.stats.json` records inputs, tokenizer, counts and the achieved per-source proportions.
+4. `PREFIX.stats.json` records inputs, tokenizer, counts and the achieved per-source proportions. It is
+   written right after the dataset is renamed into place (an old one is removed just before), so stats
+   never describe another run's data.
 
 Output is atomic (see `indexed.py`): an interrupted run leaves no half-written dataset; rerunning
 starts over.
@@ -149,6 +151,13 @@ def _encode_batch(batch: list[tuple[str, str]]) -> list[tuple[str, list[int] | N
     ]
 
 
+def _drop_stale_stats(output_prefix: str) -> None:
+    # Called right before the new dataset replaces the old one: a crash between that and writing the new
+    # stats leaves a dataset without stats, never one with another run's stats.
+    if os.path.exists(output_prefix + ".stats.json"):
+        os.remove(output_prefix + ".stats.json")
+
+
 def _token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
@@ -201,6 +210,8 @@ def preprocess(
                 bar.set_postfix(tokens=writer.num_tokens, refresh=False)
             if writer.num_documents == 0:
                 raise ValueError(f"inputs {inputs} hold no non-empty documents ({num_empty} empty)")
+            if sampling.is_identity:
+                _drop_stale_stats(output_prefix)
             writer.commit()
     finally:
         bar.close()
@@ -268,5 +279,6 @@ def _write_copies(
         for i in tqdm(range(lengths.size), desc="length sampling", unit="doc", disable=not progress):
             for _ in range(copies[i]):
                 writer.add_document(raw[offsets[i] : offsets[i + 1]])
+        _drop_stale_stats(output_prefix)
         writer.commit()
     del raw

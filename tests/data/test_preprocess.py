@@ -130,6 +130,18 @@ def test_empty_input_is_a_clear_error(tmp_path, content, suffix):
     assert os.listdir(tmp_path) == [path.name]
 
 
+def test_failed_rerun_keeps_previous_output(tmp_path, inputs):
+    prefix = str(tmp_path / "o")
+    preprocess(inputs=[inputs["txt"]], tokenizer="builtin:tiny_sp", output_prefix=prefix, progress=False)
+    before = {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx", ".stats.json")}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        preprocess(inputs=[str(empty)], tokenizer="builtin:tiny_sp", output_prefix=prefix, progress=False)
+    assert {ext: Path(prefix + ext).read_bytes() for ext in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["empty.txt", "o.bin", "o.idx", "o.stats.json"]
+
+
 def test_bad_inputs(tmp_path):
     def run(files, **kw):
         preprocess(
