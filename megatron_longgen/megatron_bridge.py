@@ -22,6 +22,12 @@ def padded_vocab_size(vocab_size: int, *, divisible_by: int, tensor_parallel: in
     return -(-vocab_size // multiple) * multiple
 
 
+def _has_fused_wgrad() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = TORCH_DTYPES[t.dtype]
@@ -64,7 +70,8 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # apex's fused weight-gradient accumulation only where its CUDA extension imports.
+        gradient_accumulation_fusion=_has_fused_wgrad(),
         deallocate_pipeline_outputs=True,
         # Loss = sum over tokens / tokens in the global batch, exact under CP and uneven loss masks.
         calculate_per_token_loss=True,

@@ -10,8 +10,17 @@ fields (`dataclasses.replace`). `longgen-train --recipe NAME` looks them up in `
 | llama2_70b_128k     | LongGen 70B (GQA 64/8): TP=8, PP=4, CP=2                                      |
 | llama2_70b_128k_full| its full-attention baseline                                                   |
 
-RoPE for 4K -> 128K: the base is raised from 10,000 to 500,000 ("ABF"), following the long-context data
-recipe LongGen builds on (Fu et al. 2024); positions stay absolute in every layer.
+| llama2_7b_128k_pi   | the 7B run with linear position interpolation (factor 32, base 10,000)        |
+| llama2_7b_128k_yarn | the 7B run with YaRN (factor 32 over the original 4,096, base 10,000)         |
+
+RoPE for 4K -> 128K, per recipe (`ModelConfig.rope_scaling`, recorded in every checkpoint's
+longgen_config.json and so in exports):
+- default (`llama2_*_128k`): the base is raised from 10,000 to 500,000 ("ABF"), following the
+  long-context data recipe LongGen builds on (Fu et al. 2024); no other scaling;
+- `_pi`: linear position interpolation, positions divided by 32, base 10,000;
+- `_yarn`: YaRN with factor 32 over the original 4,096 positions, base 10,000.
+Positions stay absolute in every layer. Any recipe can switch with overrides, e.g.
+`--override model.rotary_base=10000 model.rope_scaling=yarn model.rope_scaling_factor=32`.
 """
 
 from __future__ import annotations
@@ -38,6 +47,13 @@ def with_full_attention(cfg: LongGenConfig) -> LongGenConfig:
 
 def with_sparse_variant(cfg: LongGenConfig, variant: str) -> LongGenConfig:
     return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, variant=variant))
+
+
+def with_rope_scaling(cfg: LongGenConfig, scaling: str, *, factor: float, rotary_base: float = 10000.0) -> LongGenConfig:
+    """The same run with another RoPE length extension (`linear` or `yarn`) on the original base."""
+    model = dataclasses.replace(cfg.model, rope_scaling=scaling, rope_scaling_factor=factor, rotary_base=rotary_base)
+    suffix = {"linear": "_pi", "yarn": "_yarn"}.get(scaling, f"_{scaling}")
+    return dataclasses.replace(cfg, name=cfg.name + suffix, model=model)
 
 
 def debug_tiny() -> LongGenConfig:
@@ -85,7 +101,8 @@ def debug_tiny_full() -> LongGenConfig:
 
 def llama2_7b_128k() -> LongGenConfig:
     """LongGen on Llama-2 7B: 5B tokens of 128K-packed long documents, TP=8, full recompute, bf16.
-    Start from a converted checkpoint (tools/convert_hf_to_mcore.py)."""
+    RoPE: raised base 500,000, no scaling. Start from a converted checkpoint (tools/convert_hf_to_mcore.py)
+    with `--init-checkpoint DIR`."""
     num_layers = 32
     return LongGenConfig(
         name="llama2_7b_128k",
@@ -123,8 +140,20 @@ def llama2_7b_128k_full() -> LongGenConfig:
     return with_full_attention(llama2_7b_128k())
 
 
+def llama2_7b_128k_pi() -> LongGenConfig:
+    """Linear position interpolation instead of the raised base: 131072 / 4096 = 32."""
+    return with_rope_scaling(llama2_7b_128k(), "linear", factor=32.0)
+
+
+def llama2_7b_128k_yarn() -> LongGenConfig:
+    """YaRN instead of the raised base: factor 32 over Llama-2's 4,096 pretraining positions."""
+    return with_rope_scaling(llama2_7b_128k(), "yarn", factor=32.0)
+
+
 def llama2_70b_128k() -> LongGenConfig:
-    """LongGen on Llama-2 70B (GQA: 64 query / 8 KV heads). 128K tokens need CP to fit activations."""
+    """LongGen on Llama-2 70B (GQA: 64 query / 8 KV heads). 128K tokens need CP to fit activations.
+    RoPE: raised base 500,000 (inherited from the 7B recipe). PP=4 stages are balanced by attention cost
+    (`train.pipeline_layout="balanced"`: 27/13/13/27 layers, the full middle layers being dearer)."""
     base = llama2_7b_128k()
     num_layers = 80
     model = dataclasses.replace(
@@ -152,6 +181,8 @@ RECIPES: dict[str, Callable[[], LongGenConfig]] = {
     "debug_tiny_full": debug_tiny_full,
     "llama2_7b_128k": llama2_7b_128k,
     "llama2_7b_128k_full": llama2_7b_128k_full,
+    "llama2_7b_128k_pi": llama2_7b_128k_pi,
+    "llama2_7b_128k_yarn": llama2_7b_128k_yarn,
     "llama2_70b_128k": llama2_70b_128k,
     "llama2_70b_128k_full": llama2_70b_128k_full,
 }
