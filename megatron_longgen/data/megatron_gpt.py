@@ -119,7 +119,8 @@ def build_indexed_datasets(
     cache_dir: str | None,
 ) -> tuple[MegatronSamples, MegatronSamples | None]:
     """(train, valid-or-None) with at least `num_train_samples` / `num_valid_samples` samples of `seq_length`
-    (Megatron-Core builds whole epochs of a single prefix, so a lone GPTDataset may hold more).
+    (Megatron-Core builds whole epochs of a single prefix, so a lone GPTDataset may hold more). The valid
+    dataset is None when `valid_fraction` or `num_valid_samples` is 0; the train documents do not change.
 
     Must be called on every rank (rank 0 builds the index caches first). `cache_dir` None puts them in
     `<directory of the first prefix>/longgen_index_cache`. Raises ValueError for a malformed blend, a
@@ -136,8 +137,11 @@ def build_indexed_datasets(
             "building Megatron-Core datasets needs torch.distributed initialised (even for one process): "
             "call megatron_longgen.utils.distributed.init_distributed() first"
         )
-    if num_train_samples < 1:
-        raise ValueError(f"num_train_samples must be >= 1, got {num_train_samples}")
+    if num_train_samples < 1 or num_valid_samples < 0:
+        raise ValueError(
+            f"need num_train_samples >= 1 and num_valid_samples >= 0, got {num_train_samples} and "
+            f"{num_valid_samples}"
+        )
     prefixes, weights = parse_blend(blend)
     infos = [validate_indexed_prefix(p) for p in prefixes]
     for info in infos:

@@ -174,6 +174,13 @@ def test_no_valid_split(gloo_group, prefixes, tokenizer, tmp_path):
         num_valid_samples=10,
     )
     assert valid is None and len(train) >= 10
+    blend = f"0.5 {prefixes['a']} 0.5 {prefixes['b']}"
+    train, valid = build_datasets(
+        _cfg(blend, cache_dir=str(tmp_path)), tokenizer=tokenizer, num_train_samples=10, num_valid_samples=0
+    )
+    assert valid is None and len(train) >= 10
+    with pytest.raises(ValueError, match="num_valid_samples >= 0, got 10 and -1"):
+        build_datasets(_cfg(blend), tokenizer=tokenizer, num_train_samples=10, num_valid_samples=-1)
 
 
 def test_packs_128k_sequences(gloo_group, tokenizer, tmp_path):
