@@ -1,7 +1,7 @@
 """Process-group set-up shared by the trainer, tools and tests.
 
-`init_distributed()` starts torch.distributed from torchrun's environment (or as a single process when
-there is none), NCCL on GPU and gloo on CPU; `initialize_model_parallel(cfg)` builds Megatron-Core's
+`init_distributed()` starts torch.distributed from torchrun's environment, from Slurm's (`srun`, one task per
+GPU), or as a single process when there is none, NCCL on GPU and gloo on CPU; `initialize_model_parallel(cfg)` builds Megatron-Core's
 TP/PP/CP/DP groups after validating the degrees against the world size.
 """
 
@@ -30,6 +30,11 @@ def init_distributed(*, timeout_s: float = 1800.0) -> tuple[int, int]:
         enable_cpu_compat()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        # Launched by `srun` with one task per GPU (slurm/train.sbatch): take the ranks from Slurm.
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

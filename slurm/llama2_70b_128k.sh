@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# LongGen on Llama-2 70B (GQA 64/8) at 128K: TP=8 x PP=4 x CP=2 x DP=4 = 256 GPUs. Submit from the repo root:
+#   sbatch slurm/llama2_70b_128k.sh
+#   RECIPE=llama2_70b_128k_full sbatch slurm/llama2_70b_128k.sh     (the full-attention baseline)
+#   DRY_RUN=1 bash slurm/llama2_70b_128k.sh                           (check the layout without a cluster)
+#SBATCH --job-name=longgen-70b-128k
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --output=logs/%x-%j.out
+export RECIPE=${RECIPE:-llama2_70b_128k}
+export NNODES=${NNODES:-${SLURM_NNODES:-32}}
+exec bash "${LONGGEN_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/train.sbatch"
