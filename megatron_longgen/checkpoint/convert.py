@@ -230,6 +230,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Iterator[Pa
         raise FileExistsError(f"output {out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the final folder gets the usual permissions
     try:
         yield tmp
     except BaseException:

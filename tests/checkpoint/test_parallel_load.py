@@ -5,7 +5,7 @@ The workers start once for the module (importing Megatron-Core costs seconds per
 import pytest
 import torch
 
-from megatron_longgen.checkpoint.convert import hf_to_mcore
+from megatron_longgen.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from tests.checkpoint.conftest import VOCAB
 from tests.helpers.distributed import run_distributed
 
@@ -25,7 +25,22 @@ def _load(cfg, mcore_dir, *, pre_process: bool, post_process: bool):
     return model.eval()
 
 
-def _worker(rank, world_size, tp_dir, pp_dir, ids):
+def _save_like_trainer(model, cfg, out_dir, rank):
+    """What the trainer writes: longgen_config.json + dist checkpoint of model.sharded_state_dict()."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_longgen.checkpoint import format as ckpt_format
+
+    if rank == 0:
+        ckpt_format.model_dir(out_dir).mkdir(parents=True)
+        ckpt_format.save_config(cfg, out_dir)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_format.model_dir(out_dir)))
+    dist.barrier()
+
+
+def _worker(rank, world_size, tp_dir, pp_dir, ids, saved_root):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -41,6 +56,7 @@ def _worker(rank, world_size, tp_dir, pp_dir, ids):
     parts = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     out["tp_logits"] = torch.cat(parts, dim=-1)[..., :VOCAB].numpy()  # numpy: tensors would travel as shm fds
+    _save_like_trainer(model, cfg, f"{saved_root}/tp2", rank)
     # PP=2: stage 0 runs layers 0-1 and sends hidden states [s, b, h] to stage 1 (layers 2-3 + head).
     cfg = ckpt_format.load_config(pp_dir)
     first = rank == 0
@@ -54,6 +70,7 @@ def _worker(rank, world_size, tp_dir, pp_dir, ids):
             dist.recv(hidden, src=0)
             model.set_input_tensor(hidden)
             out["pp_logits"] = model(ids, pos, None)[..., :VOCAB].numpy()
+    _save_like_trainer(model, cfg, f"{saved_root}/pp2", rank)
     return out
 
 
@@ -65,13 +82,16 @@ def results(hf_models, token_ids, tmp_path_factory):
     hf_to_mcore(hf_dir=folder, out_dir=root / "pp2", pipeline_parallel=2, pattern="full")
     with torch.no_grad():
         expected = hf_model(token_ids).logits
-    ranks = run_distributed(_worker, world_size=2, args=(str(root / "tp2"), str(root / "pp2"), token_ids), timeout_s=240)
-    return ranks, expected
+    saved = root / "saved"
+    ranks = run_distributed(
+        _worker, world_size=2, args=(str(root / "tp2"), str(root / "pp2"), token_ids, str(saved)), timeout_s=240
+    )
+    return ranks, expected, saved, folder
 
 
 @pytest.mark.timeout(300)
 def test_tp2_logits_match_hf(results):
-    ranks, expected = results
+    ranks, expected, _, _ = results
     for rank in ranks:
         diff = (torch.from_numpy(rank["tp_logits"]) - expected).abs().max().item()
         assert diff <= 1e-4, f"TP=2 max |mcore - hf| = {diff}"
@@ -79,7 +99,25 @@ def test_tp2_logits_match_hf(results):
 
 @pytest.mark.timeout(300)
 def test_pp2_logits_match_hf(results):
-    ranks, expected = results
+    ranks, expected, _, _ = results
     assert "pp_logits" not in ranks[0]
     diff = (torch.from_numpy(ranks[1]["pp_logits"]) - expected).abs().max().item()
     assert diff <= 1e-4, f"PP=2 max |mcore - hf| = {diff}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_export_of_checkpoint_written_by_two_ranks_is_bit_exact(layout, results, tmp_path):
+    """A checkpoint physically written at TP=2 (split QKV / SwiGLU chunks) or PP=2 exports to the
+    original HF tensors."""
+    from safetensors.torch import load_file
+
+    _, _, saved, folder = results
+    mcore_to_hf(mcore_dir=saved / layout, out_dir=tmp_path / "hf")
+    original = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        original.update(load_file(str(path)))
+    back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(back) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
