@@ -58,14 +58,14 @@ def _kernels():
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // N
-        n = pid_bh % N
+        b = (pid_bh // N).to(tl.int64)  # 64-bit offsets: 128K x 64 heads x 128 passes 2^31 elements
+        n = (pid_bh % N).to(tl.int64)
         g = n // (N // NUM_GROUPS)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
-        q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         k_base = K + b * skb + g * skg
         v_base = V + b * svb + g * svg
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -77,8 +77,8 @@ def _kernels():
         for j in range(0, n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
-            k = tl.load(k_base + kpos[None, :] * sks + offs_d[:, None])
-            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :])
+            k = tl.load(k_base + kpos.to(tl.int64)[None, :] * sks + offs_d[:, None])
+            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :])
             qk = tl.dot(q, k) * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -93,8 +93,8 @@ def _kernels():
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + kpos[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_base + kpos.to(tl.int64)[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             qk = tl.where(visible, tl.dot(q, k) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -108,7 +108,7 @@ def _kernels():
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(
-            O + b * sob + n * son + offs_m[:, None] * sos + offs_d[None, :],
+            O + b * sob + n * son + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :],
             out.to(O.dtype.element_ty),
             mask=row_ok[:, None],
         )
@@ -121,13 +121,13 @@ def _kernels():
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // N
-        n = pid_bh % N
+        b = (pid_bh // N).to(tl.int64)  # 64-bit offsets: 128K x 64 heads x 128 passes 2^31 elements
+        n = (pid_bh % N).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         ok = offs_m < S
-        o = tl.load(O + b * sob + n * son + offs_m[:, None] * sos + offs_d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.load(O + b * sob + n * son + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=ok[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if HAS_DLSE:
             dlse = tl.load(DLSE + pid_bh * S + offs_m, mask=ok, other=0.0)
@@ -144,15 +144,15 @@ def _kernels():
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // N
-        n = pid_bh % N
+        b = (pid_bh // N).to(tl.int64)  # 64-bit offsets: 128K x 64 heads x 128 passes 2^31 elements
+        n = (pid_bh % N).to(tl.int64)
         g = n // (N // NUM_GROUPS)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
-        q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(DELTA + pid_bh * S + offs_m, mask=row_ok, other=0.0)
@@ -165,8 +165,8 @@ def _kernels():
         for j in range(0, n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
-            k = tl.load(k_base + kpos[:, None] * sks + offs_d[None, :])
-            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :])
+            k = tl.load(k_base + kpos.to(tl.int64)[:, None] * sks + offs_d[None, :])
+            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :])
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
@@ -177,8 +177,8 @@ def _kernels():
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + kpos[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_base + kpos.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             p = tl.where(visible, p, 0.0)
@@ -187,7 +187,7 @@ def _kernels():
             dq += tl.dot(ds.to(k.dtype), k)
         dq = dq * sm_scale
         tl.store(
-            DQ + b * sgb + n * sgn + offs_m[:, None] * sgs + offs_d[None, :],
+            DQ + b * sgb + n * sgn + offs_m.to(tl.int64)[:, None] * sgs + offs_d[None, :],
             dq.to(DQ.dtype.element_ty),
             mask=row_ok[:, None],
         )
@@ -204,15 +204,15 @@ def _kernels():
         pid = tl.program_id(0)
         pid_bg = pid % NUM_BG  # programs run key tiles longest-first (Q_ORDER), all heads of one together
         kt = tl.load(Q_ORDER + pid // NUM_BG)
-        b = pid_bg // NUM_GROUPS
-        g = pid_bg % NUM_GROUPS
+        b = (pid_bg // NUM_GROUPS).to(tl.int64)
+        g = (pid_bg % NUM_GROUPS).to(tl.int64)
         r = N // NUM_GROUPS
         offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         col_ok = offs_n < S
-        k = tl.load(K + b * skb + g * skg + offs_n[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + g * svg + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(K + b * skb + g * skg + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + g * svg + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         n_full = tl.load(Q_FULL + kt)
@@ -222,8 +222,8 @@ def _kernels():
             j = i // r
             n = g * r + i % r
             offs_m = tl.load(Q_IDX + row + j) * BLOCK_M + offs_m0
-            q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :])
-            do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :])
+            q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :])
+            do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :])
             lse2 = tl.load(LSE + (b * N + n) * S + offs_m) * 1.4426950408889634
             delta = tl.load(DELTA + (b * N + n) * S + offs_m)
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -240,8 +240,8 @@ def _kernels():
             bits = tl.load(Q_BITS + row + j)
             offs_m = qt * BLOCK_M + offs_m0
             row_ok = offs_m < S
-            q = tl.load(Q + b * sqb + n * sqn + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdb + n * sdn + offs_m[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
@@ -255,12 +255,12 @@ def _kernels():
             dk += tl.dot(ds_t.to(q.dtype), q)
         dk = dk * sm_scale
         tl.store(
-            DK + b * skgb + g * skgg + offs_n[:, None] * skgs + offs_d[None, :],
+            DK + b * skgb + g * skgg + offs_n.to(tl.int64)[:, None] * skgs + offs_d[None, :],
             dk.to(DK.dtype.element_ty),
             mask=col_ok[:, None],
         )
         tl.store(
-            DV + b * svgb + g * svgg + offs_n[:, None] * svgs + offs_d[None, :],
+            DV + b * svgb + g * svgg + offs_n.to(tl.int64)[:, None] * svgs + offs_d[None, :],
             dv.to(DV.dtype.element_ty),
             mask=col_ok[:, None],
         )
