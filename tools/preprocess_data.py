@@ -8,8 +8,8 @@
         --output-prefix data/slimpj_long --workers 16 --source-key meta.redpajama_set_name \\
         --long-threshold 4096 --long-weight 3 --short-weight 0.1 --target-tokens 5000000000
 
-Inputs: `.jsonl` (text under `--text-key`), `.txt` (blank-line separated documents), `.parquet` (needs
-pyarrow). Writes PREFIX.bin, PREFIX.idx (atomically: temporary names renamed at the end) and
+Inputs: `.jsonl` (text under `--text-key`), `.txt` (blank-line separated documents), both optionally
+`.gz` or `.zst` (needs zstandard) compressed, and `.parquet` (needs pyarrow). Writes PREFIX.bin, PREFIX.idx (atomically: temporary names renamed at the end) and
 PREFIX.stats.json (per-source documents, tokens, long-token fractions and shares, before and after). Each
 document starts with <bos>. Train on the result with `DataConfig(blend="PREFIX")`. Exits with status 2
 and a one-line message on bad input.
@@ -26,7 +26,9 @@ from megatron_longgen.data.preprocess import preprocess
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt / .parquet files")
+    p.add_argument(
+        "--input", nargs="+", required=True, help=".jsonl / .txt (optionally .gz / .zst) / .parquet files"
+    )
     p.add_argument(
         "--tokenizer", required=True, help="SentencePiece .model, HF tokenizer folder, or builtin:tiny_sp"
     )

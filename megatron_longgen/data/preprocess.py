@@ -3,6 +3,8 @@
 Pipeline (`preprocess`):
 1. Read documents from `.jsonl` (one JSON object per line, text under `text_key`), `.txt` (documents
    separated by blank lines, like the tiny corpus) or `.parquet` (a `text_key` column; needs pyarrow).
+   `.jsonl` and `.txt` may be compressed: `.gz` (stdlib) or `.zst` (needs `zstandard`; SlimPajama ships
+   `.jsonl.zst`).
    The source of a document (for per-source length sampling) is the value under `source_key` (a dotted
    path such as `meta.redpajama_set_name`) when given, else the input file's name.
 2. Tokenize with `workers` processes (ordered `imap`, so the output does not depend on `workers`), with
@@ -22,11 +24,14 @@ starts over.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 from collections.abc import Iterator
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +46,7 @@ from megatron_longgen.data.length_sampling import (
 from megatron_longgen.data.tokenizers import Tokenizer
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
 _BATCH_DOCS = 64
 
 
@@ -53,8 +59,32 @@ def _lookup(record: dict, dotted: str, *, where: str):
     return value
 
 
+def _split_suffix(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None): `a.jsonl.zst` -> (".jsonl", ".zst")."""
+    if path.suffix in COMPRESSIONS:
+        return Path(path.stem).suffix, path.suffix
+    return path.suffix, None
+
+
+def _open_text(path: Path) -> TextIO:
+    compression = _split_suffix(path)[1]
+    if compression == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise ValueError(
+                f"reading {path} needs zstandard, which is not installed: pip install zstandard"
+            ) from exc
+        return io.TextIOWrapper(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8"
+        )
+    return open(path, encoding="utf-8")
+
+
 def _read_jsonl(path: Path, *, text_key: str, source_key: str | None) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -73,8 +103,17 @@ def _read_jsonl(path: Path, *, text_key: str, source_key: str | None) -> Iterato
 
 
 def _read_txt(path: Path) -> Iterator[tuple[str, str]]:
-    for doc in path.read_text(encoding="utf-8").split("\n\n"):
-        yield path.name, doc.strip()
+    # Streams: blank (or whitespace-only) lines separate documents; runs of them are one separator.
+    lines: list[str] = []
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield path.name, "".join(lines).strip()
+                lines = []
+    if lines:
+        yield path.name, "".join(lines).strip()
 
 
 def _read_parquet(path: Path, *, text_key: str, source_key: str | None) -> Iterator[tuple[str, str]]:
@@ -110,12 +149,17 @@ def read_documents(
     for path in paths:
         if not path.is_file():
             raise ValueError(f"input file {path} does not exist")
-        if path.suffix not in SUFFIXES:
-            raise ValueError(f"input file {path}: unsupported suffix {path.suffix!r}; use one of {SUFFIXES}")
+        kind, compression = _split_suffix(path)
+        if kind not in SUFFIXES or (compression and kind == ".parquet"):
+            raise ValueError(
+                f"input file {path}: unsupported suffix {''.join(path.suffixes)!r}; use one of {SUFFIXES}, "
+                f"the text ones optionally compressed with one of {COMPRESSIONS}"
+            )
     for path in paths:
-        if path.suffix in (".jsonl", ".json"):
+        kind = _split_suffix(path)[0]
+        if kind in (".jsonl", ".json"):
             yield from _read_jsonl(path, text_key=text_key, source_key=source_key)
-        elif path.suffix == ".txt":
+        elif kind == ".txt":
             yield from _read_txt(path)
         else:
             yield from _read_parquet(path, text_key=text_key, source_key=source_key)

@@ -3,6 +3,7 @@ and clear errors for empty input, bad files and unknown tokenizers."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -58,7 +59,9 @@ def test_exact_tokens_with_bos(tmp_path, inputs, tokenizer):
     docs = _read_docs(prefix)
     assert docs == [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     assert [tokenizer.decode(d[1:]) for d in docs] == texts
-    assert stats["empty_documents_skipped"] == 2  # the blank jsonl text and the doubled blank line in b.txt
+    assert (
+        stats["empty_documents_skipped"] == 1
+    )  # the blank jsonl text (blank-line runs in .txt only separate)
     assert stats["documents_out"] == len(texts) and stats["dtype"] == "uint16"
     on_disk = json.loads(Path(prefix + ".stats.json").read_text())
     assert on_disk["tokens_out"] == sum(map(len, docs))
@@ -154,6 +157,10 @@ def test_bad_inputs(tmp_path):
     csv.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"unsupported suffix '\.csv'"):
         run([str(csv)])
+    gz_parquet = tmp_path / "x.parquet.gz"
+    gz_parquet.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unsupported suffix '\.parquet\.gz'"):
+        run([str(gz_parquet)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
@@ -205,6 +212,46 @@ def test_hf_tokenizer_folder(tmp_path):
 def test_token_dtype_follows_vocab_size():
     assert _token_dtype(32000) is np.uint16 and _token_dtype(65536) is np.uint16
     assert _token_dtype(65537) is np.int32 and _token_dtype(128256) is np.int32
+
+
+def test_gzip_inputs_match_plain_ones(tmp_path, inputs, tokenizer):
+    plain = str(tmp_path / "plain")
+    preprocess(
+        inputs=[inputs["jsonl"], inputs["txt"]],
+        tokenizer="builtin:tiny_sp",
+        output_prefix=plain,
+        progress=False,
+    )
+    gz_inputs = []
+    for src in (inputs["jsonl"], inputs["txt"]):
+        dst = tmp_path / (Path(src).name + ".gz")
+        dst.write_bytes(gzip.compress(Path(src).read_bytes()))
+        gz_inputs.append(str(dst))
+    gz = str(tmp_path / "gz")
+    stats = preprocess(inputs=gz_inputs, tokenizer="builtin:tiny_sp", output_prefix=gz, progress=False)
+    assert _read_docs(gz) == _read_docs(plain)
+    assert set(stats["sources"]) == {"a.jsonl.gz", "b.txt.gz"}
+
+
+def test_zstd_input(tmp_path, monkeypatch, tokenizer):
+    path = tmp_path / "d.jsonl.zst"
+    try:
+        import zstandard
+    except ImportError:
+        path.write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(ValueError, match="needs zstandard, which is not installed"):
+            preprocess(
+                inputs=[str(path)],
+                tokenizer="builtin:tiny_sp",
+                output_prefix=str(tmp_path / "o"),
+                progress=False,
+            )
+        return
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "one doc"}\n'))
+    preprocess(
+        inputs=[str(path)], tokenizer="builtin:tiny_sp", output_prefix=str(tmp_path / "o"), progress=False
+    )
+    assert _read_docs(str(tmp_path / "o")) == [[tokenizer.bos_id] + tokenizer.encode("one doc")]
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
