@@ -103,7 +103,8 @@ def _check_split_tokens(prefixes: list[str], *, split: str, seq_length: int) -> 
                 raise ValueError(
                     f"the {name} split of {prefix} (documents {beg}..{end} of {lengths.size}) holds "
                     f"{num_tokens} tokens: too few for one sample of seq_length {seq_length} (+1 for the "
-                    f"labels); use more data, a shorter seq_length or another valid_fraction (0 disables the split)"
+                    f"labels); use more data, a shorter seq_length or another valid_fraction "
+                    f"(0 disables the split)"
                 )
 
 
