@@ -9,10 +9,10 @@
         --long-threshold 4096 --long-weight 3 --short-weight 0.1 --target-tokens 5000000000
 
 Inputs: `.jsonl` (text under `--text-key`), `.txt` (blank-line separated documents), both optionally
-`.gz` or `.zst` (needs zstandard) compressed, and `.parquet` (needs pyarrow). Writes PREFIX.bin,
-PREFIX.idx (atomically: temporary names renamed at the end) and PREFIX.stats.json (per-source documents, tokens, long-token fractions and shares, before and after). Each
-document starts with <bos>. Train on the result with `DataConfig(blend="PREFIX")`. Exits with status 2
-and a one-line message on bad input.
+`.gz` or `.zst` (needs zstandard) compressed, and `.parquet` (needs pyarrow). Writes PREFIX.bin and
+PREFIX.idx (atomically: temporary names renamed at the end) and PREFIX.stats.json (per-source documents,
+tokens, long-token fractions and shares, before and after). Each document starts with <bos>. Train on the
+result with `DataConfig(blend="PREFIX")`. Exits with status 2 and a one-line message on bad input.
 """
 
 from __future__ import annotations
