@@ -20,23 +20,40 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from megatron_longgen.checkpoint.convert import DEFAULT_MAX_STEPS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", required=True, help="HF folder with config.json and safetensors/.bin weights")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hf-dir", required=True, help="HF folder with config.json and safetensors/.bin weights"
+    )
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size recorded in the config")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size recorded in the config")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--pattern", default=None, help="'default', 'full', or an S/F string (one char per layer)")
     group.add_argument(
-        "--sparse-variant", default=None, choices=("sink_window", "block_strided"),
+        "--pattern", default=None, help="'default', 'full', or an S/F string (one char per layer)"
+    )
+    group.add_argument(
+        "--sparse-variant",
+        default=None,
+        choices=("sink_window", "block_strided"),
         help="sparse variant of the S layers (pattern: LongGen default)",
     )
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"),
-                        help="stored dtype (default: the HF config's dtype)")
-    parser.add_argument("--seq-length", type=int, default=None,
-                        help="train.seq_length (default: max_position_embeddings)")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
-                        help=f"train.max_steps recorded for the trainer (default {DEFAULT_MAX_STEPS})")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bf16", "fp32", "fp16"),
+        help="stored dtype (default: the HF config's dtype)",
+    )
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="train.seq_length (default: max_position_embeddings)"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=DEFAULT_MAX_STEPS,
+        help=f"train.max_steps recorded for the trainer (default {DEFAULT_MAX_STEPS})",
+    )
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

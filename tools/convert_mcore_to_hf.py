@@ -16,11 +16,16 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mcore-dir", required=True, help="checkpoint folder with longgen_config.json and model/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mcore-dir", required=True, help="checkpoint folder with longgen_config.json and model/"
+    )
     parser.add_argument("--out", required=True, help="output HF folder")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"),
-                        help="output dtype (default: as stored)")
+    parser.add_argument(
+        "--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="output dtype (default: as stored)"
+    )
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longgen.checkpoint.convert import mcore_to_hf
 
     if args.max_shard_gb <= 0:
-        print(f"convert_mcore_to_hf: error: --max-shard-gb must be > 0, got {args.max_shard_gb}", file=sys.stderr)
+        print(
+            f"convert_mcore_to_hf: error: --max-shard-gb must be > 0, got {args.max_shard_gb}",
+            file=sys.stderr,
+        )
         return 1
     try:
         hf_config = mcore_to_hf(
@@ -46,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"convert_mcore_to_hf: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: layer_pattern {hf_config['longgen']['layer_pattern']}, dtype {hf_config['dtype']}")
+    print(
+        f"wrote {args.out}: layer_pattern {hf_config['longgen']['layer_pattern']}, dtype {hf_config['dtype']}"
+    )
     return 0
 
 

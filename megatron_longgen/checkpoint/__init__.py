@@ -13,7 +13,7 @@ from __future__ import annotations
 
 _LAZY = {"load_model": "convert", "hf_to_mcore": "convert", "mcore_to_hf": "convert"}
 
-__all__ = sorted(_LAZY)
+__all__ = ["hf_to_mcore", "load_model", "mcore_to_hf"]
 
 
 def __getattr__(name: str):

@@ -12,7 +12,8 @@
 Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor); the tensors each
 input shard completes are saved as one dist-checkpoint part, and the parts are merged into one checkpoint
 at the end (`format.merge_dist_checkpoints`: files renamed, metadata merged). The import thus holds about
-one input shard plus its converted copy; the export holds one layer plus one output shard. Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
+one input shard plus its converted copy; the export holds one layer plus one output shard.
+Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -97,7 +98,9 @@ def hf_config_to_longgen(
     Raises ValueError for unsupported architectures or options, naming the value.
     """
     archs = hf.get("architectures") or []
-    if hf.get("model_type") not in ("llama", "longgen_llama") or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if hf.get("model_type") not in ("llama", "longgen_llama") or not any(
+        a in SUPPORTED_ARCHITECTURES for a in archs
+    ):
         raise ValueError(
             f"unsupported architecture {archs} (model_type {hf.get('model_type')!r}); "
             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
@@ -110,7 +113,9 @@ def hf_config_to_longgen(
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
-        raise ValueError(f"head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden} is not supported")
+        raise ValueError(
+            f"head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden} is not supported"
+        )
     theta, scaling, factor = _rope(hf)
     num_layers = hf["num_hidden_layers"]
     recorded = hf.get("longgen") or {}
@@ -125,7 +130,9 @@ def hf_config_to_longgen(
     if dtype is None:
         hf_dtype = hf.get("dtype") or hf.get("torch_dtype")
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(hf_dtype, "bf16")
-    sparse_fields = {k: v for k, v in recorded.items() if k in {f.name for f in dataclasses.fields(SparseAttentionConfig)}}
+    sparse_fields = {
+        k: v for k, v in recorded.items() if k in {f.name for f in dataclasses.fields(SparseAttentionConfig)}
+    }
     if sparse_variant is not None:
         sparse_fields["variant"] = sparse_variant
     cfg = LongGenConfig(
@@ -158,7 +165,10 @@ def longgen_to_hf_config(cfg: LongGenConfig, *, dtype: torch.dtype) -> dict:
     """`config.json` for the exported folder: LlamaConfig fields plus a `longgen` section (per-layer layout
     and sparse parameters) read by `hf_model.LongGenLlamaConfig`."""
     m, s = cfg.model, cfg.sparse
-    rope = {"rope_type": "default" if m.rope_scaling == "none" else m.rope_scaling, "rope_theta": m.rotary_base}
+    rope = {
+        "rope_type": "default" if m.rope_scaling == "none" else m.rope_scaling,
+        "rope_theta": m.rotary_base,
+    }
     if m.rope_scaling == "linear":
         rope["factor"] = m.rope_scaling_factor
     return {
@@ -291,7 +301,9 @@ def convert_hf_state(
     row_of: dict[str, KeyMapping] = {k: row for row in rows for k in row.hf}
     shapes = expected_hf_shapes(cfg)
     padded = padded_vocab_size(
-        m.vocab_size, divisible_by=m.make_vocab_size_divisible_by, tensor_parallel=cfg.parallel.tensor_parallel
+        m.vocab_size,
+        divisible_by=m.make_vocab_size_divisible_by,
+        tensor_parallel=cfg.parallel.tensor_parallel,
     )
     ctx = transform_context(cfg, padded_vocab_size=padded)
     dtype = TORCH_DTYPES[cfg.train.dtype]
@@ -320,7 +332,9 @@ def convert_hf_state(
             if converted:
                 yield converted
             bar.update(1)
-    assert not pending and filled == {row.mcore for row in rows}, "every HF key used and every Megatron key filled"
+    assert not pending and filled == {row.mcore for row in rows}, (
+        "every HF key used and every Megatron key filled"
+    )
 
 
 def hf_to_mcore(
@@ -379,7 +393,9 @@ def hf_to_mcore(
                 if layer is not None:
                     layers = layer_map[ckpt_format.sharded_key(key)]
                     slot = (layers.index(layer), len(layers))
-                state.update(ckpt_format.sharded_entries(key, batch.pop(key), num_layers=num_layers, stack_slot=slot))
+                state.update(
+                    ckpt_format.sharded_entries(key, batch.pop(key), num_layers=num_layers, stack_slot=slot)
+                )
             part = tmp / f"part-{len(parts):05d}"
             part.mkdir()
             # A part holds the `_extra_state` objects of its own layers only: no whole-checkpoint check here
@@ -426,7 +442,9 @@ def mcore_to_hf(
     rows = expand_mapping(MAPPINGS["llama"], num_layers=m.num_layers, tie_embeddings=m.tie_embeddings)
     missing = sorted({ckpt_format.sharded_key(r.mcore) for r in rows} - reader.keys())
     if missing:
-        raise ValueError(f"checkpoint {model_path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}")
+        raise ValueError(
+            f"checkpoint {model_path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}"
+        )
     vocab_rows = reader.global_shape("embedding.word_embeddings.weight")[0]
     ctx = transform_context(cfg, padded_vocab_size=vocab_rows)
     stored_dtype = reader.dtype(ckpt_format.sharded_key(rows[1].mcore))
@@ -497,8 +515,12 @@ class StrippedVocabLM(torch.nn.Module):
 def single_process_config(cfg: LongGenConfig, *, dtype: str) -> LongGenConfig:
     """`cfg` at TP=PP=CP=1 with the same padded vocabulary as the checkpoint (padding of the recorded TP)."""
     tp = cfg.parallel.tensor_parallel
-    model = dataclasses.replace(cfg.model, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by * tp)
-    parallel = ParallelConfig(tensor_parallel=1, pipeline_parallel=1, context_parallel=1, use_distributed_optimizer=False)
+    model = dataclasses.replace(
+        cfg.model, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by * tp
+    )
+    parallel = ParallelConfig(
+        tensor_parallel=1, pipeline_parallel=1, context_parallel=1, use_distributed_optimizer=False
+    )
     train = dataclasses.replace(cfg.train, dtype=dtype)
     return dataclasses.replace(cfg, model=model, parallel=parallel, train=train)
 

@@ -142,7 +142,9 @@ def sharded_entries(
     return entries
 
 
-def merge_dist_checkpoints(parts: list[Path], out: Path, *, layer_maps: list[dict[str, list[int]]], num_layers: int) -> None:
+def merge_dist_checkpoints(
+    parts: list[Path], out: Path, *, layer_maps: list[dict[str, list[int]]], num_layers: int
+) -> None:
     """Merge dist checkpoints holding *disjoint* chunks of the same model into one folder `out`.
 
     Lets the converter save part by part (one input shard at a time) instead of holding the whole model
@@ -194,7 +196,9 @@ def merge_dist_checkpoints(parts: list[Path], out: Path, *, layer_maps: list[dic
                     merged.state_dict_metadata[fqn] = md
                 elif isinstance(have, TensorStorageMetadata):
                     if tuple(have.size) != tuple(md.size):
-                        raise ValueError(f"{fqn}: global shape {tuple(md.size)} in {part} != {tuple(have.size)}")
+                        raise ValueError(
+                            f"{fqn}: global shape {tuple(md.size)} in {part} != {tuple(have.size)}"
+                        )
                     have.chunks.extend(md.chunks)
                 else:
                     raise ValueError(f"non-tensor entry {fqn} appears in two dist checkpoint parts")
@@ -213,12 +217,14 @@ def _restore_layer_offsets(metadata, layer_map: dict[str, list[int]], *, num_lay
     def to_layer(fqn: str, offsets) -> torch.Size:
         return torch.Size((layer_map[fqn][offsets[0]], *offsets[1:]))
 
-    for fqn, layers in layer_map.items():
+    for fqn in layer_map:
         md = metadata.state_dict_metadata[fqn]
         md.size = torch.Size((num_layers, *md.size[1:]))
         md.chunks = [ChunkStorageMetadata(offsets=to_layer(fqn, c.offsets), sizes=c.sizes) for c in md.chunks]
     metadata.storage_data = {
-        (MetadataIndex(index.fqn, to_layer(index.fqn, index.offset)) if index.fqn in layer_map else index): info
+        (
+            MetadataIndex(index.fqn, to_layer(index.fqn, index.offset)) if index.fqn in layer_map else index
+        ): info
         for index, info in metadata.storage_data.items()
     }
 
@@ -260,7 +266,8 @@ class DistCheckpointReader:
         covered = sum(int(torch.Size(item.lengths).numel()) for item in items)
         if covered != target.numel():
             raise ValueError(
-                f"{self.path}: saved chunks of {fqn} cover {covered} of the {target.numel()} requested elements"
+                f"{self.path}: saved chunks of {fqn} cover {covered} of the "
+                f"{target.numel()} requested elements"
             )
         self._reader.read_data(LoadPlan(items), _SliceTarget(target)).wait()
         return target

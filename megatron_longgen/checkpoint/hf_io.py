@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -44,14 +44,17 @@ class HFCheckpointReader:
                     shards.setdefault(name, []).append(key)
                 for name in shards:
                     if not (self.root / name).is_file():
-                        raise FileNotFoundError(f"{index} lists shard {name}, which is missing from {self.root}")
+                        raise FileNotFoundError(
+                            f"{index} lists shard {name}, which is missing from {self.root}"
+                        )
                 return fmt, dict(sorted(shards.items()))
         if (self.root / _SAFE_SINGLE).is_file():
             return "safetensors", {_SAFE_SINGLE: self._keys_of(_SAFE_SINGLE, "safetensors")}
         if (self.root / _BIN_SINGLE).is_file():
             return "bin", {_BIN_SINGLE: self._keys_of(_BIN_SINGLE, "bin")}
         raise FileNotFoundError(
-            f"no weights in {self.root}: expected {_SAFE_SINGLE}, {_SAFE_INDEX}, {_BIN_SINGLE} or {_BIN_INDEX}"
+            f"no weights in {self.root}: expected {_SAFE_SINGLE}, {_SAFE_INDEX}, "
+            f"{_BIN_SINGLE} or {_BIN_INDEX}"
         )
 
     def _keys_of(self, name: str, fmt: str) -> list[str]:
@@ -65,7 +68,7 @@ class HFCheckpointReader:
         return {name: (self.root / name).stat().st_size for name in self.shard_keys}
 
     @contextlib.contextmanager
-    def open_shard(self, name: str, *, fmt: str | None = None) -> Iterator["_Shard"]:
+    def open_shard(self, name: str, *, fmt: str | None = None) -> Iterator[_Shard]:
         """Context manager giving `keys()` and `get(key)` for one shard file; errors name the file."""
         fmt = fmt or self.format
         path = self.root / name

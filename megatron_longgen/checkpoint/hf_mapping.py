@@ -29,18 +29,30 @@ _L = "model.layers.{layer}"
 _M = "decoder.layers.{layer}"
 
 LLAMA_MAPPING: tuple[KeyMapping, ...] = (
-    KeyMapping(hf=("model.embed_tokens.weight",), mcore="embedding.word_embeddings.weight", transform="vocab"),
-    KeyMapping(hf=(f"{_L}.input_layernorm.weight",), mcore=f"{_M}.input_layernorm.weight", transform="identity"),
     KeyMapping(
-        hf=(f"{_L}.self_attn.q_proj.weight", f"{_L}.self_attn.k_proj.weight", f"{_L}.self_attn.v_proj.weight"),
+        hf=("model.embed_tokens.weight",), mcore="embedding.word_embeddings.weight", transform="vocab"
+    ),
+    KeyMapping(
+        hf=(f"{_L}.input_layernorm.weight",), mcore=f"{_M}.input_layernorm.weight", transform="identity"
+    ),
+    KeyMapping(
+        hf=(
+            f"{_L}.self_attn.q_proj.weight",
+            f"{_L}.self_attn.k_proj.weight",
+            f"{_L}.self_attn.v_proj.weight",
+        ),
         mcore=f"{_M}.self_attention.linear_qkv.weight",
         transform="qkv",
     ),
     KeyMapping(
-        hf=(f"{_L}.self_attn.o_proj.weight",), mcore=f"{_M}.self_attention.linear_proj.weight", transform="identity"
+        hf=(f"{_L}.self_attn.o_proj.weight",),
+        mcore=f"{_M}.self_attention.linear_proj.weight",
+        transform="identity",
     ),
     KeyMapping(
-        hf=(f"{_L}.post_attention_layernorm.weight",), mcore=f"{_M}.pre_mlp_layernorm.weight", transform="identity"
+        hf=(f"{_L}.post_attention_layernorm.weight",),
+        mcore=f"{_M}.pre_mlp_layernorm.weight",
+        transform="identity",
     ),
     KeyMapping(
         hf=(f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"),

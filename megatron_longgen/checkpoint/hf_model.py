@@ -5,7 +5,8 @@ Legend: b = batch, n = query heads, g = KV heads, q = query length, k = key leng
 How HF users load an exported folder (no network, no `trust_remote_code`)::
 
     from megatron_longgen.checkpoint.hf_model import LongGenLlamaForCausalLM
-    model = LongGenLlamaForCausalLM.from_pretrained("llama2-7b-longgen-hf")   # folder from convert_mcore_to_hf
+    # a folder written by tools/convert_mcore_to_hf.py
+    model = LongGenLlamaForCausalLM.from_pretrained("llama2-7b-longgen-hf")
     logits = model(input_ids).logits
 
 or, after `register_auto_classes()`, through `AutoModelForCausalLM.from_pretrained(...)`.
@@ -55,7 +56,8 @@ def layer_patterns(config: LlamaConfig) -> list[SparsePattern | None]:
     layout = section["layer_pattern"]
     if len(layout) != config.num_hidden_layers:
         raise ValueError(
-            f"longgen.layer_pattern has {len(layout)} characters but num_hidden_layers is {config.num_hidden_layers}"
+            f"longgen.layer_pattern has {len(layout)} characters but num_hidden_layers is "
+            f"{config.num_hidden_layers}"
         )
     sparse = SparseAttentionConfig(**{k: v for k, v in section.items() if k != "layer_pattern"})
     pattern = pattern_from_config(sparse)
@@ -83,7 +85,9 @@ def longgen_sdpa_attention(
     """transformers attention function: query [b, n, q, d], key/value [b, g, k, d] -> ([b, q, n, d], None)."""
     pattern = getattr(module, "longgen_pattern", None)
     if pattern is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     q_len, k_len = query.shape[2], key.shape[2]
     keep_QK = sparse_keep_mask(pattern, q_len=q_len, k_len=k_len, device=query.device)
     if attention_mask is None:
@@ -94,7 +98,12 @@ def longgen_sdpa_attention(
         mask = attention_mask[:, :, :, :k_len].masked_fill(~keep_QK, torch.finfo(query.dtype).min)
     num_rep = query.shape[1] // key.shape[1]
     out_bnqd = F.scaled_dot_product_attention(
-        query, repeat_kv(key, num_rep), repeat_kv(value, num_rep), attn_mask=mask, dropout_p=dropout, scale=scaling
+        query,
+        repeat_kv(key, num_rep),
+        repeat_kv(value, num_rep),
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scaling,
     )
     return out_bnqd.transpose(1, 2).contiguous(), None
 

@@ -21,8 +21,8 @@ No RoPE permutation: Megatron's default (non-interleaved) rotary embedding rotat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -105,7 +105,8 @@ def strip_vocab(weight: torch.Tensor, ctx: TransformContext) -> list[torch.Tenso
     """[Vp', h] -> [V, h]; Vp' may differ from ctx.padded_vocab_size (saved at another TP size)."""
     if weight.dim() != 2 or weight.shape[0] < ctx.vocab_size:
         raise ValueError(
-            f"vocab: a padded vocabulary tensor needs >= {ctx.vocab_size} rows, got shape {tuple(weight.shape)}"
+            f"vocab: a padded vocabulary tensor needs >= {ctx.vocab_size} rows, "
+            f"got shape {tuple(weight.shape)}"
         )
     return [weight[: ctx.vocab_size].clone()]
 

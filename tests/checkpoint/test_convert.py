@@ -34,7 +34,7 @@ def _hf_tensors(folder) -> dict[str, torch.Tensor]:
 
 
 def _mcore_logits(mcore_dir, ids: torch.Tensor) -> torch.Tensor:
-    model, cfg = load_model(mcore_dir)
+    model, _ = load_model(mcore_dir)
     pos = torch.arange(ids.shape[1])[None].expand_as(ids)
     with torch.no_grad():
         return model(ids, pos, None)
@@ -57,7 +57,13 @@ def test_mcore_logits_match_hf(name, hf_models, token_ids, tmp_path):
 
 def test_recorded_config(hf_models, tmp_path):
     folder, _ = hf_models["gqa_tied_sharded"]
-    hf_to_mcore(hf_dir=folder, out_dir=tmp_path / "c", tensor_parallel=2, pipeline_parallel=2, sparse_variant="block_strided")
+    hf_to_mcore(
+        hf_dir=folder,
+        out_dir=tmp_path / "c",
+        tensor_parallel=2,
+        pipeline_parallel=2,
+        sparse_variant="block_strided",
+    )
     payload = json.loads((tmp_path / "c" / ckpt_format.CONFIG_FILE).read_text())
     assert payload["format_version"] == ckpt_format.FORMAT_VERSION
     cfg = ckpt_format.load_config(tmp_path / "c")
@@ -68,7 +74,7 @@ def test_recorded_config(hf_models, tmp_path):
     assert (cfg.train.seq_length, cfg.train.max_steps, cfg.train.dtype) == (SEQ, DEFAULT_MAX_STEPS, "fp32")
     reader = ckpt_format.DistCheckpointReader(ckpt_format.model_dir(tmp_path / "c"))
     assert reader.global_shape("embedding.word_embeddings.weight") == (256, 64)  # padded to 128 * tp
-    assert "output_layer.weight" not in reader.keys()  # tied
+    assert "output_layer.weight" not in reader.keys()  # noqa: SIM118 - tied
 
 
 @pytest.mark.parametrize("name", ["mha_untied", "gqa_tied_sharded"])
@@ -103,7 +109,11 @@ def test_exported_longgen_model_matches_mcore_with_sparse_masks(variant, hf_mode
 
     folder, dense_hf = hf_models["gqa_tied_sharded"]
     hf_to_mcore(
-        hf_dir=folder, out_dir=tmp_path / "mcore", pattern="SFFS", sparse_variant=variant, overrides=SPARSE_OVERRIDES
+        hf_dir=folder,
+        out_dir=tmp_path / "mcore",
+        pattern="SFFS",
+        sparse_variant=variant,
+        overrides=SPARSE_OVERRIDES,
     )
     mcore_logits = _mcore_logits(tmp_path / "mcore", token_ids)
     hf_config = mcore_to_hf(mcore_dir=tmp_path / "mcore", out_dir=tmp_path / "hf")

@@ -59,8 +59,11 @@ def test_corrupt_safetensors(hf_models, tmp_path):
 def test_config_weight_shape_mismatch(hf_models, tmp_path):
     src = _copy(hf_models["mha_untied"][0], tmp_path / "hf")
     _edit_config(src, intermediate_size=96)
-    with pytest.raises(ValueError, match=r"shape mismatch: model.layers.0.mlp.down_proj.weight .* \(64, 128\) "
-                                         r"but config.json implies \(64, 96\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch: model.layers.0.mlp.down_proj.weight .* \(64, 128\) "
+        r"but config.json implies \(64, 96\)",
+    ):
         hf_to_mcore(hf_dir=src, out_dir=tmp_path / "out")
     _assert_no_output(tmp_path / "out")
 
@@ -91,13 +94,24 @@ def test_export_of_a_non_checkpoint(tmp_path):
 def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / script), *args, "--quiet"],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
     )
 
 
 def test_cli_heads_not_divisible_by_tp(hf_models, tmp_path):
-    result = _cli("convert_hf_to_mcore.py", "--hf-dir", str(hf_models["mha_untied"][0]), "--out",
-                  str(tmp_path / "out"), "--tp", "3")
+    result = _cli(
+        "convert_hf_to_mcore.py",
+        "--hf-dir",
+        str(hf_models["mha_untied"][0]),
+        "--out",
+        str(tmp_path / "out"),
+        "--tp",
+        "3",
+    )
     assert result.returncode == 1
     assert "num_attention_heads 4 must be divisible by tensor_parallel 3" in result.stderr
     _assert_no_output(tmp_path / "out")

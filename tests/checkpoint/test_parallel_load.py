@@ -84,7 +84,10 @@ def results(hf_models, token_ids, tmp_path_factory):
         expected = hf_model(token_ids).logits
     saved = root / "saved"
     ranks = run_distributed(
-        _worker, world_size=2, args=(str(root / "tp2"), str(root / "pp2"), token_ids, str(saved)), timeout_s=240
+        _worker,
+        world_size=2,
+        args=(str(root / "tp2"), str(root / "pp2"), token_ids, str(saved)),
+        timeout_s=240,
     )
     return ranks, expected, saved, folder
 

@@ -15,7 +15,9 @@ from megatron_longgen.checkpoint.transforms import (
     unpack_qkv,
 )
 
-CTX_GQA = TransformContext(num_attention_heads=4, num_query_groups=2, head_dim=2, vocab_size=5, padded_vocab_size=8)
+CTX_GQA = TransformContext(
+    num_attention_heads=4, num_query_groups=2, head_dim=2, vocab_size=5, padded_vocab_size=8
+)
 
 
 def _rows_with_value(num_rows: int, start: float, width: int = 3) -> torch.Tensor:
@@ -33,7 +35,9 @@ def test_pack_qkv_groups_query_heads_with_their_kv_head():
 
 
 def test_pack_qkv_mha_and_inverse_is_exact():
-    ctx = TransformContext(num_attention_heads=4, num_query_groups=4, head_dim=3, vocab_size=5, padded_vocab_size=8)
+    ctx = TransformContext(
+        num_attention_heads=4, num_query_groups=4, head_dim=3, vocab_size=5, padded_vocab_size=8
+    )
     q, k, v = torch.randn(12, 6), torch.randn(12, 6), torch.randn(12, 6)
     packed = pack_qkv([q, k, v], ctx)
     assert packed.shape == (36, 6)
@@ -73,5 +77,9 @@ def test_table_expansion_and_coverage():
     check_coverage(rows=tied, hf_keys=hf_keys, tie_embeddings=True)  # a stored lm_head is tolerated when tied
     with pytest.raises(ValueError, match="1 HF tensors the config needs are missing.*model.norm.weight"):
         check_coverage(rows=rows, hf_keys=hf_keys - {"model.norm.weight"}, tie_embeddings=False)
-    with pytest.raises(ValueError, match="not used by the conversion table.*model.layers.2.mlp.up_proj.weight"):
-        check_coverage(rows=rows, hf_keys=hf_keys | {"model.layers.2.mlp.up_proj.weight"}, tie_embeddings=False)
+    with pytest.raises(
+        ValueError, match="not used by the conversion table.*model.layers.2.mlp.up_proj.weight"
+    ):
+        check_coverage(
+            rows=rows, hf_keys=hf_keys | {"model.layers.2.mlp.up_proj.weight"}, tie_embeddings=False
+        )
