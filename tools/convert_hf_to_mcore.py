@@ -1,14 +1,14 @@
 """Convert a Hugging Face Llama checkpoint into a LongGen Megatron-Core checkpoint.
 
-    python tools/convert_hf_to_mcore.py --hf-dir Llama-2-7b-hf --out ckpt/llama2-7b-longgen --tp 8 \
-        --sparse-variant sink_window --dtype bf16
+    python tools/convert_hf_to_mcore.py --hf-dir Llama-2-7b-hf --out ckpt/llama2-7b-longgen --tp 8 --dtype bf16
 
-Writes OUT/longgen_config.json (the full LongGen config: training starts from it with no further flags)
-and OUT/model/ (a Megatron-Core dist checkpoint of global tensors, loadable at any TP/PP; the vocabulary
-is padded for --tp). `--pattern` takes `default` (LongGen's middle third full; the default), `full` (plain
-Llama baseline) or an explicit S/F string. `--override section.field=value` sets any other config field
-(e.g. `sparse.block_size=64`, `train.seq_length=131072`). The output is built in OUT.tmp-* and renamed
-when complete; an existing OUT needs --force. Errors exit with status 1 and a one-line message.
+Writes OUT/longgen_config.json (the full LongGen config: training starts from it with no further
+flags) and OUT/model/ (a Megatron-Core dist checkpoint of global tensors, loadable at any TP/PP; the
+vocabulary is padded for --tp). `--pattern` takes `default` (LongGen's middle third full; the default
+unless the HF config is a LongGen export that records its own), `full` (plain Llama baseline) or an
+explicit S/F string. `--override section.field=value` sets any other config field (e.g.
+`sparse.block_size=64`, `train.seq_length=131072`). The output is built in OUT.tmp-* and renamed when
+complete; an existing OUT needs --force. Errors exit with status 1 and a one-line message.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size recorded in the config")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size recorded in the config")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--pattern", default=None, help="'default', 'full', or an S/F string (one char per layer)"
     )
-    group.add_argument(
+    parser.add_argument(
         "--sparse-variant",
         default=None,
         choices=("sink_window", "block_strided"),
-        help="sparse variant of the S layers (pattern: LongGen default)",
+        help="sparse variant of the S layers (default: sink_window, or the one a LongGen export records)",
     )
     parser.add_argument(
         "--dtype",

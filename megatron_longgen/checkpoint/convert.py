@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +136,11 @@ def hf_config_to_longgen(
     }
     if sparse_variant is not None:
         sparse_fields["variant"] = sparse_variant
+        if "S" not in layer_pattern:
+            warnings.warn(
+                f"sparse variant {sparse_variant!r} has no effect: layer pattern {layer_pattern!r} has no sparse layers",
+                stacklevel=2,
+            )
     cfg = LongGenConfig(
         name=name,
         model=ModelConfig(
