@@ -1,6 +1,6 @@
 """Convert a Hugging Face Llama checkpoint into a LongGen Megatron-Core checkpoint.
 
-    python tools/convert_hf_to_mcore.py --hf-dir Llama-2-7b-hf --out ckpt/llama2-7b-longgen --tp 8 --dtype bf16
+    python tools/convert_hf_to_mcore.py --hf-dir Llama-2-7b-hf --out ckpt/l2-7b-longgen --tp 8 --dtype bf16
 
 Writes OUT/longgen_config.json (the full LongGen config: training starts from it with no further
 flags) and OUT/model/ (a Megatron-Core dist checkpoint of global tensors, loadable at any TP/PP; the

@@ -126,6 +126,10 @@ def test_exported_longgen_model_matches_mcore_with_sparse_masks(variant, hf_mode
     assert diff <= 1e-4, f"max |hf longgen - mcore| = {diff}"
     # The masks really drop keys: the dense model differs clearly.
     assert (dense_logits - mcore_logits).abs().max().item() > 1e-2
+    # Re-importing the export keeps the recorded LongGen layout (no --pattern / --sparse-variant needed).
+    again = hf_to_mcore(hf_dir=tmp_path / "hf", out_dir=tmp_path / "again")
+    first = ckpt_format.load_config(tmp_path / "mcore")
+    assert again.model.layer_pattern == "SFFS" and again.sparse == first.sparse
     # Decoding with a KV cache gives the same last-token logits as the full forward.
     with torch.no_grad():
         past = model(token_ids[:, :-1], use_cache=True).past_key_values
