@@ -1,5 +1,5 @@
 """Two gloo ranks vs one: DP=2 equals DP=1 at the same global batch (plain and distributed optimizer),
-PP=2 with the cost-balanced layout equals PP=1, and a TP=2 checkpoint resumes at TP=1 (resharding).
+PP=2 (plain 1F1B and interleaved with 2 virtual stages) with the cost-balanced layout equals PP=1, and a TP=2 checkpoint resumes at TP=1 (resharding).
 Workers start once per module; the tests assert on what they return."""
 
 import json
@@ -35,13 +35,15 @@ def _two_ranks(rank, world_size, root):
         "dp2_distopt": ("parallel.use_distributed_optimizer=true",),
         "pp2": ("parallel.pipeline_parallel=2", "parallel.use_distributed_optimizer=false",
                 f"train.init_checkpoint={init}"),
+        "pp2_vpp2": ("parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
+                     "parallel.use_distributed_optimizer=false", f"train.init_checkpoint={init}"),
     }.items():
         trainer = Trainer(tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false", *extra),
                           run_dir=root / name, quiet=True)
         if name == "dp2_plain":
             trainer.save(0)
         result = trainer.fit()
-        out[name] = {"losses": result.losses, "params": _params(trainer) if name != "pp2" else None,
+        out[name] = {"losses": result.losses, "params": None if name.startswith("pp2") else _params(trainer),
                      "is_logging_rank": trainer.is_logging_rank}
     # TP=2: stop after STEPS (checkpoint), then one more step from it.
     tp_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2")
@@ -102,10 +104,12 @@ def test_distributed_optimizer_matches_plain(results):
                                        torch.from_numpy(value), rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_pp2_balanced_matches_pp1(results):
+@pytest.mark.parametrize("name", ["pp2", "pp2_vpp2"])
+def test_pipeline_balanced_matches_no_pipeline(results, name):
     two, _ = results
-    got = _logged(two, "pp2")["losses"]
+    got = _logged(two, name)["losses"]
     ref = _logged(two, "dp2_plain")["losses"]
+    assert len(got) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
 
 

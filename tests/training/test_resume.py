@@ -15,6 +15,37 @@ def _params(trainer) -> dict:
     return {name: p.detach().float().numpy().copy() for name, p in module.named_parameters()}
 
 
+def _init_from_converted_hf(root):
+    """A tiny random HF Llama -> converter -> `train.init_checkpoint`: the first training loss (taken before
+    the first update) equals the HF model's loss on the same batch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_longgen.checkpoint.convert import hf_to_mcore
+    from megatron_longgen.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, torch_dtype=torch.float32,
+    )).eval()
+    hf.save_pretrained(root / "hf")
+    hf_to_mcore(hf_dir=root / "hf", out_dir=root / "hf_mcore", pattern="full", dtype="fp32", seq_length=128)
+    cfg = tiny_config("train.max_steps=1", "train.save_on_exit=false", f"train.init_checkpoint={root / 'hf_mcore'}",
+                      pattern="FFFF")
+    trainer = Trainer(cfg, run_dir=root / "from_hf", quiet=True)
+    batches = list(trainer._iterator(trainer.train_data, 0))
+    with torch.no_grad():
+        loss_sum, count = 0.0, 0.0
+        for batch in batches:
+            logits = hf(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
+            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            loss_sum += float((per_token * batch["loss_mask"].flatten()).sum())
+            count += float(batch["loss_mask"].sum())
+    return {"ours": trainer.fit().losses[0], "hf": loss_sum / count}
+
+
 def _worker(rank, world_size, root):
     from pathlib import Path
 
@@ -49,6 +80,8 @@ def _worker(rank, world_size, root):
     init.restore(resume=False)
     init_params = _params(init)
     out["init_matches"] = all((init_params[k] == out["straight_params"][k]).all() for k in init_params)
+
+    out["hf"] = _init_from_converted_hf(root)
 
     # RoPE length extension: same weights, different rotary embedding; recorded in the checkpoint.
     from megatron_longgen.checkpoint.format import load_config
@@ -107,3 +140,7 @@ def test_rope_scaling_variants_build_differ_and_are_recorded(results):
     assert rope["none"]["saved"] == ("none", 1.0, 4096)
     assert rope["linear"]["saved"] == ("linear", 4.0, 32)
     assert rope["yarn"]["saved"] == ("yarn", 4.0, 32)
+
+
+def test_init_from_converted_hf_checkpoint_matches_hf_loss(results):
+    assert results["hf"]["ours"] == pytest.approx(results["hf"]["hf"], rel=1e-5)
