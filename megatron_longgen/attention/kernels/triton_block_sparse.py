@@ -77,8 +77,8 @@ def _kernels():
         for j in range(0, n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
-            k = tl.load(k_base + kpos.to(tl.int64)[None, :] * sks + offs_d[:, None])
-            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :])
+            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[None, :] * sks + offs_d[:, None])
+            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :])
             qk = tl.dot(q, k) * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -93,8 +93,8 @@ def _kernels():
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + kpos.to(tl.int64)[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             qk = tl.where(visible, tl.dot(q, k) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -165,8 +165,8 @@ def _kernels():
         for j in range(0, n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
-            k = tl.load(k_base + kpos.to(tl.int64)[:, None] * sks + offs_d[None, :])
-            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :])
+            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[:, None] * sks + offs_d[None, :])
+            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :])
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
@@ -177,8 +177,8 @@ def _kernels():
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + kpos.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             p = tl.where(visible, p, 0.0)
@@ -221,9 +221,11 @@ def _kernels():
         for i in range(0, n_full * r):
             j = i // r
             n = g * r + i % r
-            offs_m = tl.load(Q_IDX + row + j) * BLOCK_M + offs_m0
-            q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :])
-            do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :])
+            m0 = tl.load(Q_IDX + row + j) * BLOCK_M
+            offs_m = m0 + offs_m0
+            m0 = m0.to(tl.int64)  # 64-bit tile offset, 32-bit offsets inside the tile
+            q = tl.load(Q + b * sqb + n * sqn + m0 * sqs + offs_m0[:, None] * sqs + offs_d[None, :])
+            do = tl.load(DO + b * sdb + n * sdn + m0 * sds + offs_m0[:, None] * sds + offs_d[None, :])
             lse2 = tl.load(LSE + (b * N + n) * S + offs_m) * 1.4426950408889634
             delta = tl.load(DELTA + (b * N + n) * S + offs_m)
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -240,8 +242,11 @@ def _kernels():
             bits = tl.load(Q_BITS + row + j)
             offs_m = qt * BLOCK_M + offs_m0
             row_ok = offs_m < S
-            q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            m0 = (qt * BLOCK_M).to(tl.int64)
+            q_ptr = Q + b * sqb + n * sqn + m0 * sqs + offs_m0[:, None] * sqs + offs_d[None, :]
+            do_ptr = DO + b * sdb + n * sdn + m0 * sds + offs_m0[:, None] * sds + offs_d[None, :]
+            q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr, mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
