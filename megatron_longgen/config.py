@@ -224,7 +224,7 @@ class TrainingConfig:
     eval_interval: int = 0
     """Steps between held-out evaluations (0: never)."""
     eval_iters: int = 2
-    """Micro-batches per evaluation."""
+    """Global batches of held-out data per evaluation (always the same ones, so evaluations compare)."""
     keep_last_checkpoints: int = 3
     """How many complete checkpoints `RUN_DIR/checkpoints/` keeps (oldest deleted first; 0 keeps all)."""
     save_on_exit: bool = True

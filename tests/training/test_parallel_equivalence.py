@@ -1,5 +1,6 @@
 """Two gloo ranks vs one: DP=2 equals DP=1 at the same global batch (plain and distributed optimizer),
-PP=2 (plain 1F1B and interleaved with 2 virtual stages) with the cost-balanced layout equals PP=1, and a TP=2 checkpoint resumes at TP=1 (resharding).
+PP=2 (plain 1F1B and interleaved with 2 virtual stages) with the cost-balanced layout and CP=2 (zig-zag
+sharded batches through the trainer) equal the unsplit model, and a TP=2 checkpoint resumes at TP=1 (resharding).
 Workers start once per module; the tests assert on what they return."""
 
 import json
@@ -35,6 +36,7 @@ def _two_ranks(rank, world_size, root):
         "dp2_distopt": ("parallel.use_distributed_optimizer=true",),
         "pp2": ("parallel.pipeline_parallel=2", "parallel.use_distributed_optimizer=false",
                 f"train.init_checkpoint={init}"),
+        "cp2": ("parallel.context_parallel=2", "parallel.use_distributed_optimizer=false"),
         "pp2_vpp2": ("parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
                      "parallel.use_distributed_optimizer=false", f"train.init_checkpoint={init}"),
     }.items():
@@ -43,7 +45,7 @@ def _two_ranks(rank, world_size, root):
         if name == "dp2_plain":
             trainer.save(0)
         result = trainer.fit()
-        out[name] = {"losses": result.losses, "params": None if name.startswith("pp2") else _params(trainer),
+        out[name] = {"losses": result.losses, "params": None if name.startswith(("pp2", "cp2")) else _params(trainer),
                      "is_logging_rank": trainer.is_logging_rank}
     # TP=2: stop after STEPS (checkpoint), then one more step from it.
     tp_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2")
@@ -104,8 +106,8 @@ def test_distributed_optimizer_matches_plain(results):
                                        torch.from_numpy(value), rtol=1e-5, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("name", ["pp2", "pp2_vpp2"])
-def test_pipeline_balanced_matches_no_pipeline(results, name):
+@pytest.mark.parametrize("name", ["pp2", "pp2_vpp2", "cp2"])
+def test_pipeline_and_context_parallel_match_dp(results, name):
     two, _ = results
     got = _logged(two, name)["losses"]
     ref = _logged(two, "dp2_plain")["losses"]
