@@ -35,7 +35,6 @@ from megatron_longgen.attention.masks import SparsePattern
 from megatron_longgen.utils.optional import has_triton
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _interpret() -> bool:
