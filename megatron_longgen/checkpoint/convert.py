@@ -12,7 +12,8 @@
 Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor); the tensors each
 input shard completes are saved as one dist-checkpoint part, and the parts are merged into one checkpoint
 at the end (`format.merge_dist_checkpoints`: files renamed, metadata merged). The import thus holds about
-one input shard plus its converted copy; the export holds one layer plus one output shard.
+one input shard plus its converted copy. The export holds about one layer: safetensors shards are
+written tensor by tensor (`hf_io.SafetensorsStreamWriter`).
 Outputs are built in `OUT.tmp-*` next to OUT and renamed only when complete.
 """
 
@@ -31,7 +32,13 @@ from pathlib import Path
 import torch
 
 from megatron_longgen.checkpoint import format as ckpt_format
-from megatron_longgen.checkpoint.hf_io import HFCheckpointReader, plan_shards, shard_file_names, write_index
+from megatron_longgen.checkpoint.hf_io import (
+    HFCheckpointReader,
+    SafetensorsStreamWriter,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 from megatron_longgen.checkpoint.hf_mapping import (
     MAPPINGS,
     SUPPORTED_ARCHITECTURES,
@@ -441,8 +448,6 @@ def mcore_to_hf(
     model_path = ckpt_format.model_dir(mcore_dir)
     if not (model_path / "metadata.json").is_file():
         raise FileNotFoundError(f"{model_path} is not a Megatron-Core dist checkpoint (no metadata.json)")
-    from safetensors.torch import save_file
-
     reader = ckpt_format.DistCheckpointReader(model_path)
     m = cfg.model
     rows = expand_mapping(MAPPINGS["llama"], num_layers=m.num_layers, tie_embeddings=m.tie_embeddings)
@@ -464,29 +469,38 @@ def mcore_to_hf(
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_output_dir(out, force=force) as tmp:
-        buffer: dict[str, torch.Tensor] = {}
-        shard_index = 0
-        with _progress(len(file_names), "HF shards", progress) as bar:
-            for row in rows:
-                parts = get_transform(row.transform).to_hf(reader.read_plain(row.mcore), ctx)
-                for key, tensor in zip(row.hf, parts):
-                    if tuple(tensor.shape) != hf_shapes[key]:
-                        raise ValueError(
-                            f"checkpoint tensor {row.mcore} gives {key} of shape {tuple(tensor.shape)}, "
-                            f"but the recorded config implies {hf_shapes[key]}"
-                        )
-                    buffer[key] = tensor.to(out_dtype).contiguous()
-                    weight_map[key] = file_of[key]
-                    total += buffer[key].numel() * itemsize
-                # Flush every shard whose tensors are all converted (rows are in checkpoint order).
-                while shard_index < len(planned) and all(k in buffer for k in planned[shard_index]):
-                    name = file_names[shard_index]
-                    shard = {k: buffer.pop(k) for k in planned[shard_index]}
-                    save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                    shard_index += 1
-                    bar.set_postfix_str(name)
-                    bar.update(1)
-        assert shard_index == len(planned) and not buffer, "every planned shard written"
+        writers: dict[str, SafetensorsStreamWriter] = {}
+        done = 0
+        try:
+            with _progress(len(file_names), "HF shards", progress) as bar:
+                for row in rows:
+                    parts = get_transform(row.transform).to_hf(reader.read_plain(row.mcore), ctx)
+                    for key, tensor in zip(row.hf, parts):
+                        if tuple(tensor.shape) != hf_shapes[key]:
+                            raise ValueError(
+                                f"checkpoint tensor {row.mcore} gives {key} of shape {tuple(tensor.shape)}, "
+                                f"but the recorded config implies {hf_shapes[key]}"
+                            )
+                        name = file_of[key]
+                        if name not in writers:
+                            planned_keys = planned[file_names.index(name)]
+                            entries = [(k, hf_shapes[k], out_dtype) for k in planned_keys]
+                            writers[name] = SafetensorsStreamWriter(
+                                tmp / name, entries, metadata={"format": "pt"}
+                            )
+                        writers[name].write(key, tensor.to(out_dtype))
+                        weight_map[key] = name
+                        total += tensor.numel() * itemsize
+                        if writers[name].complete:
+                            writers[name].close()
+                            done += 1
+                            bar.set_postfix_str(name)
+                            bar.update(1)
+        except BaseException:
+            for writer in writers.values():
+                writer.discard()
+            raise
+        assert done == len(planned), "every planned shard written"
         write_index(tmp, weight_map=weight_map, total_size=total)
         hf_config = longgen_to_hf_config(cfg, dtype=out_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -104,6 +104,62 @@ class _Shard:
             raise ValueError(f"cannot read tensor {key!r} from {self.path}: {err}") from err
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file tensor by tensor, without holding the file in memory.
+
+    `safetensors.torch.save_file` serialises the whole shard into one buffer first (2x the shard in RAM);
+    here the header is written up front from the planned (name, shape, dtype) list, and each tensor's bytes
+    are appended as it arrives, in that order. Format: 8-byte little-endian header length, JSON header
+    (padded with spaces to a multiple of 8), then the tensors back to back.
+    """
+
+    def __init__(
+        self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], *, metadata: dict
+    ):
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.path = path
+        self._expected = list(entries)
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(len(encoded).to_bytes(8, "little"))
+        self._handle.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_shape, want_dtype = self._expected.pop(0)
+        if (name, tuple(tensor.shape), tensor.dtype) != (want_name, tuple(want_shape), want_dtype):
+            raise AssertionError(
+                f"{self.path}: expected {want_name} {tuple(want_shape)} {want_dtype}, got "
+                f"{name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        # Raw little-endian bytes of the contiguous tensor, no copy.
+        self._handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    @property
+    def complete(self) -> bool:
+        return not self._expected
+
+    def discard(self) -> None:
+        """Close without the completeness check (the caller is abandoning the output)."""
+        self._handle.close()
+
+    def close(self) -> None:
+        self._handle.close()
+        assert self.complete, f"{self.path}: {len(self._expected)} tensors never written"
+
+
 def plan_shards(sizes: list[tuple[str, int]], *, max_shard_bytes: int) -> list[list[str]]:
     """Greedy split of (name, nbytes) in order into shards of at most max_shard_bytes (a tensor larger than
     the limit gets a shard of its own)."""
