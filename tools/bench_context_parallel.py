@@ -39,7 +39,6 @@ from megatron_longgen.context_parallel.sharding import shard_sequence
 from megatron_longgen.context_parallel.sparse_exchange import plan_sparse_exchange, sparse_cp_attention
 from megatron_longgen.context_parallel.step_kernels import STEP_KERNELS, MathStepKernel
 
-
 _DEVICE = [torch.device("cpu")]
 
 
@@ -58,7 +57,9 @@ def check_step_kernel(name: str, device) -> dict:
         do = torch.randn_like(q)
         o_ref, l_ref = math_k.forward(q.float(), k.float(), v.float(), causal=causal, scale=0.125)
         o, l = fast.forward(q, k, v, causal=causal, scale=0.125)
-        g_ref = math_k.backward(do.float(), q.float(), k.float(), v.float(), o_ref, l_ref, causal=causal, scale=0.125)
+        g_ref = math_k.backward(
+            do.float(), q.float(), k.float(), v.float(), o_ref, l_ref, causal=causal, scale=0.125
+        )
         g = fast.backward(do, q, k, v, o, l, causal=causal, scale=0.125)
         rel = {"out": _err(o, o_ref) / float(o_ref.abs().max()), "lse": _err(l, l_ref)}
         rel.update({f"d{x}": _err(a, b) / float(b.abs().max()) for x, a, b in zip("qkv", g, g_ref)})
@@ -76,19 +77,26 @@ def check_cp(group, kernel, sparse_kernels, device) -> dict:
     S, n, g, h = 1024 * world, 8, 2, 64
     q, k, v, do = (torch.randn(1, x, S, h, device=device) for x in (n, g, g, n))
     out = {}
-    patterns = {"sink_window": SinkWindowPattern(block_size=64, num_sink_blocks=1, num_window_blocks=4),
-                "block_strided": BlockStridedPattern(block_size=64, stride_blocks=3, num_local_blocks=2)}
+    patterns = {
+        "sink_window": SinkWindowPattern(block_size=64, num_sink_blocks=1, num_window_blocks=4),
+        "block_strided": BlockStridedPattern(block_size=64, stride_blocks=3, num_local_blocks=2),
+    }
     cases = {"full": (None, None)}
     cases.update({f"{p}_{sk}": (patterns[p], sk) for p in patterns for sk in sparse_kernels})
     for name, (pattern, sparse_kernel) in cases.items():
-        mask = dense_causal_mask(S, device=device) if pattern is None else pattern.dense_mask(S, device=device)
+        mask = (
+            dense_causal_mask(S, device=device) if pattern is None else pattern.dense_mask(S, device=device)
+        )
         gold = [t.clone().requires_grad_() for t in (q, k, v)]
         o_gold, _ = reference_attention(*gold, mask)
         o_gold.backward(do)
         naive = [t.bfloat16().requires_grad_() for t in (q, k, v)]
         o_naive, _ = reference_attention(*naive, mask)
         o_naive.backward(do.bfloat16())
-        loc = [shard_sequence(t.bfloat16(), cp_rank=rank, cp_size=world, seq_dim=2).requires_grad_() for t in (q, k, v)]
+        loc = [
+            shard_sequence(t.bfloat16(), cp_rank=rank, cp_size=world, seq_dim=2).requires_grad_()
+            for t in (q, k, v)
+        ]
         if pattern is None:
             o, _ = ring_attention(*loc, cp_group=group, kernel=kernel)
         else:
@@ -147,12 +155,16 @@ def bench_layer(kind, pattern, *, group, seq_len, args, kernel, device) -> float
     v = torch.randn_like(k)
     do = torch.randn_like(q)
     if kind == "full":
+
         def attn(a, b, c):
             return ring_attention(a, b, c, cp_group=group, kernel=kernel)
+
         iters = args.iters
     else:
+
         def attn(a, b, c):
             return sparse_cp_attention(a, b, c, pattern=pattern, cp_group=group, kernel=kernel)
+
         iters = args.sparse_iters
     ms = _time(_fwd_bwd(attn, q, k, v, do), warmup=1, iters=iters, group=group)
     del q, k, v, do
@@ -189,10 +201,18 @@ def main() -> None:
     cp_group = dist.group.WORLD
     solo = [dist.new_group([r]) for r in range(world)][rank]
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gpus": world, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "gpus": world,
+        "torch": torch.__version__,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "shape": {"seq_len": args.seq_len, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
-                  "head_dim": args.head_dim, "dtype": "bf16"},
+        "shape": {
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "dtype": "bf16",
+        },
     }
 
     checks = {}
@@ -236,9 +256,15 @@ def main() -> None:
     if not args.skip_sparse:
         patterns = {"sink_window": SinkWindowPattern(), "block_strided": BlockStridedPattern()}
         for name, pattern in patterns.items():
-            plans = [plan_sparse_exchange(pattern, cp_rank=r, cp_size=world, seq_len=seq) for r in range(world)]
-            moved = [pl.forward_bytes(batch=args.batch, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                      element_size=elem) for pl in plans]
+            plans = [
+                plan_sparse_exchange(pattern, cp_rank=r, cp_size=world, seq_len=seq) for r in range(world)
+            ]
+            moved = [
+                pl.forward_bytes(
+                    batch=args.batch, kv_heads=args.kv_heads, head_dim=args.head_dim, element_size=elem
+                )
+                for pl in plans
+            ]
             max_recv = max(m["received"] for m in moved)
             entry = {
                 "pattern": repr(pattern),
@@ -252,13 +278,20 @@ def main() -> None:
             for sk in sparse_kernels:
                 if not all(result["cp_checks"][f"{n}_{sk}"]["ok"] for n in patterns):
                     continue
-                t1 = bench_layer("sparse", pattern, group=solo, seq_len=seq, args=args, kernel=sk, device=device)
+                t1 = bench_layer(
+                    "sparse", pattern, group=solo, seq_len=seq, args=args, kernel=sk, device=device
+                )
                 dist.barrier()
-                tr = bench_layer("sparse", pattern, group=cp_group, seq_len=seq, args=args, kernel=sk, device=device)
+                tr = bench_layer(
+                    "sparse", pattern, group=cp_group, seq_len=seq, args=args, kernel=sk, device=device
+                )
                 entry["timings"][sk] = {"cp1_ms": t1, f"cp{world}_ms": tr, "ratio": tr / t1}
                 if rank == 0:
-                    print(f"sparse {name} [{sk}]: cp1 {t1:.1f} ms, cp{world} {tr:.1f} ms, ratio {tr / t1:.3f}, "
-                          f"bytes {max_recv} = {entry['bytes_fraction_of_allgather']:.4f} of all-gather", flush=True)
+                    print(
+                        f"sparse {name} [{sk}]: cp1 {t1:.1f} ms, cp{world} {tr:.1f} ms, ratio {tr / t1:.3f}, "
+                        f"bytes {max_recv} = {entry['bytes_fraction_of_allgather']:.4f} of all-gather",
+                        flush=True,
+                    )
             sparse[name] = entry
     result["sparse"] = sparse
     if rank == 0:

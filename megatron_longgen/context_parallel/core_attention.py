@@ -49,16 +49,24 @@ def _cp_group_from(config: TransformerConfig, pg_collection, kind: str):
 
 def _check(attn_mask_type: AttnMaskType, attention_dropout: float, kind: str) -> None:
     if attn_mask_type != AttnMaskType.causal:
-        raise ValueError(f"context-parallel {kind} attention supports attn_mask_type=causal only, got {attn_mask_type}")
+        raise ValueError(
+            f"context-parallel {kind} attention supports attn_mask_type=causal only, got {attn_mask_type}"
+        )
     if attention_dropout:
-        raise ValueError(f"context-parallel {kind} attention has no dropout; got attention_dropout {attention_dropout}")
+        raise ValueError(
+            f"context-parallel {kind} attention has no dropout; got attention_dropout {attention_dropout}"
+        )
 
 
 def _check_forward(attention_mask, attention_bias, packed_seq_params, kind: str) -> None:
     if packed_seq_params is not None or attention_bias is not None:
-        raise ValueError(f"context-parallel {kind} attention supports neither packed_seq_params nor attention_bias")
+        raise ValueError(
+            f"context-parallel {kind} attention supports neither packed_seq_params nor attention_bias"
+        )
     if attention_mask is not None:
-        raise ValueError(f"context-parallel {kind} attention is causal by construction: pass attention_mask=None")
+        raise ValueError(
+            f"context-parallel {kind} attention is causal by construction: pass attention_mask=None"
+        )
 
 
 _WARNED_BACKENDS: set[str] = set()
@@ -104,7 +112,9 @@ class ContextParallelFullAttention(MegatronModule):
         _check(attn_mask_type, dropout, "full")
         self.cp_group = _cp_group_from(config, pg_collection, "full")
         self.layer_number = layer_number
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
         self.step_kernel_name = step_kernel
         self._kernels: dict[tuple, DenseStepKernel] = {}
 
@@ -121,10 +131,16 @@ class ContextParallelFullAttention(MegatronModule):
         _check_forward(attention_mask, attention_bias, packed_seq_params, "full")
         key_ = (query.device.type, query.dtype)
         if key_ not in self._kernels:
-            self._kernels[key_] = select_step_kernel(self.step_kernel_name, device=query.device, dtype=query.dtype)
+            self._kernels[key_] = select_step_kernel(
+                self.step_kernel_name, device=query.device, dtype=query.dtype
+            )
         out, _ = ring_attention(
-            _to_bnsh(query), _to_bnsh(key), _to_bnsh(value),
-            cp_group=self.cp_group, softmax_scale=self.softmax_scale, kernel=self._kernels[key_],
+            _to_bnsh(query),
+            _to_bnsh(key),
+            _to_bnsh(value),
+            cp_group=self.cp_group,
+            softmax_scale=self.softmax_scale,
+            kernel=self._kernels[key_],
         )
         return _from_bnsh(out)
 
@@ -155,7 +171,9 @@ class ContextParallelSparseAttention(MegatronModule):
         self.kernel = sparse.backend if sparse.backend in ("torch", "flex") else "auto"
         if sparse.backend not in ("auto", "torch", "flex"):
             _warn_backend_once(sparse.backend)
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
 
     def forward(
         self,
@@ -169,7 +187,12 @@ class ContextParallelSparseAttention(MegatronModule):
     ) -> torch.Tensor:
         _check_forward(attention_mask, attention_bias, packed_seq_params, "sparse")
         out, _ = sparse_cp_attention(
-            _to_bnsh(query), _to_bnsh(key), _to_bnsh(value),
-            pattern=self.pattern, cp_group=self.cp_group, softmax_scale=self.softmax_scale, kernel=self.kernel,
+            _to_bnsh(query),
+            _to_bnsh(key),
+            _to_bnsh(value),
+            pattern=self.pattern,
+            cp_group=self.cp_group,
+            softmax_scale=self.softmax_scale,
+            kernel=self.kernel,
         )
         return _from_bnsh(out)

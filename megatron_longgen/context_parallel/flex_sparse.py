@@ -43,7 +43,9 @@ def _compiled_flex():
     return torch.compile(_flex().flex_attention, dynamic=False)
 
 
-def flex_unavailable_reason(*, plan: SparseExchangePlan, device: torch.device, tile: int = FLEX_TILE) -> str | None:
+def flex_unavailable_reason(
+    *, plan: SparseExchangePlan, device: torch.device, tile: int = FLEX_TILE
+) -> str | None:
     """None when `flex_cp_attention` can run this plan on `device`, else a one-line reason."""
     local = plan.q_positions.numel()
     if tile % plan.block_size or local % tile:
@@ -114,7 +116,12 @@ def build_flex_block_mask(plan: SparseExchangePlan, *, device: torch.device | st
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
     mask = flex_mod.BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=tile,
+        mask_mod=mask_mod,
         seq_lengths=(q_pos.numel(), n_kt * tile),
     )
     return mask, n_kt * tile
@@ -144,7 +151,12 @@ def flex_cp_attention(
     use_compiled = q_BNSH.is_cuda if compiled is None else compiled
     fn = _compiled_flex() if use_compiled else flex_mod.flex_attention
     out, lse = fn(
-        q_BNSH, k_BGTH, v_BGTH, block_mask=mask, scale=scale,
-        enable_gqa=k_BGTH.shape[1] != q_BNSH.shape[1], return_lse=True,
+        q_BNSH,
+        k_BGTH,
+        v_BGTH,
+        block_mask=mask,
+        scale=scale,
+        enable_gqa=k_BGTH.shape[1] != q_BNSH.shape[1],
+        return_lse=True,
     )
     return out, lse.detach().float()

@@ -44,7 +44,9 @@ def ring_step_layout(*, cp_rank: int, src_rank: int, chunk_len: int) -> tuple[sl
     return slice(c, 2 * c), slice(0, 2 * c), False
 
 
-def _merge_(out_BNSH: torch.Tensor, lse_BNS: torch.Tensor, blk_out_BNSH: torch.Tensor, blk_lse_BNS: torch.Tensor):
+def _merge_(
+    out_BNSH: torch.Tensor, lse_BNS: torch.Tensor, blk_out_BNSH: torch.Tensor, blk_lse_BNS: torch.Tensor
+):
     """In-place fp32 log-sum-exp merge of one step's partial result into the running one."""
     new_lse = torch.logaddexp(lse_BNS, blk_lse_BNS.float())
     out_BNSH.mul_(torch.exp(lse_BNS - new_lse).unsqueeze(-1))
@@ -65,7 +67,9 @@ class _ZigZagRingAttention(torch.autograd.Function):
             pending = comm.start(kv, tag=TAG_KV) if step + 1 < world else None
             src = (rank - step) % world
             qs, ks, causal = ring_step_layout(cp_rank=rank, src_rank=src, chunk_len=c)
-            blk_out, blk_lse = kernel.forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal=causal, scale=scale)
+            blk_out, blk_lse = kernel.forward(
+                q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal=causal, scale=scale
+            )
             _merge_(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
             if pending is not None:
                 kv = pending.wait()
@@ -91,12 +95,22 @@ class _ZigZagRingAttention(torch.autograd.Function):
             src = (rank - step) % world
             qs, ks, causal = ring_step_layout(cp_rank=rank, src_rank=src, chunk_len=c)
             dq_s, dk_s, dv_s = kernel.backward(
-                d_out[:, :, qs], q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], out[:, :, qs], lse[:, :, qs],
-                causal=causal, scale=scale,
+                d_out[:, :, qs],
+                q[:, :, qs],
+                kv[0][:, :, ks],
+                kv[1][:, :, ks],
+                out[:, :, qs],
+                lse[:, :, qs],
+                causal=causal,
+                scale=scale,
             )
             dq[:, :, qs] += dq_s.float()
             # The gradient buffer of the held block: what earlier ranks accumulated plus this step.
-            dkv = dkv_pending.wait() if dkv_pending is not None else torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            dkv = (
+                dkv_pending.wait()
+                if dkv_pending is not None
+                else torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            )
             dkv[0][:, :, ks] += dk_s.float()
             dkv[1][:, :, ks] += dv_s.float()
             if comm is not None:
@@ -129,13 +143,15 @@ def ring_attention(
         out_BNSH (input dtype; differentiable w.r.t. q, k, v) and lse_BNS (fp32, not differentiable).
         Collective: every rank of `cp_group` must call it with the same shapes.
     """
-    rank, world = group_rank_and_size(cp_group)
+    _rank, world = group_rank_and_size(cp_group)
     S = q_BNSH.shape[2]
     if S % 2:
         raise ValueError(f"local sequence {S} must be even (two zig-zag chunks per rank, cp {world})")
     if k_BGSH.shape[2] != S or v_BGSH.shape != k_BGSH.shape:
-        raise ValueError(f"q/k/v local lengths differ: q {tuple(q_BNSH.shape)}, k {tuple(k_BGSH.shape)}, "
-                         f"v {tuple(v_BGSH.shape)}")
+        raise ValueError(
+            f"q/k/v local lengths differ: q {tuple(q_BNSH.shape)}, k {tuple(k_BGSH.shape)}, "
+            f"v {tuple(v_BGSH.shape)}"
+        )
     if q_BNSH.shape[1] % k_BGSH.shape[1]:
         raise ValueError(f"query heads {q_BNSH.shape[1]} must be a multiple of kv heads {k_BGSH.shape[1]}")
     if isinstance(kernel, str):

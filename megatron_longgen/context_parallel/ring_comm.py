@@ -90,7 +90,11 @@ def exchange_blocks(
     received: dict[int, torch.Tensor] = {}
     for peer, tensor in sorted(sends.items()):
         if tensor.numel():
-            ops.append(dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, peer), group=group, tag=tag))
+            ops.append(
+                dist.P2POp(
+                    dist.isend, tensor.contiguous(), dist.get_global_rank(group, peer), group=group, tag=tag
+                )
+            )
     for peer, shape in sorted(recv_shapes.items()):
         buf = torch.empty(shape, dtype=dtype, device=device)
         received[peer] = buf

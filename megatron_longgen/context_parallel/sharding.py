@@ -21,7 +21,7 @@ A chunk must hold whole sparse blocks (c % b == 0) so that sparse blocks never s
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -114,8 +114,9 @@ def unshard_sequence(shards: list[torch.Tensor], *, seq_dim: int) -> torch.Tenso
         raise ValueError("unshard_sequence needs at least one shard")
     local = shards[0].shape[seq_dim]
     if local % 2 or any(s.shape[seq_dim] != local for s in shards):
-        raise ValueError(f"shards must share an even length along dim {seq_dim}, got "
-                         f"{[s.shape[seq_dim] for s in shards]}")
+        raise ValueError(
+            f"shards must share an even length along dim {seq_dim}, got {[s.shape[seq_dim] for s in shards]}"
+        )
     c = local // 2
     chunks: list[torch.Tensor | None] = [None] * (2 * cp_size)
     for rank, s in enumerate(shards):
@@ -156,5 +157,7 @@ def shard_batch_for_cp(
     if cp_size == 1:
         return out
     for k in lengths:
-        out[k] = shard_sequence(batch[k], cp_rank=cp_rank, cp_size=cp_size, seq_dim=seq_dim, block_size=block_size)
+        out[k] = shard_sequence(
+            batch[k], cp_rank=cp_rank, cp_size=cp_size, seq_dim=seq_dim, block_size=block_size
+        )
     return out

@@ -26,17 +26,21 @@ mask built from the same table (`flex_sparse.py`, CUDA). `auto` takes `flex` whe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-
-import logging
 
 import torch
 import torch.distributed as dist
 
 from megatron_longgen.attention.kernels.torch_block import block_sparse_attention_torch
 from megatron_longgen.attention.masks import SparsePattern, mask_matrix_to_table
-from megatron_longgen.context_parallel.ring_comm import TAG_HALO, TAG_HALO_GRAD, exchange_blocks, group_rank_and_size
+from megatron_longgen.context_parallel.ring_comm import (
+    TAG_HALO,
+    TAG_HALO_GRAD,
+    exchange_blocks,
+    group_rank_and_size,
+)
 from megatron_longgen.context_parallel.sharding import block_owner, check_cp_divisibility, rank_block_ids
 from megatron_longgen.context_parallel.step_kernels import default_scale
 
@@ -79,7 +83,9 @@ class SparseExchangePlan:
         return {"sent": self.num_sent_blocks * per_block, "received": self.num_fetched_blocks * per_block}
 
 
-def _needed_blocks(pattern: SparsePattern, *, cp_rank: int, cp_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _needed_blocks(
+    pattern: SparsePattern, *, cp_rank: int, cp_size: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep [L, nB] block mask of this rank's query blocks, sorted global ids of all needed key blocks)."""
     b = pattern.block_size
     q_blocks = rank_block_ids(cp_rank=cp_rank, cp_size=cp_size, seq_len=seq_len, block_size=b)
@@ -93,7 +99,9 @@ def _remote_by_owner(needed: torch.Tensor, *, cp_rank: int, cp_size: int, seq_le
 
 
 @lru_cache(maxsize=64)
-def plan_sparse_exchange(pattern: SparsePattern, *, cp_rank: int, cp_size: int, seq_len: int) -> SparseExchangePlan:
+def plan_sparse_exchange(
+    pattern: SparsePattern, *, cp_rank: int, cp_size: int, seq_len: int
+) -> SparseExchangePlan:
     """The exchange and key layout for `pattern` on rank `cp_rank` of `cp_size` (pure, cached).
 
     Raises ValueError when `seq_len` is not a multiple of 2*cp_size*block_size.
@@ -111,7 +119,9 @@ def plan_sparse_exchange(pattern: SparsePattern, *, cp_rank: int, cp_size: int, 
     key_index[all_fetched] = local_ids.numel() + torch.arange(all_fetched.numel())
     key_blocks = torch.cat([local_ids, all_fetched])
     table_global = mask_matrix_to_table(keep)
-    table = torch.where(table_global >= 0, key_index[table_global.clamp(min=0)], torch.full_like(table_global, -1))
+    table = torch.where(
+        table_global >= 0, key_index[table_global.clamp(min=0)], torch.full_like(table_global, -1)
+    )
     assert bool(((table >= 0) == (table_global >= 0)).all()), "a kept key block was neither local nor fetched"
     send = {}
     for peer in range(cp_size):
@@ -200,8 +210,10 @@ def sparse_cp_attention(
     rank, world = group_rank_and_size(cp_group)
     S = q_BNSH.shape[2]
     if k_BGSH.shape[2] != S or v_BGSH.shape != k_BGSH.shape:
-        raise ValueError(f"q/k/v local lengths differ: q {tuple(q_BNSH.shape)}, k {tuple(k_BGSH.shape)}, "
-                         f"v {tuple(v_BGSH.shape)}")
+        raise ValueError(
+            f"q/k/v local lengths differ: q {tuple(q_BNSH.shape)}, k {tuple(k_BGSH.shape)}, "
+            f"v {tuple(v_BGSH.shape)}"
+        )
     if kernel not in SPARSE_CP_KERNELS:
         raise ValueError(f"sparse CP kernel must be one of {SPARSE_CP_KERNELS}, got {kernel!r}")
     plan = plan_sparse_exchange(pattern, cp_rank=rank, cp_size=world, seq_len=S * world)
@@ -230,12 +242,16 @@ def sparse_cp_attention(
 def _choose_kernel(kernel: str, plan: SparseExchangePlan, device: torch.device) -> str:
     from megatron_longgen.context_parallel.flex_sparse import flex_unavailable_reason
 
-    reason = flex_unavailable_reason(plan=plan, device=device) if kernel in ("auto", "flex") else "not requested"
+    reason = (
+        flex_unavailable_reason(plan=plan, device=device) if kernel in ("auto", "flex") else "not requested"
+    )
     if kernel == "flex" and reason is not None:
         raise ValueError(f"sparse CP kernel 'flex' cannot run: {reason}")
     chosen = "flex" if reason is None else "torch"
     key = (kernel, chosen, device.type)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info("sparse CP attention kernel: %s (requested %s; %s)", chosen, kernel, reason or "available")
+        logger.info(
+            "sparse CP attention kernel: %s (requested %s; %s)", chosen, kernel, reason or "available"
+        )
     return chosen

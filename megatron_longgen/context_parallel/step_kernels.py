@@ -122,8 +122,21 @@ class FlashStepKernel(DenseStepKernel):
         n, g = q_BNSH.shape[1], k_BGTH.shape[1]
         S, T = q_BNSH.shape[2], k_BGTH.shape[2]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout_BNSH.contiguous(), q_BNSH, _expand(k_BGTH, n), _expand(v_BGTH, n), out_BNSH.contiguous(),
-            lse_BNS.contiguous(), None, None, S, T, 0.0, causal, None, None, scale=scale,
+            dout_BNSH.contiguous(),
+            q_BNSH,
+            _expand(k_BGTH, n),
+            _expand(v_BGTH, n),
+            out_BNSH.contiguous(),
+            lse_BNS.contiguous(),
+            None,
+            None,
+            S,
+            T,
+            0.0,
+            causal,
+            None,
+            None,
+            scale=scale,
         )
         return dq, _reduce(dk, g), _reduce(dv, g)
 
@@ -149,8 +162,22 @@ class CudnnStepKernel(DenseStepKernel):
         n, g = q_BNSH.shape[1], k_BGTH.shape[1]
         S, T = q_BNSH.shape[2], k_BGTH.shape[2]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout_BNSH.contiguous(), q_BNSH, _expand(k_BGTH, n), _expand(v_BGTH, n), out_BNSH.contiguous(),
-            lse_BNS.contiguous().unsqueeze(-1), None, None, None, None, None, S, T, 0.0, causal, scale=scale,
+            dout_BNSH.contiguous(),
+            q_BNSH,
+            _expand(k_BGTH, n),
+            _expand(v_BGTH, n),
+            out_BNSH.contiguous(),
+            lse_BNS.contiguous().unsqueeze(-1),
+            None,
+            None,
+            None,
+            None,
+            None,
+            S,
+            T,
+            0.0,
+            causal,
+            scale=scale,
         )
         return dq, _reduce(dk, g), _reduce(dv, g)
 
@@ -169,7 +196,11 @@ def select_step_kernel(name: str, *, device: torch.device | str, dtype: torch.dt
     """
     device = torch.device(device)
     if name == "auto":
-        chosen = next(k for k in AUTO_STEP_ORDER if STEP_KERNELS[k].unavailable_reason(device=device, dtype=dtype) is None)
+        chosen = next(
+            k
+            for k in AUTO_STEP_ORDER
+            if STEP_KERNELS[k].unavailable_reason(device=device, dtype=dtype) is None
+        )
     elif name not in STEP_KERNELS:
         raise ValueError(f"unknown ring step kernel {name!r}; choose from {sorted(STEP_KERNELS)} or 'auto'")
     else:

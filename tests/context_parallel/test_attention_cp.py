@@ -23,10 +23,10 @@ CASES = [
     # name, pattern kwargs (None = full layer), num_heads, kv_heads
     ("full_mha", None, 4, 4),
     ("full_gqa", None, 4, 2),
-    ("sink_window_mha", dict(variant="sink_window", num_sink_blocks=1, num_window_blocks=3), 4, 4),
-    ("sink_window_gqa_wide", dict(variant="sink_window", num_sink_blocks=2, num_window_blocks=5), 4, 2),
-    ("block_strided_mha", dict(variant="block_strided", stride_blocks=3, num_local_blocks=2), 4, 4),
-    ("block_strided_gqa", dict(variant="block_strided", stride_blocks=4, num_local_blocks=1), 4, 1),
+    ("sink_window_mha", {"variant": "sink_window", "num_sink_blocks": 1, "num_window_blocks": 3}, 4, 4),
+    ("sink_window_gqa_wide", {"variant": "sink_window", "num_sink_blocks": 2, "num_window_blocks": 5}, 4, 2),
+    ("block_strided_mha", {"variant": "block_strided", "stride_blocks": 3, "num_local_blocks": 2}, 4, 4),
+    ("block_strided_gqa", {"variant": "block_strided", "stride_blocks": 4, "num_local_blocks": 1}, 4, 1),
 ]
 TOL = 2e-5
 
@@ -113,15 +113,29 @@ def _worker(rank, world_size):
     # Bad input, raised before any communication (so no rank is left waiting).
     x = torch.zeros(1, 2, 6, 4)
     errors = {
-        "odd_local": _expect_value_error(lambda: ring_attention(x[:, :, :5], x[:, :, :5], x[:, :, :5], cp_group=groups[4])),
-        "qk_len": _expect_value_error(lambda: ring_attention(x, x[:, :, :4], x[:, :, :4], cp_group=groups[4])),
-        "gqa": _expect_value_error(lambda: ring_attention(x, x[:, :1].expand(1, 3, 6, 4), x[:, :1].expand(1, 3, 6, 4), cp_group=groups[4])),
-        "not_member": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=lone)) if rank else "member",
+        "odd_local": _expect_value_error(
+            lambda: ring_attention(x[:, :, :5], x[:, :, :5], x[:, :, :5], cp_group=groups[4])
+        ),
+        "qk_len": _expect_value_error(
+            lambda: ring_attention(x, x[:, :, :4], x[:, :, :4], cp_group=groups[4])
+        ),
+        "gqa": _expect_value_error(
+            lambda: ring_attention(
+                x, x[:, :1].expand(1, 3, 6, 4), x[:, :1].expand(1, 3, 6, 4), cp_group=groups[4]
+            )
+        ),
+        "not_member": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=lone))
+        if rank
+        else "member",
         "no_group": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=None)),
         "sparse_len": _expect_value_error(
-            lambda: sparse_cp_attention(x, x, x, pattern=_pattern(dict(variant="sink_window")), cp_group=groups[4])
+            lambda: sparse_cp_attention(
+                x, x, x, pattern=_pattern({"variant": "sink_window"}), cp_group=groups[4]
+            )
         ),
-        "bad_kernel": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=groups[4], kernel="flash")),
+        "bad_kernel": _expect_value_error(
+            lambda: ring_attention(x, x, x, cp_group=groups[4], kernel="flash")
+        ),
     }
     return {"results": results, "errors": errors}
 

@@ -40,8 +40,13 @@ def test_flex_matches_block_kernel_and_oracle(cp_size, name):
         k_all, v_all = k[:, :, plan.k_positions], v[:, :, plan.k_positions]
         out, lse = flex_cp_attention(q_l, k_all, v_all, plan=plan, compiled=False)
         blk, blk_lse = block_sparse_attention_torch(
-            q_l, k_all, v_all, kv_table=plan.kv_table, block_size=64,
-            q_positions=plan.q_positions, k_positions=plan.k_positions,
+            q_l,
+            k_all,
+            v_all,
+            kv_table=plan.kv_table,
+            block_size=64,
+            q_positions=plan.q_positions,
+            k_positions=plan.k_positions,
         )
         want = shard_sequence(ref, cp_rank=rank, cp_size=cp_size, seq_dim=2)
         want_lse = shard_sequence(ref_lse, cp_rank=rank, cp_size=cp_size, seq_dim=2)

@@ -49,9 +49,10 @@ def test_shard_unshard_round_trip(cp_size):
     x = torch.arange(2 * 3 * 32).view(2, 32, 3)
     shards = [shard_sequence(x, cp_rank=r, cp_size=cp_size, seq_dim=1) for r in range(cp_size)]
     for r, s in enumerate(shards):
-        assert s[0, :, 0].div(3, rounding_mode="floor").tolist() == zigzag_positions(
-            cp_rank=r, cp_size=cp_size, seq_len=32
-        ).tolist()
+        assert (
+            s[0, :, 0].div(3, rounding_mode="floor").tolist()
+            == zigzag_positions(cp_rank=r, cp_size=cp_size, seq_len=32).tolist()
+        )
     assert torch.equal(unshard_sequence(shards, seq_dim=1), x)
 
 
@@ -85,7 +86,9 @@ def test_divisibility_errors():
     with pytest.raises(ValueError, match="disagree on the length"):
         shard_batch_for_cp({"tokens": torch.zeros(1, 8), "labels": torch.zeros(1, 6)}, cp_rank=0, cp_size=2)
     with pytest.raises(ValueError, match="attention_mask must be None"):
-        shard_batch_for_cp({"tokens": torch.zeros(1, 8), "attention_mask": torch.ones(1, 1, 8, 8)}, cp_rank=0, cp_size=2)
+        shard_batch_for_cp(
+            {"tokens": torch.zeros(1, 8), "attention_mask": torch.ones(1, 1, 8, 8)}, cp_rank=0, cp_size=2
+        )
     with pytest.raises(ValueError, match="must be a multiple of 2·cp·block = 2·2·64 = 256"):
         plan_sparse_exchange(SinkWindowPattern(), cp_rank=0, cp_size=2, seq_len=1000)
 
@@ -100,7 +103,9 @@ def test_sink_window_plan_128k_cp2():
     assert p0.recv_blocks[1].tolist() == list(range(993, 1024))
     # Rank 1 receives the sink block and the 31 blocks before chunk 1 (rank 0 local 0 and 481..511).
     assert p1.recv_blocks[0].tolist() == [0] + list(range(481, 512))
-    assert torch.equal(p0.send_blocks[1], p1.recv_blocks[0]) and torch.equal(p1.send_blocks[0], p0.recv_blocks[1])
+    assert torch.equal(p0.send_blocks[1], p1.recv_blocks[0]) and torch.equal(
+        p1.send_blocks[0], p0.recv_blocks[1]
+    )
     allgather_blocks = 131072 // 2 // 64
     assert p1.num_fetched_blocks / allgather_blocks < 0.05
 
@@ -113,7 +118,9 @@ def test_plan_table_matches_pattern():
     for r in range(cp_size):
         plan = plan_sparse_exchange(pattern, cp_rank=r, cp_size=cp_size, seq_len=seq_len)
         key_block = plan.k_positions[::b] // b
-        for i, qb in enumerate(rank_block_ids(cp_rank=r, cp_size=cp_size, seq_len=seq_len, block_size=b).tolist()):
+        for i, qb in enumerate(
+            rank_block_ids(cp_rank=r, cp_size=cp_size, seq_len=seq_len, block_size=b).tolist()
+        ):
             for kidx in plan.kv_table[i].tolist():
                 if kidx >= 0:
                     seen[qb, key_block[kidx]] += 1
