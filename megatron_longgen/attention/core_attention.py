@@ -43,7 +43,7 @@ def _check_common(config: TransformerConfig, attn_mask_type: AttnMaskType, kind:
     if cp > 1 or config.context_parallel_size > 1:
         raise ValueError(
             f"{kind} core attention got context_parallel_size {max(cp, config.context_parallel_size)}; "
-            "use the context-parallel specs (build_block_spec(..., context_parallel=True))"
+            "build_block_spec picks context_parallel/core_attention.py modules when context_parallel_size > 1"
         )
 
 
