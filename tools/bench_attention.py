@@ -127,22 +127,32 @@ def bench_one(fn, *, B, N, G, S, H, dtype, budget_s):
     esize = torch.tensor([], dtype=dtype).element_size()
     outputs = (2 * B * N * S * H + 2 * B * G * S * H) * esize + B * N * S * 4  # out, dq, dk, dv, lse
     qkvo = (2 * B * N * S * H + 2 * B * G * S * H) * esize
-    del q, k, v, d_out
+    q = k = v = d_out = None  # drop the tensors (and the closures' references) before empty_cache
     torch.cuda.empty_cache()
     return fwd_ms, fwdbwd_ms, peak, peak - outputs, qkvo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--heads", nargs="+", default=["mha", "gqa"], choices=sorted(HEAD_CONFIGS))
-    parser.add_argument("--backends", nargs="+", default=None, help="sparse backends (default: all available)")
+    parser.add_argument(
+        "--backends", nargs="+", default=None, help="sparse backends (default: all available)"
+    )
     parser.add_argument("--patterns", nargs="+", default=["sink_window", "block_strided"])
-    parser.add_argument("--skip", nargs="*", default=[], help="backend:seq_len pairs to skip, e.g. flex:16384")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="backend:seq_len pairs to skip, e.g. flex:16384"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--budget-s", type=float, default=0.6, help="timing budget per measurement")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<device>.json)")
-    parser.add_argument("--sweep", action="store_true", help="tile/launch sweep of the Triton and Flex kernels")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/attention_<device>.json)"
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="tile/launch sweep of the Triton and Flex kernels"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU", file=sys.stderr)
@@ -156,7 +166,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
     registry = available_kernels()
-    backends = args.backends or [n for n in ("triton", "flex") if registry[n].is_available(device=dev, dtype=dtype)]
+    backends = args.backends or [
+        n for n in ("triton", "flex") if registry[n].is_available(device=dev, dtype=dtype)
+    ]
     patterns = {"sink_window": SinkWindowPattern(), "block_strided": BlockStridedPattern()}
     kernels = {name: registry[name]() for name in backends}
     device_name = torch.cuda.get_device_name()
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
     jobs = [(h, S) for h in args.heads for S in args.seq_lens]
     for i, (head_cfg, S) in enumerate(jobs):
         N, G, H = HEAD_CONFIGS[head_cfg]
-        shape = dict(B=1, N=N, G=G, S=S, H=H)
+        shape = {"B": 1, "N": N, "G": G, "S": S, "H": H}
         _log(f"[{i + 1}/{len(jobs)}] {head_cfg} N={N} G={G} H={H} S={S}: dense_causal (sdpa)")
         qs = torch.randn(1, N, 256, H, device=dev, dtype=dtype, requires_grad=True)
         ks = torch.randn(1, G, 256, H, device=dev, dtype=dtype, requires_grad=True)
@@ -175,12 +187,12 @@ def main(argv=None) -> int:
         fwd_flops = 4 * pairs * H * N
         dense_tf = 3.5 * fwd_flops / (fb_ms * 1e-3) / 1e12
         dense_fb_ms = fb_ms
-        rows.append(dict(
-            backend="sdpa_" + notes[-1].split()[0], pattern="dense_causal", seq_len=S, num_heads=N, num_kv_heads=G,
-            head_dim=H, fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, tflops_fwd=fwd_flops / (fwd_ms * 1e-3) / 1e12,
-            tflops_fwdbwd=dense_tf, ratio_to_dense=1.0, speedup_vs_dense=1.0, peak_mem_bytes=peak,
-            extra_mem_bytes=extra, extra_mem_frac_qkvo=extra / qkvo, attended_pairs=pairs, notes="; ".join(notes),
-        ))  # fmt: skip
+        rows.append({
+            "backend": "sdpa_" + notes[-1].split()[0], "pattern": "dense_causal", "seq_len": S, "num_heads": N, "num_kv_heads": G,
+            "head_dim": H, "fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "tflops_fwd": fwd_flops / (fwd_ms * 1e-3) / 1e12,
+            "tflops_fwdbwd": dense_tf, "ratio_to_dense": 1.0, "speedup_vs_dense": 1.0, "peak_mem_bytes": peak,
+            "extra_mem_bytes": extra, "extra_mem_frac_qkvo": extra / qkvo, "attended_pairs": pairs, "notes": "; ".join(notes),
+        })  # fmt: skip
         _log(f"    dense: fwd {fwd_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms, {dense_tf:.0f} TF/s")
         for pname in args.patterns:
             pattern = patterns[pname]
@@ -190,23 +202,27 @@ def main(argv=None) -> int:
                 if f"{bname}:{S}" in args.skip:
                     continue
                 _log(f"    {bname} {pname} ...")
-                fn = lambda q, k, v, kern=kern, pattern=pattern: kern(q, k, v, pattern=pattern)  # noqa: E731
+                fn = lambda q, k, v, kern=kern, pattern=pattern: kern(q, k, v, pattern=pattern)
                 try:
                     t0 = time.time()
-                    fwd_ms, fb_ms, peak, extra, qkvo = bench_one(fn, **shape, dtype=dtype, budget_s=args.budget_s)
-                except Exception as exc:  # a backend failing to compile must not lose the other rows
-                    _log(f"    {bname} {pname} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                    rows.append(dict(backend=bname, pattern=pname, seq_len=S, num_heads=N, num_kv_heads=G,
-                                     head_dim=H, error=f"{type(exc).__name__}: {str(exc)[:300]}"))  # fmt: skip
+                    fwd_ms, fb_ms, peak, extra, qkvo = bench_one(
+                        fn, **shape, dtype=dtype, budget_s=args.budget_s
+                    )
+                except Exception as exc:  # noqa: BLE001  (a backend failing to compile must not lose the other rows)
+                    _log(
+                        f"    {bname} {pname} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    )
+                    rows.append({"backend": bname, "pattern": pname, "seq_len": S, "num_heads": N, "num_kv_heads": G,
+                                     "head_dim": H, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
                     continue
                 tf = 3.5 * fwd_flops / (fb_ms * 1e-3) / 1e12
-                rows.append(dict(
-                    backend=bname, pattern=pname, seq_len=S, num_heads=N, num_kv_heads=G, head_dim=H,
-                    fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, tflops_fwd=fwd_flops / (fwd_ms * 1e-3) / 1e12,
-                    tflops_fwdbwd=tf, ratio_to_dense=tf / dense_tf, speedup_vs_dense=dense_fb_ms / fb_ms,
-                    peak_mem_bytes=peak, extra_mem_bytes=extra, extra_mem_frac_qkvo=extra / qkvo,
-                    attended_pairs=pairs, wall_s=time.time() - t0,
-                ))  # fmt: skip
+                rows.append({
+                    "backend": bname, "pattern": pname, "seq_len": S, "num_heads": N, "num_kv_heads": G, "head_dim": H,
+                    "fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "tflops_fwd": fwd_flops / (fwd_ms * 1e-3) / 1e12,
+                    "tflops_fwdbwd": tf, "ratio_to_dense": tf / dense_tf, "speedup_vs_dense": dense_fb_ms / fb_ms,
+                    "peak_mem_bytes": peak, "extra_mem_bytes": extra, "extra_mem_frac_qkvo": extra / qkvo,
+                    "attended_pairs": pairs, "wall_s": time.time() - t0,
+                })  # fmt: skip
                 _log(f"    {bname} {pname}: fwd {fwd_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms, {tf:.0f} TF/s "
                      f"({tf / dense_tf:.2f}x dense rate, {dense_fb_ms / fb_ms:.1f}x faster), "
                      f"extra mem {extra / qkvo:.2%} of QKVO")  # fmt: skip
@@ -214,15 +230,15 @@ def main(argv=None) -> int:
     slug = device_name.lower().replace("nvidia", "").strip().replace(" ", "_")
     out = args.out or os.path.join("benchmarks", "results", f"attention_{slug}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    import triton  # noqa: PLC0415  (the image has it; only for the version string)
+    import triton
 
-    meta = dict(
-        device=device_name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-        triton=triton.__version__, python=platform.python_version(), dtype=args.dtype, batch=1,
-        flop_convention="fwd = 4*pairs*head_dim*num_heads; fwd+bwd = 3.5 x fwd (bwd = 2.5 x fwd)",
-        rows=rows,
-    )  # fmt: skip
+    meta = {
+        "device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "triton": triton.__version__, "python": platform.python_version(), "dtype": args.dtype, "batch": 1,
+        "flop_convention": "fwd = 4*pairs*head_dim*num_heads; fwd+bwd = 3.5 x fwd (bwd = 2.5 x fwd)",
+        "rows": rows,
+    }  # fmt: skip
     with open(out, "w") as f:
         json.dump(meta, f, indent=1)
     _log(f"wrote {out}")
@@ -265,11 +281,11 @@ def sweep(args) -> int:
     kv_cands = [L(32, 64, 4, 4), L(32, 64, 4, 5), L(32, 64, 4, 3), L(32, 64, 8, 4), L(64, 64, 4, 4), L(32, 128, 8, 4),
                 L(64, 128, 8, 3), L(128, 128, 8, 2), L(16, 64, 4, 4), L(16, 64, 4, 6)]  # fmt: skip
     flex_cands = {
-        "flex_128x128": dict(block_m=128, block_n=128),
-        "flex_128x64_a": dict(block_m=128, block_n=64, kernel_options=dict(
-            BLOCK_M=128, BLOCK_N=64, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)),
-        "flex_128x64_b": dict(block_m=128, block_n=64, kernel_options=dict(
-            BLOCK_M=128, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)),
+        "flex_128x128": {"block_m": 128, "block_n": 128},
+        "flex_128x64_a": {"block_m": 128, "block_n": 64, "kernel_options": {
+            "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}},
+        "flex_128x64_b": {"block_m": 128, "block_n": 64, "kernel_options": {
+            "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}},
     }  # fmt: skip
     patterns = {"sink_window": SinkWindowPattern(), "block_strided": BlockStridedPattern()}
     results = []
@@ -289,33 +305,55 @@ def sweep(args) -> int:
                 if "flex" in (args.backends or ["flex"]):
                     kernels += [(name, FlexSparseKernel(**kw)) for name, kw in flex_cands.items()]
                 for name, kern in kernels:
-                    fn = lambda q, k, v, kern=kern, pattern=pattern: kern(q, k, v, pattern=pattern)  # noqa: E731
+                    fn = lambda q, k, v, kern=kern, pattern=pattern: kern(q, k, v, pattern=pattern)
                     try:
                         fwd_ms, fb_ms, _, extra, qkvo = bench_one(
                             fn, B=1, N=N, G=G, S=S, H=H, dtype=dtype, budget_s=args.budget_s
                         )
-                    except Exception as exc:  # configs that fail to compile are reported, not fatal
+                    except Exception as exc:  # noqa: BLE001  (configs that fail to compile are reported, not fatal)
                         _log(f"{head_cfg} S={S} {pname} {name}: FAILED {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")  # fmt: skip
-                        results.append(dict(head=head_cfg, seq_len=S, pattern=pname, variant=name, error=str(exc)[:300]))
+                        results.append(
+                            {
+                                "head": head_cfg,
+                                "seq_len": S,
+                                "pattern": pname,
+                                "variant": name,
+                                "error": str(exc)[:300],
+                            }
+                        )
                         continue
-                    row = dict(head=head_cfg, seq_len=S, pattern=pname, variant=name, fwd_ms=fwd_ms,
-                               bwd_ms=fb_ms - fwd_ms, fwdbwd_ms=fb_ms,
-                               tflops_fwd=fwd_flops / fwd_ms / 1e9, tflops_fwdbwd=3.5 * fwd_flops / fb_ms / 1e9,
-                               extra_mem_frac_qkvo=extra / qkvo)  # fmt: skip
+                    row = {"head": head_cfg, "seq_len": S, "pattern": pname, "variant": name, "fwd_ms": fwd_ms,
+                               "bwd_ms": fb_ms - fwd_ms, "fwdbwd_ms": fb_ms,
+                               "tflops_fwd": fwd_flops / fwd_ms / 1e9, "tflops_fwdbwd": 3.5 * fwd_flops / fb_ms / 1e9,
+                               "extra_mem_frac_qkvo": extra / qkvo}  # fmt: skip
                     results.append(row)
                     _log(f"{head_cfg} S={S} {pname} {name}: fwd {fwd_ms:.2f} ms ({row['tflops_fwd']:.0f} TF/s) "
                          f"bwd {fb_ms - fwd_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms ({row['tflops_fwdbwd']:.0f} TF/s)")  # fmt: skip
     out = args.out or "sweep_attention.json"
     with open(out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=results), f, indent=1)
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, f, indent=1
+        )
     return 0
 
 
 def print_table(rows) -> None:
     cols = ["backend", "pattern", "seq_len", "num_heads", "num_kv_heads", "fwd_ms", "fwdbwd_ms", "tflops_fwdbwd",
             "ratio_to_dense", "speedup_vs_dense", "extra_mem_frac_qkvo"]  # fmt: skip
-    head = ["backend", "pattern", "S", "N", "G", "fwd ms", "f+b ms", "f+b TF/s", "x dense rate", "speedup", "extra mem"]
+    head = [
+        "backend",
+        "pattern",
+        "S",
+        "N",
+        "G",
+        "fwd ms",
+        "f+b ms",
+        "f+b TF/s",
+        "x dense rate",
+        "speedup",
+        "extra mem",
+    ]
     fmt = "{:<14} {:<14} {:>7} {:>3} {:>3} {:>9} {:>9} {:>9} {:>12} {:>8} {:>9}"
     print(fmt.format(*head))
     for r in rows:

@@ -81,7 +81,9 @@ def test_tile_tables_reject_tiles_that_do_not_nest():
         tile_bits(SinkWindowPattern(block_size=16), 64, block_m=128, block_n=128, device="cpu")
 
 
-@pytest.mark.parametrize("pattern", [SinkWindowPattern(), BlockStridedPattern()], ids=["sink_window", "block_strided"])
+@pytest.mark.parametrize(
+    "pattern", [SinkWindowPattern(), BlockStridedPattern()], ids=["sink_window", "block_strided"]
+)
 def test_flex_block_mask_covers_the_pattern_at_default_sizes(pattern):
     seq_len = 64 * 130 + 5  # past the window and the second stride block, ragged end
     mask = flex_block_mask(pattern, seq_len, block_m=128, block_n=128, device="cpu")
@@ -114,7 +116,9 @@ def _run(fn, q, k, v, d_out, d_lse):
 def _compare(got, ref, tol):
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
         err = (a.float() - b.float()).abs()
-        assert err.max().item() <= tol, f"{name}: max err {err.max().item():.3e}, mean {err.mean().item():.3e}"
+        assert err.max().item() <= tol, (
+            f"{name}: max err {err.max().item():.3e}, mean {err.mean().item():.3e}"
+        )
 
 
 @pytest.fixture
@@ -124,7 +128,9 @@ def flex_backward_on_cpu(monkeypatch):
     monkeypatch.setattr(flex_mod, "_validate_device", lambda *args, **kwargs: None)
 
 
-@pytest.mark.parametrize("pattern", SMALL_PATTERNS[::2] + [SMALL_PATTERNS[3]], ids=lambda p: p.mask_fn().__name__)
+@pytest.mark.parametrize(
+    "pattern", SMALL_PATTERNS[::2] + [SMALL_PATTERNS[3]], ids=lambda p: p.mask_fn().__name__
+)
 @pytest.mark.parametrize("seq_len", [53, 128])
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_flex_eager_matches_oracle(flex_backward_on_cpu, pattern, seq_len, tiles):
@@ -184,7 +190,12 @@ def triton_interpreter_results():
         pytest.skip("triton is not installed (pip install triton==3.7.1 for the interpreter tests)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _TRITON_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))

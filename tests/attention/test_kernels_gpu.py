@@ -71,7 +71,9 @@ def test_backend_matches_oracle(backend, pattern_name, shape, seq_len):
     mask = pattern.dense_mask(seq_len, device=dev)
     kernel = available_kernels()[backend]()
     fast = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, d_lse)
-    ref = _run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse)
+    ref = _run(
+        lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse
+    )
     naive = _run(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v, d_out, d_lse)
     assert fast[1].dtype == torch.float32
     for i, what in enumerate(["out", "lse", "dq", "dk", "dv"]):

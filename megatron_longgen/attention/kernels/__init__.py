@@ -10,16 +10,16 @@ from megatron_longgen.attention.kernels.base import (
     register_kernel,
     select_sparse_kernel,
 )
+from megatron_longgen.attention.kernels.flex import FlexSparseKernel
 from megatron_longgen.attention.kernels.torch_block import block_sparse_attention_torch
 from megatron_longgen.attention.kernels.torch_kernel import TorchBlockSparseKernel
-from megatron_longgen.attention.kernels.triton_block_sparse import TritonBlockSparseKernel  # noqa: I001
-from megatron_longgen.attention.kernels.flex import FlexSparseKernel
+from megatron_longgen.attention.kernels.triton_block_sparse import TritonBlockSparseKernel
 
 __all__ = [
     "FlexSparseKernel",
     "SparseAttentionKernel",
-    "TritonBlockSparseKernel",
     "TorchBlockSparseKernel",
+    "TritonBlockSparseKernel",
     "available_kernels",
     "block_sparse_attention_torch",
     "register_kernel",

@@ -116,19 +116,23 @@ class FlexSparseKernel(SparseAttentionKernel):
         block_m, block_n = self._tiles(pattern)
         key = (pattern, seq_len, str(device), block_m, block_n)
         if key not in self._masks:
-            self._masks[key] = flex_block_mask(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+            self._masks[key] = flex_block_mask(
+                pattern, seq_len, block_m=block_m, block_n=block_n, device=device
+            )
         return self._masks[key]
 
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
         flex_mod = _flex_module()
         S = q_BNSH.shape[2]
         if k_BGSH.shape[2] != S:
-            raise ValueError(f"sparse attention needs equal query and key lengths, got {S} and {k_BGSH.shape[2]}")
+            raise ValueError(
+                f"sparse attention needs equal query and key lengths, got {S} and {k_BGSH.shape[2]}"
+            )
         mask = self.block_mask(pattern, S, q_BNSH.device)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_BNSH.shape[-1])
         compiled = self.compiled if self.compiled is not None else q_BNSH.is_cuda
         fn = _compiled_flex() if compiled else flex_mod.flex_attention
-        kwargs = dict(block_mask=mask, scale=scale, enable_gqa=k_BGSH.shape[1] != q_BNSH.shape[1])
+        kwargs = {"block_mask": mask, "scale": scale, "enable_gqa": k_BGSH.shape[1] != q_BNSH.shape[1]}
         if self.kernel_options:
             kwargs["kernel_options"] = dict(self.kernel_options)
         if hasattr(flex_mod, "AuxRequest"):

@@ -64,7 +64,11 @@ def _kernels():
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
-        q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         k_base = K + b * skb + g * skg
         v_base = V + b * svb + g * svg
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -73,7 +77,7 @@ def _kernels():
         n_full = tl.load(KV_FULL + pid_m)
         n_all = tl.load(KV_CNT + pid_m)
         row = pid_m * W
-        for j in range(0, n_full):
+        for j in range(n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
             k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[None, :] * sks + offs_d[:, None])
@@ -86,14 +90,24 @@ def _kernels():
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         # Bit index of each (row, column) sub-block pair inside a tile (see tiles.tile_bits).
-        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[None, :]
+        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[
+            None, :
+        ]
         for j in range(n_full, n_all):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[None, :] * sks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(
+                k_base + start.to(tl.int64) * sks + offs_n[None, :] * sks + offs_d[:, None],
+                mask=col_ok[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :],
+                mask=col_ok[:, None],
+                other=0.0,
+            )
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             qk = tl.where(visible, tl.dot(q, k) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -105,7 +119,9 @@ def _kernels():
             m_i = m_new
         has_keys = l_i > 0.0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(
+            has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+        )
         tl.store(
             O + b * sob + n * son + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :],
             out.to(O.dtype.element_ty),
@@ -125,12 +141,20 @@ def _kernels():
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         ok = offs_m < S
-        o = tl.load(O + b * sob + n * son + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.load(
+            O + b * sob + n * son + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if HAS_DLSE:
             dlse = tl.load(DLSE + pid_bh * S + offs_m, mask=ok, other=0.0)
-            delta -= tl.where(dlse == dlse, dlse, 0.0)  # NaN-safe (rows without keys)
+            delta -= tl.where(dlse == dlse, dlse, 0.0)  # noqa: PLR0124  (NaN test: rows without keys)
         tl.store(DELTA + pid_bh * S + offs_m, delta, mask=ok)
 
     @triton.jit
@@ -150,8 +174,16 @@ def _kernels():
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
-        q = tl.load(Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * sqb + n * sqn + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdb + n * sdn + offs_m.to(tl.int64)[:, None] * sds + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(DELTA + pid_bh * S + offs_m, mask=row_ok, other=0.0)
@@ -161,7 +193,7 @@ def _kernels():
         n_full = tl.load(KV_FULL + pid_m)
         n_all = tl.load(KV_CNT + pid_m)
         row = pid_m * W
-        for j in range(0, n_full):
+        for j in range(n_full):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             kpos = start + offs_n
             k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[:, None] * sks + offs_d[None, :])
@@ -170,14 +202,24 @@ def _kernels():
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[None, :]
+        bit = ((offs_m - pid_m * BLOCK_M) // ROW_SUB)[:, None] * (BLOCK_N // COL_SUB) + (offs_n // COL_SUB)[
+            None, :
+        ]
         for j in range(n_full, n_all):
             start = tl.load(KV_IDX + row + j) * BLOCK_N
             bits = tl.load(KV_BITS + row + j)
             kpos = start + offs_n
             col_ok = kpos < S
-            k = tl.load(k_base + start.to(tl.int64) * sks + offs_n[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(
+                k_base + start.to(tl.int64) * sks + offs_n[:, None] * sks + offs_d[None, :],
+                mask=col_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + start.to(tl.int64) * svs + offs_n[:, None] * svs + offs_d[None, :],
+                mask=col_ok[:, None],
+                other=0.0,
+            )
             visible = (((bits >> bit) & 1) != 0) & (kpos[None, :] <= offs_m[:, None]) & col_ok[None, :]
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             p = tl.where(visible, p, 0.0)
@@ -210,14 +252,22 @@ def _kernels():
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         col_ok = offs_n < S
-        k = tl.load(K + b * skb + g * skg + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + g * svg + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(
+            K + b * skb + g * skg + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * svb + g * svg + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         n_full = tl.load(Q_FULL + kt)
         n_all = tl.load(Q_CNT + kt)
         row = kt * WT
-        for i in range(0, n_full * r):
+        for i in range(n_full * r):
             j = i // r
             n = g * r + i % r
             m0 = tl.load(Q_IDX + row + j) * BLOCK_M
@@ -233,7 +283,9 @@ def _kernels():
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
         # [key, query] bit index of each (query row, key column) sub-block pair (see tiles.tile_bits).
-        bit_t = (offs_m0 // ROW_SUB)[None, :] * (BLOCK_N // COL_SUB) + ((offs_n - kt * BLOCK_N) // COL_SUB)[:, None]
+        bit_t = (offs_m0 // ROW_SUB)[None, :] * (BLOCK_N // COL_SUB) + ((offs_n - kt * BLOCK_N) // COL_SUB)[
+            :, None
+        ]
         for i in range(n_full * r, n_all * r):
             j = i // r
             n = g * r + i % r
@@ -246,7 +298,9 @@ def _kernels():
             do_ptr = DO + b * sdb + n * sdn + m0 * sds + offs_m0[:, None] * sds + offs_d[None, :]
             q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr, mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = (
+                tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            )
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
             keep = ((bits >> bit_t) & 1) != 0
@@ -315,7 +369,7 @@ def _opts(cfg: LaunchConfig) -> dict:
 
 
 def _tile_args(t: TileTables) -> dict:
-    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, ROW_SUB=t.row_sub, COL_SUB=t.col_sub)
+    return {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "ROW_SUB": t.row_sub, "COL_SUB": t.col_sub}
 
 
 class _TritonBlockSparse(torch.autograd.Function):
@@ -421,21 +475,28 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
         if b >= 64:
             return cfg
         # Small test patterns: keep tiles and blocks nested (tiles of at most 2 x 2 pattern blocks).
-        small = LaunchConfig(2 * b if b >= 16 else 16, b if b >= 16 else 16)
+        small = LaunchConfig(2 * b if b >= 16 else 16, max(b, 16))
         return TritonConfig(fwd=small, dq=small, dkdv=small)
 
     def _table(self, pattern, seq_len, device, cfg: LaunchConfig, transposed: bool) -> TileTables:
         key = (pattern, seq_len, str(device), cfg.block_m, cfg.block_n, transposed)
         if key not in self._tables:
             self._tables[key] = build_tile_tables(
-                pattern, seq_len, block_m=cfg.block_m, block_n=cfg.block_n, device=device, transposed=transposed
+                pattern,
+                seq_len,
+                block_m=cfg.block_m,
+                block_n=cfg.block_n,
+                device=device,
+                transposed=transposed,
             )
         return self._tables[key]
 
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
-        B, N, S, H = q_BNSH.shape
+        _, N, S, H = q_BNSH.shape
         if k_BGSH.shape[2] != S or v_BGSH.shape[2] != S:
-            raise ValueError(f"sparse attention needs equal query and key lengths, got {S} and {k_BGSH.shape[2]}")
+            raise ValueError(
+                f"sparse attention needs equal query and key lengths, got {S} and {k_BGSH.shape[2]}"
+            )
         if N % k_BGSH.shape[1]:
             raise ValueError(f"query heads {N} must be a multiple of kv heads {k_BGSH.shape[1]}")
         if H not in (16, 32, 64, 128, 256):
