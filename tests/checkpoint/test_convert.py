@@ -126,6 +126,16 @@ def test_exported_longgen_model_matches_mcore_with_sparse_masks(variant, hf_mode
     assert diff <= 1e-4, f"max |hf longgen - mcore| = {diff}"
     # The masks really drop keys: the dense model differs clearly.
     assert (dense_logits - mcore_logits).abs().max().item() > 1e-2
+    # The Auto API finds the class once registered.
+    from transformers import AutoModelForCausalLM
+
+    from megatron_longgen.checkpoint.hf_model import register_auto_classes
+
+    register_auto_classes()
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert isinstance(auto, LongGenLlamaForCausalLM)
+    with torch.no_grad():
+        assert (auto(token_ids).logits - hf_logits).abs().max().item() == 0.0
     # Re-importing the export keeps the recorded LongGen layout (no --pattern / --sparse-variant needed).
     again = hf_to_mcore(hf_dir=tmp_path / "hf", out_dir=tmp_path / "again")
     first = ckpt_format.load_config(tmp_path / "mcore")
