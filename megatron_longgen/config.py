@@ -21,7 +21,7 @@ from typing import Literal
 
 SparseVariant = Literal["sink_window", "block_strided"]
 SPARSE_VARIANTS: tuple[str, ...] = ("sink_window", "block_strided")
-SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "sdpa_chunks", "triton")
+SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "triton")
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "yarn")
 
