@@ -236,7 +236,7 @@ class Trainer:
             data_iterator=data_iter,
             model=self.model if vpp > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
-            seq_length=t.seq_length // self.cp_size,
+            seq_length=t.seq_length,  # full length: the schedules divide by CP (and TP with SP) themselves
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
