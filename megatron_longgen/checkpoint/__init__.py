@@ -11,7 +11,7 @@ transformers):
 
 from __future__ import annotations
 
-_LAZY = {"load_model": "convert", "hf_to_mcore": "convert", "mcore_to_hf": "convert"}
+_LAZY = {"load_model": "loading", "hf_to_mcore": "convert", "mcore_to_hf": "convert"}
 
 __all__ = ["hf_to_mcore", "load_model", "mcore_to_hf"]
 

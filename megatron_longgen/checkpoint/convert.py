@@ -7,7 +7,6 @@
 - `mcore_to_hf(mcore_dir=..., out_dir=...)` reads that folder one layer at a time (dist_checkpointing
   reshards, so any TP/PP layout works) and writes safetensors shards + a `config.json` that records the
   LongGen layout for `hf_model.LongGenLlamaForCausalLM`.
-- `load_model(mcore_dir)` builds our GPTModel in one process and loads the checkpoint.
 
 Memory: HF input is read one shard at a time (safetensors lazily, tensor by tensor); the tensors each
 input shard completes are saved as one dist-checkpoint part, and the parts are merged into one checkpoint
@@ -266,7 +265,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool) -> Iterator[Pa
     os.replace(tmp, out)
 
 
-def _ensure_process_group() -> None:
+def ensure_process_group() -> None:
     """dist_checkpointing needs torch.distributed: start a one-rank gloo group if none exists."""
     import torch.distributed as dist
 
@@ -386,7 +385,7 @@ def hf_to_mcore(
     )
     reader = HFCheckpointReader(hf_dir)
     with atomic_output_dir(out, force=force) as tmp:
-        _ensure_process_group()
+        ensure_process_group()
         from megatron.core import dist_checkpointing
 
         # One dist-checkpoint part per HF shard, merged at the end: memory stays at about one shard.
@@ -505,67 +504,3 @@ def mcore_to_hf(
         hf_config = longgen_to_hf_config(cfg, dtype=out_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return hf_config
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading a checkpoint into our model
-# --------------------------------------------------------------------------------------------------------
-
-
-class StrippedVocabLM(torch.nn.Module):
-    """Our GPTModel with logits cut back to the tokenizer vocabulary.
-
-    `forward(input_ids [b, s], position_ids [b, s], attention_mask=None)` -> logits [b, s, vocab_size]
-    (Megatron's padding rows removed). With `labels=`, the GPTModel's per-token loss is returned unchanged.
-    The GPTModel itself is `.module`.
-    """
-
-    def __init__(self, module: torch.nn.Module, *, vocab_size: int):
-        super().__init__()
-        self.module = module
-        self.vocab_size = vocab_size
-
-    def forward(self, input_ids, position_ids, attention_mask=None, **kwargs):
-        out = self.module(input_ids, position_ids, attention_mask, **kwargs)
-        if kwargs.get("labels") is not None:
-            return out
-        return out[..., : self.vocab_size]
-
-
-def single_process_config(cfg: LongGenConfig, *, dtype: str) -> LongGenConfig:
-    """`cfg` at TP=PP=CP=1 with the same padded vocabulary as the checkpoint (padding of the recorded TP)."""
-    tp = cfg.parallel.tensor_parallel
-    model = dataclasses.replace(
-        cfg.model, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by * tp
-    )
-    parallel = ParallelConfig(
-        tensor_parallel=1, pipeline_parallel=1, context_parallel=1, use_distributed_optimizer=False
-    )
-    train = dataclasses.replace(cfg.train, dtype=dtype)
-    return dataclasses.replace(cfg, model=model, parallel=parallel, train=train)
-
-
-def load_model(
-    mcore_dir: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: str = "fp32"
-) -> tuple[StrippedVocabLM, LongGenConfig]:
-    """Build our model at TP=PP=CP=1 in one process and load a LongGen checkpoint into it.
-
-    Starts a one-rank gloo group when torch.distributed is not initialised, and (re)initialises Megatron's
-    model-parallel state at TP=PP=CP=1. Returns `(model, cfg)`: `model(input_ids, position_ids, None)` gives
-    logits [batch, seq, cfg.model.vocab_size] (vocabulary padding stripped); `cfg` is the recorded config.
-    """
-    from megatron.core import dist_checkpointing
-
-    from megatron_longgen.models.builder import build_model
-    from megatron_longgen.utils.distributed import initialize_model_parallel, set_seed
-
-    cfg = ckpt_format.load_config(mcore_dir)
-    local = single_process_config(cfg, dtype=dtype)
-    _ensure_process_group()
-    initialize_model_parallel(local)
-    set_seed(local.train.seed)
-    model = build_model(local)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_format.model_dir(mcore_dir)))
-    model.load_state_dict(state)
-    model = model.to(device).eval()
-    return StrippedVocabLM(model, vocab_size=cfg.model.vocab_size), cfg

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_longgen.checkpoint import format as ckpt_format
-from megatron_longgen.checkpoint.convert import DEFAULT_MAX_STEPS, hf_to_mcore, load_model, mcore_to_hf
+from megatron_longgen.checkpoint.convert import DEFAULT_MAX_STEPS, hf_to_mcore, mcore_to_hf
+from megatron_longgen.checkpoint.loading import load_model
 from tests.checkpoint.conftest import SEQ, VOCAB
 
 SPARSE_OVERRIDES = (
