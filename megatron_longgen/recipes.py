@@ -26,7 +26,7 @@ Positions stay absolute in every layer. Any recipe can switch with overrides, e.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from megatron_longgen.config import (
     DataConfig,

@@ -30,12 +30,23 @@ def bench_config(*, pattern: str, seq_length: int, recompute: str, variant: str,
     base = llama2_7b_128k()
     model = dataclasses.replace(base.model, num_layers=len(pattern), layer_pattern=pattern)
     cfg = dataclasses.replace(base, name=f"bench_{pattern}_{seq_length}", model=model)
-    return apply_overrides(cfg, [
-        "parallel.sequence_parallel=false", "parallel.tensor_parallel=1", "parallel.use_distributed_optimizer=true",
-        f"train.seq_length={seq_length}", "train.micro_batch_size=1", "train.global_batch_size=1",
-        f"train.recompute={recompute}", "train.save_on_exit=false", "train.lr_warmup_steps=0",
-        "data.valid_fraction=0.0", f"sparse.variant={variant}", f"sparse.backend={backend}",
-    ])
+    return apply_overrides(
+        cfg,
+        [
+            "parallel.sequence_parallel=false",
+            "parallel.tensor_parallel=1",
+            "parallel.use_distributed_optimizer=true",
+            f"train.seq_length={seq_length}",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=1",
+            f"train.recompute={recompute}",
+            "train.save_on_exit=false",
+            "train.lr_warmup_steps=0",
+            "data.valid_fraction=0.0",
+            f"sparse.variant={variant}",
+            f"sparse.backend={backend}",
+        ],
+    )
 
 
 def _sparse_backend_in_use(trainer) -> str | None:
@@ -101,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
     parser.add_argument("--sparse-variant", default="sink_window")
     parser.add_argument("--backend", default="auto", help="sparse kernel backend")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -119,25 +132,36 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:  # after every row, so a run cut short still leaves its numbers
-        out.write_text(json.dumps({
-            "device": device,
-            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "model": "llama2_7b_128k shape (hidden 4096, 32 heads, ffn 11008, vocab 32000), few layers, "
-                     "TP=PP=CP=1, micro/global batch 1, bf16 + fp32 main params, distributed optimizer",
-            "pattern": args.pattern,
-            "recompute": args.recompute,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "rows": rows,
-        }, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "torch": torch.__version__,
+                    "model": "llama2_7b_128k shape (hidden 4096, 32 heads, ffn 11008, vocab 32000), few layers, "
+                    "TP=PP=CP=1, micro/global batch 1, bf16 + fp32 main params, distributed optimizer",
+                    "pattern": args.pattern,
+                    "recompute": args.recompute,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     try:
         for seq in args.seq_lengths:
             pair = {}
             for pattern in (args.pattern, full):
-                cfg = bench_config(pattern=pattern, seq_length=seq, recompute=args.recompute,
-                                   variant=args.sparse_variant, backend=args.backend)
+                cfg = bench_config(
+                    pattern=pattern,
+                    seq_length=seq,
+                    recompute=args.recompute,
+                    variant=args.sparse_variant,
+                    backend=args.backend,
+                )
                 try:
                     row = run_one(cfg, warmup=args.warmup, steps=args.steps)
                 except torch.OutOfMemoryError as exc:
@@ -146,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 pair[pattern] = row
                 rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_times_s")}), flush=True)
+                print(
+                    json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_times_s")}),
+                    flush=True,
+                )
                 write()
             if "step_time_s" in pair[args.pattern] and "step_time_s" in pair[full]:
-                pair[args.pattern]["step_time_ratio_vs_full"] = pair[args.pattern]["step_time_s"] / pair[full]["step_time_s"]
+                pair[args.pattern]["step_time_ratio_vs_full"] = (
+                    pair[args.pattern]["step_time_s"] / pair[full]["step_time_s"]
+                )
                 write()
     finally:
         destroy()
@@ -162,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['pattern']:<10}{r['seq_length']:>8}  {r['error'][:60]}")
             continue
         ratio = r.get("step_time_ratio_vs_full")
-        print(f"{r['pattern']:<10}{r['seq_length']:>8}{r['step_time_s']:>9.3f}{r['tokens_per_s']:>10.0f}"
-              f"{r['tflops_per_gpu']:>11.1f}{r['tflops_per_gpu_dense_equiv']:>11.1f}{r.get('mfu', float('nan')):>7.3f}"
-              f"{r['peak_mem_gib']:>9.1f}{(f'{ratio:.3f}' if ratio else ''):>7}")
+        print(
+            f"{r['pattern']:<10}{r['seq_length']:>8}{r['step_time_s']:>9.3f}{r['tokens_per_s']:>10.0f}"
+            f"{r['tflops_per_gpu']:>11.1f}{r['tflops_per_gpu_dense_equiv']:>11.1f}{r.get('mfu', float('nan')):>7.3f}"
+            f"{r['peak_mem_gib']:>9.1f}{(f'{ratio:.3f}' if ratio else ''):>7}"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -193,7 +193,9 @@ def save_training_checkpoint(
     return final
 
 
-def load_training_checkpoint(checkpoint_dir: str | os.PathLike, *, model_chunks, optimizer=None, scheduler=None) -> dict:
+def load_training_checkpoint(
+    checkpoint_dir: str | os.PathLike, *, model_chunks, optimizer=None, scheduler=None
+) -> dict:
     """Collective: restore model, optimizer, scheduler and (same world size only) RNG from a folder
     written by `save_training_checkpoint`; returns its trainer_state.json.
 
@@ -213,7 +215,9 @@ def load_training_checkpoint(checkpoint_dir: str | os.PathLike, *, model_chunks,
     if optimizer is not None:
         optim_path = ckpt / OPTIM_SUBDIR
         if not (optim_path / "metadata.json").is_file():
-            raise FileNotFoundError(f"{optim_path} has no optimizer state; cannot resume training from {ckpt}")
+            raise FileNotFoundError(
+                f"{optim_path} has no optimizer state; cannot resume training from {ckpt}"
+            )
         request = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks), is_loading=True)
         optimizer.load_state_dict(dist_checkpointing.load(request, str(optim_path)))
     if scheduler is not None and state.get("scheduler") is not None:

@@ -52,7 +52,8 @@ def attended_pairs_per_layer(
 ) -> list[int]:
     """(query, key) pairs each layer computes for one sequence, bottom layer first."""
     return [
-        _pairs(None if (kind == "F" or dense_equivalent) else sparse, seq_length) for kind in model.layer_pattern
+        _pairs(None if (kind == "F" or dense_equivalent) else sparse, seq_length)
+        for kind in model.layer_pattern
     ]
 
 
@@ -60,7 +61,12 @@ def linear_flops_per_token_per_layer(model: ModelConfig) -> int:
     """Forward FLOPs of one layer's projections and MLP for one token (attention scores excluded)."""
     h, d = model.hidden_size, model.head_dim
     q_dim, kv_dim = model.num_attention_heads * d, model.kv_heads * d
-    return 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h + 2 * h * 2 * model.ffn_hidden_size + 2 * model.ffn_hidden_size * h
+    return (
+        2 * h * (q_dim + 2 * kv_dim)
+        + 2 * q_dim * h
+        + 2 * h * 2 * model.ffn_hidden_size
+        + 2 * model.ffn_hidden_size * h
+    )
 
 
 def attention_flops_per_pair(model: ModelConfig) -> int:
@@ -74,7 +80,9 @@ def layer_forward_flops(
     """Forward FLOPs of each layer for one sequence (used for pipeline balancing and reports)."""
     linear = seq_length * linear_flops_per_token_per_layer(model)
     per_pair = attention_flops_per_pair(model)
-    pairs = attended_pairs_per_layer(model=model, sparse=sparse, seq_length=seq_length, dense_equivalent=dense_equivalent)
+    pairs = attended_pairs_per_layer(
+        model=model, sparse=sparse, seq_length=seq_length, dense_equivalent=dense_equivalent
+    )
     return [linear + per_pair * p for p in pairs]
 
 
@@ -82,7 +90,9 @@ def forward_flops_per_sequence(
     *, model: ModelConfig, sparse: SparseAttentionConfig, seq_length: int, dense_equivalent: bool = False
 ) -> int:
     """Forward FLOPs of the whole model (layers + logits) for one sequence of `seq_length` tokens."""
-    layers = layer_forward_flops(model=model, sparse=sparse, seq_length=seq_length, dense_equivalent=dense_equivalent)
+    layers = layer_forward_flops(
+        model=model, sparse=sparse, seq_length=seq_length, dense_equivalent=dense_equivalent
+    )
     return sum(layers) + seq_length * 2 * model.hidden_size * model.vocab_size
 
 

@@ -30,7 +30,7 @@ class MetricsLogger:
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
@@ -69,7 +69,7 @@ class JsonlLogger(MetricsLogger):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A fresh run starts a fresh file; a resumed run appends after the steps it already logged.
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def log(self, metrics: dict, step: int) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -144,7 +144,11 @@ class Trainer:
 
     def _build_model_and_optimizer(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -410,7 +414,9 @@ class Trainer:
                 losses.append(metrics["loss"])
                 window_steps += 1
                 done = step + 1
-                if done % t.log_interval == 0 or done == end_step:
+                evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
+                # Every line carries the training metrics; evaluation steps are always logged.
+                if done % t.log_interval == 0 or done == end_step or evaluating:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
@@ -423,11 +429,9 @@ class Trainer:
                                    **throughput_metrics(cfg=cfg, step_time_s=step_time,
                                                         num_gpus=self.world_size, peak_tflops=peak))
                     window_start, window_steps = now, 0
-                    if t.eval_interval and done % t.eval_interval == 0:
+                    if evaluating:
                         metrics["eval_loss"] = self.evaluate()
                     logger.log(metrics, done)
-                elif t.eval_interval and done % t.eval_interval == 0:
-                    logger.log({"eval_loss": self.evaluate()}, done)
                 if preempt.should_stop(device=self.device):
                     stopped_by = "signal"
                     break

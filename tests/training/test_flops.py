@@ -5,16 +5,30 @@ import pytest
 from megatron_longgen.config import ModelConfig, SparseAttentionConfig
 from megatron_longgen.training import flops
 
-MODEL = ModelConfig(num_layers=3, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=16,
-                    vocab_size=10, layer_pattern="SFS")
-SINK_WINDOW = SparseAttentionConfig(variant="sink_window", block_size=2, num_sink_blocks=1, num_window_blocks=2)
-BLOCK_STRIDED = SparseAttentionConfig(variant="block_strided", block_size=2, stride_blocks=2, num_local_blocks=1)
+MODEL = ModelConfig(
+    num_layers=3,
+    hidden_size=8,
+    num_attention_heads=2,
+    num_query_groups=1,
+    ffn_hidden_size=16,
+    vocab_size=10,
+    layer_pattern="SFS",
+)
+SINK_WINDOW = SparseAttentionConfig(
+    variant="sink_window", block_size=2, num_sink_blocks=1, num_window_blocks=2
+)
+BLOCK_STRIDED = SparseAttentionConfig(
+    variant="block_strided", block_size=2, stride_blocks=2, num_local_blocks=1
+)
 SEQ = 8  # 4 blocks of 2 tokens
 
 
 def test_attended_pairs_by_hand():
     # Full causal over 8 tokens: 1+2+...+8 = 36.
-    assert flops.attended_pairs_per_layer(model=MODEL, sparse=SINK_WINDOW, seq_length=SEQ, dense_equivalent=True) == [36] * 3
+    assert (
+        flops.attended_pairs_per_layer(model=MODEL, sparse=SINK_WINDOW, seq_length=SEQ, dense_equivalent=True)
+        == [36] * 3
+    )
     # sink_window (sink block 0, window = own + previous block). Keys per query, tokens 0..7:
     # block0: 1,2 | block1: 3,4 | block2: sink 2 + prev 2 + own 1,2 -> 5,6 | block3: sink 2 + prev 2 + 1,2 -> 5,6
     sw = 1 + 2 + 3 + 4 + 5 + 6 + 5 + 6
@@ -35,7 +49,12 @@ def test_forward_and_training_flops_by_hand():
         assert flops.forward_flops_per_sequence(model=MODEL, sparse=sparse, seq_length=SEQ) == expected
         assert flops.training_flops_per_sequence(model=MODEL, sparse=sparse, seq_length=SEQ) == 3 * expected
     dense = 3 * SEQ * 1152 + 32 * 3 * 36 + logits
-    assert flops.forward_flops_per_sequence(model=MODEL, sparse=SINK_WINDOW, seq_length=SEQ, dense_equivalent=True) == dense
+    assert (
+        flops.forward_flops_per_sequence(
+            model=MODEL, sparse=SINK_WINDOW, seq_length=SEQ, dense_equivalent=True
+        )
+        == dense
+    )
     full = ModelConfig(**{**MODEL.__dict__, "layer_pattern": "FFF"})
     assert flops.forward_flops_per_sequence(model=full, sparse=SINK_WINDOW, seq_length=SEQ) == dense
 
@@ -44,7 +63,10 @@ def test_llama2_7b_128k_sparse_layers_are_cheaper():
     from megatron_longgen.recipes import llama2_7b_128k, llama2_7b_128k_full
 
     hybrid, full = llama2_7b_128k(), llama2_7b_128k_full()
-    executed, dense = flops.training_flops_per_step(hybrid), flops.training_flops_per_step(hybrid, dense_equivalent=True)
+    executed, dense = (
+        flops.training_flops_per_step(hybrid),
+        flops.training_flops_per_step(hybrid, dense_equivalent=True),
+    )
     assert dense == flops.training_flops_per_step(full)
     # 2/3 of the layers keep ~2.1K of up to 128K keys: attention work drops by well over half.
     assert 0.3 < executed / dense < 0.6

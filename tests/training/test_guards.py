@@ -22,7 +22,9 @@ def test_nan_guard_skip_counts_then_stops():
     assert guard.check(2.0, step=2) is True
     assert guard.check(math.nan, step=3) is False
     assert guard.skipped == 2
-    with pytest.raises(FloatingPointError, match="3 non-finite steps skipped, more than train.max_nan_skips=2"):
+    with pytest.raises(
+        FloatingPointError, match="3 non-finite steps skipped, more than train.max_nan_skips=2"
+    ):
         guard.check(math.nan, step=4)
     with pytest.raises(ValueError, match="'ignore'"):
         NanGuard(policy="ignore", max_skips=0)

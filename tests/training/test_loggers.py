@@ -16,9 +16,19 @@ from megatron_longgen.training.loggers import (
 def test_console_line():
     lines = []
     ConsoleLogger(max_steps=200, print_fn=lambda text, flush: lines.append(text)).log(
-        {"loss": 5.12345, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 1234.4, "step_time_s": 0.52, "eta_s": 98.0}, 12
+        {
+            "loss": 5.12345,
+            "lr": 3e-4,
+            "grad_norm": 0.5,
+            "tokens_per_s": 1234.4,
+            "step_time_s": 0.52,
+            "eta_s": 98.0,
+        },
+        12,
     )
-    assert lines == ["step    12/200 | loss 5.1235 | lr 3.00e-04 | grad 0.500 | 1234 tok/s | 0.52 s/step | ETA 01:38"]
+    assert lines == [
+        "step    12/200 | loss 5.1235 | lr 3.00e-04 | grad 0.500 | 1234 tok/s | 0.52 s/step | ETA 01:38"
+    ]
 
 
 def test_jsonl_fresh_then_resumed(tmp_path):
@@ -29,7 +39,10 @@ def test_jsonl_fresh_then_resumed(tmp_path):
     resumed = JsonlLogger(path, append=True)
     resumed.log({"loss": 1.5}, 2)
     resumed.close()
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+    ]
     JsonlLogger(path).close()  # a fresh run starts a fresh file
     assert path.read_text() == ""
 
@@ -38,7 +51,9 @@ def test_wandb_offline_and_group(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     jsonl = JsonlLogger(tmp_path / "metrics.jsonl")
-    group = LoggerGroup([MetricsLogger(), jsonl, WandbLogger(project="p", name="n", config={"a": 1}, run_dir=tmp_path)])
+    group = LoggerGroup(
+        [MetricsLogger(), jsonl, WandbLogger(project="p", name="n", config={"a": 1}, run_dir=tmp_path)]
+    )
     for step in (1, 2):
         group.log({"loss": 1.0 / step}, step)
     group.close()

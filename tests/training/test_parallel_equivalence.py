@@ -34,19 +34,32 @@ def _two_ranks(rank, world_size, root):
     for name, extra in {
         "dp2_plain": ("parallel.use_distributed_optimizer=false",),
         "dp2_distopt": ("parallel.use_distributed_optimizer=true",),
-        "pp2": ("parallel.pipeline_parallel=2", "parallel.use_distributed_optimizer=false",
-                f"train.init_checkpoint={init}"),
+        "pp2": (
+            "parallel.pipeline_parallel=2",
+            "parallel.use_distributed_optimizer=false",
+            f"train.init_checkpoint={init}",
+        ),
         "cp2": ("parallel.context_parallel=2", "parallel.use_distributed_optimizer=false"),
-        "pp2_vpp2": ("parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
-                     "parallel.use_distributed_optimizer=false", f"train.init_checkpoint={init}"),
+        "pp2_vpp2": (
+            "parallel.pipeline_parallel=2",
+            "parallel.virtual_pipeline_parallel=2",
+            "parallel.use_distributed_optimizer=false",
+            f"train.init_checkpoint={init}",
+        ),
     }.items():
-        trainer = Trainer(tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false", *extra),
-                          run_dir=root / name, quiet=True)
+        trainer = Trainer(
+            tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false", *extra),
+            run_dir=root / name,
+            quiet=True,
+        )
         if name == "dp2_plain":
             trainer.save(0)
         result = trainer.fit()
-        out[name] = {"losses": result.losses, "params": None if name.startswith(("pp2", "cp2")) else _params(trainer),
-                     "is_logging_rank": trainer.is_logging_rank}
+        out[name] = {
+            "losses": result.losses,
+            "params": None if name.startswith(("pp2", "cp2")) else _params(trainer),
+            "is_logging_rank": trainer.is_logging_rank,
+        }
     # TP=2: stop after STEPS (checkpoint), then one more step from it.
     tp_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2")
     Trainer(tp_cfg, run_dir=root / "tp2", quiet=True).fit(stop_after_steps=STEPS)
@@ -64,8 +77,13 @@ def _one_rank(rank, world_size, root):
 
     root = Path(root)
     out = {}
-    trainer = Trainer(tiny_config(f"train.max_steps={STEPS}", "train.save_on_exit=false",
-                                  "parallel.use_distributed_optimizer=false"), run_dir=root / "dp1", quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            f"train.max_steps={STEPS}", "train.save_on_exit=false", "parallel.use_distributed_optimizer=false"
+        ),
+        run_dir=root / "dp1",
+        quiet=True,
+    )
     out["dp1"] = {"losses": trainer.fit().losses, "params": _params(trainer)}
     out["metrics"] = [json.loads(line) for line in (root / "dp1" / "metrics.jsonl").read_text().splitlines()]
     # Resharding: the TP=2 checkpoint (step STEPS) resumed at TP=1 gives the step STEPS+1 loss of TP=2.
@@ -94,16 +112,26 @@ def test_dp2_matches_dp1(results, name):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
     for rank_result in two:  # every DP replica ends with the reference weights
         for key, value in ref["params"].items():
-            torch.testing.assert_close(torch.from_numpy(rank_result[name]["params"][key]), torch.from_numpy(value),
-                                       rtol=1e-4, atol=1e-6, msg=key)
+            torch.testing.assert_close(
+                torch.from_numpy(rank_result[name]["params"][key]),
+                torch.from_numpy(value),
+                rtol=1e-4,
+                atol=1e-6,
+                msg=key,
+            )
 
 
 def test_distributed_optimizer_matches_plain(results):
     two, _ = results
     for rank_result in two:
         for key, value in rank_result["dp2_plain"]["params"].items():
-            torch.testing.assert_close(torch.from_numpy(rank_result["dp2_distopt"]["params"][key]),
-                                       torch.from_numpy(value), rtol=1e-5, atol=1e-7, msg=key)
+            torch.testing.assert_close(
+                torch.from_numpy(rank_result["dp2_distopt"]["params"][key]),
+                torch.from_numpy(value),
+                rtol=1e-5,
+                atol=1e-7,
+                msg=key,
+            )
 
 
 @pytest.mark.parametrize("name", ["pp2", "pp2_vpp2", "cp2"])
@@ -118,15 +146,27 @@ def test_pipeline_and_context_parallel_match_dp(results, name):
 def test_tp2_checkpoint_resumes_at_tp1(results):
     two, one = results
     assert len(two[0]["tp2_next"]) == 1 and len(one["tp1_from_tp2"]) == 1
-    torch.testing.assert_close(torch.tensor(one["tp1_from_tp2"]), torch.tensor(two[0]["tp2_next"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(one["tp1_from_tp2"]), torch.tensor(two[0]["tp2_next"]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_metrics_lines_have_throughput_fields(results):
     _, one = results
     lines = one["metrics"]
     assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "wall_time_s",
-                "peak_mem_gib", "tflops_per_gpu", "tflops_per_gpu_dense_equiv"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tokens_per_s_per_gpu",
+        "step_time_s",
+        "wall_time_s",
+        "peak_mem_gib",
+        "tflops_per_gpu",
+        "tflops_per_gpu_dense_equiv",
+    ):
         assert key in lines[-1], key
     # SFFS with 16-token blocks at 128 tokens: the sparse layers skip pairs, so executed < dense-equivalent.
     assert lines[-1]["tflops_per_gpu"] < lines[-1]["tflops_per_gpu_dense_equiv"]

@@ -22,7 +22,7 @@ def test_balanced_sizes_by_hand():
     assert sum(sizes) == 6 and all(s >= 1 for s in sizes)
     costs = [1, 1, 4, 4, 1, 1]
     bounds = [sum(sizes[:i]) for i in range(4)]
-    assert max(sum(costs[bounds[i]:bounds[i + 1]]) for i in range(3)) == 6
+    assert max(sum(costs[bounds[i] : bounds[i + 1]]) for i in range(3)) == 6
     # The logits on the last stage push layers to the front.
     assert balanced_stage_sizes([1, 1, 1, 1], num_stages=2, last_extra=2.0) == [3, 1]
     assert balanced_stage_sizes([5, 1, 1, 1], num_stages=4) == [1, 1, 1, 1]
@@ -57,8 +57,10 @@ def test_layout_reaches_megatron_transformer_config():
 
     from megatron_longgen.megatron_bridge import to_transformer_config
 
-    cfg = apply_overrides(llama2_7b_128k(), ["parallel.sequence_parallel=false", "parallel.tensor_parallel=1",
-                                             "parallel.pipeline_parallel=4"])
+    cfg = apply_overrides(
+        llama2_7b_128k(),
+        ["parallel.sequence_parallel=false", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=4"],
+    )
     tcfg = to_transformer_config(cfg)
     sizes = pipeline_stage_sizes(cfg)
     layout = tcfg.pipeline_model_parallel_layout.layout  # [pp_rank][vp_stage] -> layer types

@@ -25,22 +25,38 @@ def _init_from_converted_hf(root):
     from megatron_longgen.training.trainer import Trainer
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False, torch_dtype=torch.float32,
-    )).eval()
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            torch_dtype=torch.float32,
+        )
+    ).eval()
     hf.save_pretrained(root / "hf")
     hf_to_mcore(hf_dir=root / "hf", out_dir=root / "hf_mcore", pattern="full", dtype="fp32", seq_length=128)
-    cfg = tiny_config("train.max_steps=1", "train.save_on_exit=false", f"train.init_checkpoint={root / 'hf_mcore'}",
-                      pattern="FFFF")
+    cfg = tiny_config(
+        "train.max_steps=1",
+        "train.save_on_exit=false",
+        f"train.init_checkpoint={root / 'hf_mcore'}",
+        pattern="FFFF",
+    )
     trainer = Trainer(cfg, run_dir=root / "from_hf", quiet=True)
     batches = list(trainer._iterator(trainer.train_data, 0))
     with torch.no_grad():
         loss_sum, count = 0.0, 0.0
         for batch in batches:
             logits = hf(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
-            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            per_token = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+            )
             loss_sum += float((per_token * batch["loss_mask"].flatten()).sum())
             count += float(batch["loss_mask"].sum())
     return {"ours": trainer.fit().losses[0], "hf": loss_sum / count}
@@ -68,13 +84,18 @@ def _worker(rank, world_size, root):
     out["latest"] = latest_checkpoint(root / "split" / "checkpoints").name
 
     # Save every 4 steps, keep 2: only the newest two complete folders remain.
-    rot = Trainer(tiny_config("train.max_steps=12", "train.save_interval=4", "train.keep_last_checkpoints=2"),
-                  run_dir=root / "rot", quiet=True)
+    rot = Trainer(
+        tiny_config("train.max_steps=12", "train.save_interval=4", "train.keep_last_checkpoints=2"),
+        run_dir=root / "rot",
+        quiet=True,
+    )
     rot.fit()
     out["rotation"] = [p.name for p in complete_checkpoints(root / "rot" / "checkpoints")]
 
     # Weights-only init from the final checkpoint of the straight run: first loss = loss of those weights.
-    init_cfg = tiny_config("train.max_steps=1", f"train.init_checkpoint={root / 'straight' / 'checkpoints' / 'step_0000020'}")
+    init_cfg = tiny_config(
+        "train.max_steps=1", f"train.init_checkpoint={root / 'straight' / 'checkpoints' / 'step_0000020'}"
+    )
     init = Trainer(init_cfg, run_dir=root / "init", quiet=True)
     init_params = None
     init.restore(resume=False)
@@ -88,7 +109,11 @@ def _worker(rank, world_size, root):
 
     out["rope"] = {}
     for scaling in ("none", "linear", "yarn"):
-        extra = () if scaling == "none" else ("model.rope_scaling_factor=4", "model.rope_original_max_position=32")
+        extra = (
+            ()
+            if scaling == "none"
+            else ("model.rope_scaling_factor=4", "model.rope_original_max_position=32")
+        )
         rope_cfg = tiny_config("train.max_steps=1", f"model.rope_scaling={scaling}", *extra)
         trainer = Trainer(rope_cfg, run_dir=root / f"rope_{scaling}", quiet=True)
         result = trainer.fit()
@@ -103,7 +128,9 @@ def _worker(rank, world_size, root):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_distributed(_worker, world_size=1, args=(str(tmp_path_factory.mktemp("resume")),), timeout_s=400)[0]
+    return run_distributed(
+        _worker, world_size=1, args=(str(tmp_path_factory.mktemp("resume")),), timeout_s=400
+    )[0]
 
 
 def test_loss_decreases(results):
