@@ -104,6 +104,18 @@ def _worker(rank, world_size, root):
 
     out["hf"] = _init_from_converted_hf(root)
 
+    # Activation recomputation changes memory, not numerics.
+    out["recompute"] = {
+        mode: Trainer(
+            tiny_config("train.max_steps=3", "train.save_on_exit=false", f"train.recompute={mode}"),
+            run_dir=root / f"recompute_{mode}",
+            quiet=True,
+        )
+        .fit()
+        .losses
+        for mode in ("none", "selective", "full")
+    }
+
     # RoPE length extension: same weights, different rotary embedding; recorded in the checkpoint.
     from megatron_longgen.checkpoint.format import load_config
 
@@ -171,3 +183,10 @@ def test_rope_scaling_variants_build_differ_and_are_recorded(results):
 
 def test_init_from_converted_hf_checkpoint_matches_hf_loss(results):
     assert results["hf"]["ours"] == pytest.approx(results["hf"]["hf"], rel=1e-5)
+
+
+def test_recompute_selective_and_full_match_none(results):
+    runs = results["recompute"]
+    assert len(runs["none"]) == 3
+    assert runs["selective"] == runs["none"]
+    assert runs["full"] == runs["none"]
