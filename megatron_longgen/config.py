@@ -407,30 +407,37 @@ def _coerce(value: str, annotation: typing.Any) -> typing.Any:
 def apply_overrides(cfg: LongGenConfig, overrides: list[str]) -> LongGenConfig:
     """Apply `section.field=value` overrides (e.g. `train.lr=3e-4`, `model.layer_pattern=SSFFSS`).
 
-    Raises ValueError for unknown sections or fields, listing the valid names.
+    All overrides are collected first and each section is rebuilt once, so fields that are validated
+    together (e.g. `model.num_layers` and `model.layer_pattern`) can change together; a later override of
+    the same field wins. Raises ValueError for malformed items and unknown sections or fields, listing the
+    valid names.
     """
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    changes: dict[str, dict[str, typing.Any]] = {}
+    name_override: str | None = None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
         path, value = item.split("=", 1)
         parts = path.strip().split(".")
         if len(parts) == 1 and parts[0] == "name":
-            cfg = dataclasses.replace(cfg, name=value)
+            name_override = value
             continue
         if len(parts) != 2:
             raise ValueError(f"override {item!r} must look like section.field=value")
         section, name = parts
-        sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
         if section not in sections:
             raise ValueError(f"unknown config section {section!r}; choose from {sorted(sections)}")
         sub = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(sub)}
+        fields = {f.name for f in dataclasses.fields(sub)}
         if name not in fields:
             raise ValueError(f"unknown field {section}.{name}; {section} has {sorted(fields)}")
         hints = typing.get_type_hints(type(sub))
-        new_sub = dataclasses.replace(sub, **{name: _coerce(value, hints[name])})
-        cfg = dataclasses.replace(cfg, **{section: new_sub})
-    return cfg
+        changes.setdefault(section, {})[name] = _coerce(value, hints[name])
+    replaced = {section: dataclasses.replace(getattr(cfg, section), **kw) for section, kw in changes.items()}
+    if name_override is not None:
+        replaced["name"] = name_override
+    return dataclasses.replace(cfg, **replaced) if replaced else cfg
 
 
 def config_to_dict(cfg: LongGenConfig) -> dict:

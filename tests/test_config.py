@@ -98,3 +98,12 @@ def test_paper_defaults():
     seven_b = get_recipe("llama2_7b_128k")
     assert seven_b.train.seq_length == 131072 and seven_b.parallel.tensor_parallel == 8
     assert seven_b.model.layer_pattern == "S" * 10 + "F" * 11 + "S" * 11
+
+
+def test_overrides_that_must_change_together():
+    cfg = apply_overrides(debug_tiny(), ["model.num_layers=3", "model.layer_pattern=SFS", "train.max_steps=2",
+                                         "train.max_steps=5", "name=mine"])
+    assert cfg.model.num_layers == 3 and cfg.model.layer_pattern == "SFS"
+    assert cfg.train.max_steps == 5 and cfg.name == "mine"
+    with pytest.raises(ValueError, match="must look like section.field=value"):
+        apply_overrides(cfg, ["train.lr"])
