@@ -57,11 +57,11 @@ def _warn_ignored_mask(attention_mask) -> None:
         )
 
 
-def _to_bnsh(x_sbnh: torch.Tensor) -> torch.Tensor:
+def to_bnsh(x_sbnh: torch.Tensor) -> torch.Tensor:
     return x_sbnh.permute(1, 2, 0, 3)
 
 
-def _from_bnsh(out_bnsh: torch.Tensor) -> torch.Tensor:
+def from_bnsh(out_bnsh: torch.Tensor) -> torch.Tensor:
     b, n, s, h = out_bnsh.shape
     return out_bnsh.permute(2, 0, 1, 3).reshape(s, b, n * h)
 
@@ -122,9 +122,9 @@ class SparseCoreAttention(MegatronModule):
         _warn_ignored_mask(attention_mask)
         kernel = self.kernel_for(query)
         out, _ = kernel(
-            _to_bnsh(query), _to_bnsh(key), _to_bnsh(value), pattern=self.pattern, softmax_scale=self.softmax_scale
+            to_bnsh(query), to_bnsh(key), to_bnsh(value), pattern=self.pattern, softmax_scale=self.softmax_scale
         )
-        return _from_bnsh(out)
+        return from_bnsh(out)
 
 
 class FullCoreAttention(MegatronModule):
@@ -160,7 +160,7 @@ class FullCoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("full attention supports neither packed_seq_params nor attention_bias")
         _warn_ignored_mask(attention_mask)
-        q, k, v = _to_bnsh(query), _to_bnsh(key), _to_bnsh(value)
+        q, k, v = to_bnsh(query), to_bnsh(key), to_bnsh(value)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -170,4 +170,4 @@ class FullCoreAttention(MegatronModule):
             scale=self.softmax_scale,
             enable_gqa=q.shape[1] != k.shape[1],
         )
-        return _from_bnsh(out)
+        return from_bnsh(out)

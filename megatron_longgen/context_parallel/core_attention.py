@@ -28,6 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_longgen.attention.core_attention import from_bnsh, to_bnsh
 from megatron_longgen.attention.masks import SparsePattern, pattern_from_config
 from megatron_longgen.config import SparseAttentionConfig
 from megatron_longgen.context_parallel.ring_attention import ring_attention
@@ -82,15 +83,6 @@ def _warn_backend_once(backend: str) -> None:
         )
 
 
-def _to_bnsh(x_sbnh: torch.Tensor) -> torch.Tensor:
-    return x_sbnh.permute(1, 2, 0, 3)
-
-
-def _from_bnsh(out_bnsh: torch.Tensor) -> torch.Tensor:
-    b, n, s, h = out_bnsh.shape
-    return out_bnsh.permute(2, 0, 1, 3).reshape(s, b, n * h)
-
-
 class ContextParallelFullAttention(MegatronModule):
     """Dense causal attention over the CP group by zig-zag ring attention (full `F` layers, CP > 1)."""
 
@@ -135,14 +127,14 @@ class ContextParallelFullAttention(MegatronModule):
                 self.step_kernel_name, device=query.device, dtype=query.dtype
             )
         out, _ = ring_attention(
-            _to_bnsh(query),
-            _to_bnsh(key),
-            _to_bnsh(value),
+            to_bnsh(query),
+            to_bnsh(key),
+            to_bnsh(value),
             cp_group=self.cp_group,
             softmax_scale=self.softmax_scale,
             kernel=self._kernels[key_],
         )
-        return _from_bnsh(out)
+        return from_bnsh(out)
 
 
 class ContextParallelSparseAttention(MegatronModule):
@@ -187,12 +179,12 @@ class ContextParallelSparseAttention(MegatronModule):
     ) -> torch.Tensor:
         _check_forward(attention_mask, attention_bias, packed_seq_params, "sparse")
         out, _ = sparse_cp_attention(
-            _to_bnsh(query),
-            _to_bnsh(key),
-            _to_bnsh(value),
+            to_bnsh(query),
+            to_bnsh(key),
+            to_bnsh(value),
             pattern=self.pattern,
             cp_group=self.cp_group,
             softmax_scale=self.softmax_scale,
             kernel=self.kernel,
         )
-        return _from_bnsh(out)
+        return from_bnsh(out)

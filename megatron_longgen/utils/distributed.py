@@ -25,26 +25,32 @@ def free_port() -> int:
 
 
 def init_distributed(*, timeout_s: float = 1800.0) -> tuple[int, int]:
-    """Initialise the default process group if needed; returns (rank, world_size)."""
+    """Initialise the default process group if needed; returns (rank, world_size).
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+    (MASTER_ADDR/PORT come from slurm/train.sbatch). Without either, a one-rank group is created on a free
+    local port, without touching os.environ: child processes started later must not inherit an address
+    that this process already listens on.
+    """
     if not torch.cuda.is_available():
         enable_cpu_compat()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        # Launched by `srun` with one task per GPU (slurm/train.sbatch): take the ranks from Slurm.
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+        init_method = "env://"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+        init_method = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+    else:
+        rank, world, local = 0, 1, 0
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
