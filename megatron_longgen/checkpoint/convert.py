@@ -70,18 +70,37 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # --------------------------------------------------------------------------------------------------------
 
 
-def _rope(hf: dict) -> tuple[float, str, float]:
-    """(rope_theta, scaling kind, factor) from either the transformers v4 or v5 config layout."""
+def _rope(hf: dict) -> dict:
+    """ModelConfig RoPE fields from either the transformers v4 (`rope_theta` + `rope_scaling`) or v5
+    (`rope_parameters`) layout: raised base only (`default`), position interpolation (`linear`) or YaRN."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    factor = params.get("factor", scaling.get("factor", 1.0))
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    factor = float(merged.get("factor", 1.0))
     if kind == "default":
-        return float(theta), "none", 1.0
+        return dict(rotary_base=theta, rope_scaling="none", rope_scaling_factor=1.0)
     if kind == "linear":
-        return float(theta), "linear", float(factor)
-    raise ValueError(f"unsupported RoPE scaling {kind!r} in config.json (supported: default, linear)")
+        return dict(rotary_base=theta, rope_scaling="linear", rope_scaling_factor=factor)
+    if kind == "yarn":
+        unsupported = {k: merged[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if merged.get(k) is not None}
+        if unsupported or merged.get("truncate", True) is False:
+            raise ValueError(
+                f"YaRN options {unsupported or {'truncate': False}} are not supported (only the default "
+                "attention factor 0.1*ln(factor)+1 with truncated correction range)"
+            )
+        return dict(
+            rotary_base=theta,
+            rope_scaling="yarn",
+            rope_scaling_factor=factor,
+            rope_original_max_position=int(
+                merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 4096)
+            ),
+            yarn_beta_fast=float(merged.get("beta_fast", 32.0)),
+            yarn_beta_slow=float(merged.get("beta_slow", 1.0)),
+        )
+    raise ValueError(f"unsupported RoPE scaling {kind!r} in config.json (supported: default, linear, yarn)")
 
 
 def hf_config_to_longgen(
@@ -123,7 +142,7 @@ def hf_config_to_longgen(
         raise ValueError(
             f"head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden} is not supported"
         )
-    theta, scaling, factor = _rope(hf)
+    rope = {"rope_original_max_position": hf.get("max_position_embeddings", 4096), **_rope(hf)}
     num_layers = hf["num_hidden_layers"]
     recorded = hf.get("longgen") or {}
     if pattern is None:
@@ -157,10 +176,7 @@ def hf_config_to_longgen(
             ffn_hidden_size=hf["intermediate_size"],
             vocab_size=hf["vocab_size"],
             layer_pattern=layer_pattern,
-            rotary_base=theta,
-            rope_scaling=scaling,
-            rope_scaling_factor=factor,
-            rope_original_max_position=hf.get("max_position_embeddings", 4096),
+            **rope,
             norm_epsilon=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         ),
@@ -181,8 +197,14 @@ def longgen_to_hf_config(cfg: LongGenConfig, *, dtype: torch.dtype) -> dict:
         "rope_type": "default" if m.rope_scaling == "none" else m.rope_scaling,
         "rope_theta": m.rotary_base,
     }
-    if m.rope_scaling == "linear":
+    if m.rope_scaling in ("linear", "yarn"):
         rope["factor"] = m.rope_scaling_factor
+    if m.rope_scaling == "yarn":
+        rope.update(
+            original_max_position_embeddings=m.rope_original_max_position,
+            beta_fast=m.yarn_beta_fast,
+            beta_slow=m.yarn_beta_slow,
+        )
     return {
         "architectures": ["LongGenLlamaForCausalLM"],
         "model_type": "longgen_llama",

@@ -393,7 +393,8 @@ class Trainer:
         start_step = self.restore(resume=resume)
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-            self._say(f"{cfg.name}: pattern {cfg.model.layer_pattern} ({cfg.sparse.variant}), "
+            layout = "all full" if cfg.is_full_attention else cfg.sparse.variant
+            self._say(f"{cfg.name}: pattern {cfg.model.layer_pattern} ({layout}), "
                       f"{self.num_parameters / 1e6:.2f}M params/rank, world {self.world_size} "
                       f"(tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
                       f"cp {cfg.parallel.context_parallel} dp {self.dp_size}), device {self.device.type}, "
