@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 
@@ -81,21 +82,38 @@ class JsonlLogger(MetricsLogger):
 
 class WandbLogger(MetricsLogger):
     """Weights & Biases run. Project and name come from the config or WANDB_PROJECT / WANDB_NAME;
-    mode from WANDB_MODE, else the config (offline by default: no network needed)."""
+    mode from WANDB_MODE, else the config (offline by default: no network needed).
 
-    def __init__(self, *, project: str, name: str, config: dict, run_dir: str | os.PathLike, mode: str = "offline"):
+    The run id is kept in `RUN_DIR/wandb_run_id`: a resumed training run (`resume_run=True`) continues the
+    same W&B run, so its curves have no seam; a fresh run gets a new id.
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, *, project: str, name: str, config: dict, run_dir: str | os.PathLike,
+                 mode: str = "offline", resume_run: bool = False):
         from megatron_longgen.utils.optional import require
 
         require("wandb", feature="W&B logging")
         import wandb
 
         self._wandb = wandb
+        id_path = Path(run_dir) / self.ID_FILE
+        if resume_run and id_path.is_file() and id_path.read_text().strip():
+            run_id = id_path.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)  # W&B run ids: short, lowercase alphanumeric
+            tmp = id_path.with_suffix(".tmp")
+            tmp.write_text(run_id + "\n")
+            os.replace(tmp, id_path)
+        self.run_id = run_id
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", project),
             name=os.environ.get("WANDB_NAME", name),
             mode=os.environ.get("WANDB_MODE", mode),
             dir=str(run_dir),
             config=config,
+            id=run_id,
             resume="allow",
         )
 

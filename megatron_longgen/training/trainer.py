@@ -264,22 +264,32 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _grads_finite(self) -> bool:
+        """Whether this rank's gradient buffers (after Megatron's DP reduction) hold only finite values.
+        bf16 training has no loss scaler to catch overflows, so this is what protects the weights."""
+        for chunk in self.model:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                if not torch.isfinite(buffer.grad_data).all():
+                    return False
+        return True
+
     def train_step(self, step: int) -> dict:
-        """One optimizer step on global batch `step` (0-based). A non-finite loss goes to the NaN guard
-        before the optimizer sees the gradients: `stop` raises, `skip` drops the update."""
+        """One optimizer step on global batch `step` (0-based). A non-finite loss or gradient goes to the
+        NaN guard before the optimizer touches the weights: `stop` raises, `skip` drops the update."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(self._iterator(self.train_data, step), forward_only=False)
         loss = self._reduce_loss(losses)
+        lr = self.optimizer.param_groups[0]["lr"]
         if self._global_flag(not math.isfinite(loss)):
             self.nan_guard.check(float("nan") if math.isfinite(loss) else loss, step=step + 1)
-            return {"loss": loss, "grad_norm": float("nan"), "lr": self.optimizer.param_groups[0]["lr"],
-                    "update_skipped": True}
+            return {"loss": loss, "grad_norm": float("nan"), "lr": lr, "update_skipped": True}
+        if self._global_flag(not self._grads_finite()):
+            self.nan_guard.check(float("nan"), step=step + 1, what="gradient")
+            return {"loss": loss, "grad_norm": float("nan"), "lr": lr, "update_skipped": True}
         ok, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if self.cfg.train.clip_grad > 0 and not math.isfinite(grad_norm) and self.nan_guard.policy == "stop":
-            self.nan_guard.check(grad_norm, step=step + 1, what="gradient norm")
         if ok:
             self.scheduler.step(increment=1)
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
@@ -309,7 +319,7 @@ class Trainer:
             loggers.append(WandbLogger(project=self.cfg.logging.wandb_project,
                                        name=self.cfg.logging.run_name or self.cfg.name,
                                        config=config_to_dict(self.cfg), run_dir=self.run_dir,
-                                       mode=self.cfg.logging.wandb_mode))
+                                       mode=self.cfg.logging.wandb_mode, resume_run=append))
         return LoggerGroup(loggers)
 
     # ---------------------------------------------------------------- checkpoints

@@ -18,6 +18,7 @@ def trainer(tmp_path_factory):
 
     cfg = apply_overrides(debug_tiny(), [
         "train.seq_length=64", "train.micro_batch_size=1", "train.global_batch_size=3", "train.clip_grad=0",
+        "train.lr_warmup_steps=0",
         "model.num_layers=3", "model.layer_pattern=SFS", "sparse.block_size=4", "sparse.num_window_blocks=2",
     ])
     return Trainer(cfg, run_dir=tmp_path_factory.mktemp("run"), quiet=True)
@@ -42,3 +43,28 @@ def test_main_grads_equal_token_mean_loss_gradients(trainer):
     for n, p in module.named_parameters():
         assert got[n].abs().sum() > 0, n
         torch.testing.assert_close(got[n], p.main_grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_non_finite_gradient_never_reaches_the_weights(trainer, monkeypatch):
+    # A finite loss with an overflowing gradient (bf16 has no loss scaler to notice): the guard must act
+    # before the optimizer step, in both policies.
+    real_run = trainer._run
+
+    def run_then_poison(*args, **kwargs):
+        out = real_run(*args, **kwargs)
+        trainer.model[0].buffers[0].grad_data[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(trainer, "_run", run_then_poison)
+    before = [p.detach().clone() for p in trainer.model[0].module.parameters()]
+    with pytest.raises(FloatingPointError, match="gradient is nan at step 4"):
+        trainer.train_step(3)
+    monkeypatch.setattr(trainer.nan_guard, "policy", "skip")
+    skipped_before = trainer.nan_guard.skipped
+    metrics = trainer.train_step(3)
+    assert metrics["update_skipped"] and trainer.nan_guard.skipped == skipped_before + 1
+    for p, q in zip(trainer.model[0].module.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    monkeypatch.setattr(trainer, "_run", real_run)
+    assert not trainer.train_step(3)["update_skipped"]
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(trainer.model[0].module.parameters(), before))

@@ -68,3 +68,20 @@ def test_metrics_rank_is_first_rank_of_last_stage():
     assert is_metrics_rank(pp_rank=3, pp_size=4, tp_rank=0, dp_rank=0, cp_rank=0)
     assert not is_metrics_rank(pp_rank=3, pp_size=4, tp_rank=1, dp_rank=0, cp_rank=0)
     assert not is_metrics_rank(pp_rank=0, pp_size=4, tp_rank=0, dp_rank=0, cp_rank=0)
+
+
+def test_wandb_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = WandbLogger(project="p", name="n", config={}, run_dir=tmp_path)
+    first.log({"loss": 2.0}, 1)
+    first.close()
+    resumed = WandbLogger(project="p", name="n", config={}, run_dir=tmp_path, resume_run=True)
+    resumed.log({"loss": 1.0}, 2)
+    resumed.close()
+    assert resumed.run_id == first.run_id
+    fresh = WandbLogger(project="p", name="n", config={}, run_dir=tmp_path)
+    fresh.close()
+    assert fresh.run_id != first.run_id
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert sum(first.run_id in r.name for r in runs) == 2  # both parts of the resumed run carry its id
