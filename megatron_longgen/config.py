@@ -240,6 +240,10 @@ class TrainingConfig:
     pipeline_layout: str = "balanced"
     """Layers per pipeline stage: `balanced` (contiguous stages of equal estimated cost; full-attention
     layers cost more at long context) or `even` (Megatron's equal layer counts)."""
+    optimizer_checkpoint_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved: `dp_reshardable` (every rank writes its own shard in
+    parallel; resumes at another DP size, but not at another TP/PP) or `fully_reshardable` (gathered per
+    parameter on DP rank 0: slower and memory-hungry, resumes at any TP/PP/DP)."""
 
     def __post_init__(self) -> None:
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "log_interval"):
@@ -267,6 +271,11 @@ class TrainingConfig:
             raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
         if self.max_nan_skips < 0:
             raise ValueError(f"max_nan_skips must be >= 0, got {self.max_nan_skips}")
+        if self.optimizer_checkpoint_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ValueError(
+                "optimizer_checkpoint_format must be dp_reshardable or fully_reshardable, got "
+                f"{self.optimizer_checkpoint_format!r}"
+            )
         if self.pipeline_layout not in ("balanced", "even"):
             raise ValueError(f"pipeline_layout must be balanced or even, got {self.pipeline_layout!r}")
 

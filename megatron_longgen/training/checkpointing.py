@@ -163,8 +163,9 @@ def save_training_checkpoint(
     dist.barrier()
     model_sd = model_sharded_state_dict(model_chunks)
     dist_checkpointing.save(model_sd, str(model_dir(tmp)))
+    optim_metadata = _optimizer_metadata(cfg.train.optimizer_checkpoint_format)
     if optimizer is not None:
-        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks))
+        optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks), metadata=optim_metadata)
         dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR))
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt")
     dist.barrier()
@@ -179,6 +180,8 @@ def save_training_checkpoint(
                 "context_parallel": cfg.parallel.context_parallel,
             },
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer_checkpoint_format": cfg.train.optimizer_checkpoint_format,
+            "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
             **(extra_state or {}),
         }
         _write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -191,6 +194,40 @@ def save_training_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _optimizer_metadata(fmt: str) -> dict:
+    """Megatron-Core's sharding choice for DistributedOptimizer state (other optimizers ignore it). Its
+    default in 0.16.1, `fully_sharded_model_space`, fails to save at DP > 1 ("ShardedTensor.flattened_range
+    is not supported"), so the format is always named explicitly."""
+    return {"distrib_optim_sharding_type": fmt}
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam zero moments and step 0 before a checkpoint is loaded into it.
+
+    Megatron-Core's DistributedOptimizer builds its load request from `state_dict()`, which (without apex or
+    Transformer Engine) reads each parameter's `step` and fails on an optimizer that never stepped. The
+    placeholders are overwritten by the loaded state.
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def cfg_parallel_sizes() -> tuple[int, int]:
+    """(TP, PP) of the running job, from Megatron-Core's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
 
 
 def load_training_checkpoint(
@@ -218,8 +255,31 @@ def load_training_checkpoint(
             raise FileNotFoundError(
                 f"{optim_path} has no optimizer state; cannot resume training from {ckpt}"
             )
-        request = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks), is_loading=True)
-        optimizer.load_state_dict(dist_checkpointing.load(request, str(optim_path)))
+        fmt = state.get("optimizer_checkpoint_format", "dp_reshardable")
+        saved = state.get("parallel", {})
+        now = {"tensor_parallel": cfg_parallel_sizes()[0], "pipeline_parallel": cfg_parallel_sizes()[1]}
+        moved = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) not in (None, v)}
+        # Only the distributed optimizer's dp_reshardable layout is tied to TP/PP; the others hold global tensors.
+        if fmt == "dp_reshardable" and state.get("distributed_optimizer", True) and moved:
+            raise ValueError(
+                f"{ckpt} saved its optimizer state as dp_reshardable at "
+                + ", ".join(f"{k} {a}" for k, (a, _) in moved.items())
+                + "; it cannot resume at "
+                + ", ".join(f"{k} {b}" for k, (_, b) in moved.items())
+                + ". Start from its weights instead (--init-checkpoint), or save with "
+                "train.optimizer_checkpoint_format=fully_reshardable"
+            )
+        _materialize_adam_state(optimizer)
+        if fmt == "fully_reshardable":
+            from megatron_longgen.patches.distrib_optimizer_step import patch_fully_reshardable_step
+
+            patch_fully_reshardable_step()
+        request = optimizer.sharded_state_dict(
+            model_sharded_state_dict(model_chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
+        )
+        loaded_optim = dist_checkpointing.load(request, str(optim_path))
+        with torch.no_grad():  # the state is copied into views of the (leaf) parameters
+            optimizer.load_state_dict(loaded_optim)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt / RNG_SUBDIR / f"rank_{dist.get_rank():05d}.pt"

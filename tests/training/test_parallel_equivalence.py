@@ -1,6 +1,7 @@
 """Two gloo ranks vs one: DP=2 equals DP=1 at the same global batch (plain and distributed optimizer),
 PP=2 (plain 1F1B and interleaved with 2 virtual stages) with the cost-balanced layout and CP=2 (zig-zag
-sharded batches through the trainer) equal the unsplit model, and a TP=2 checkpoint resumes at TP=1 (resharding).
+sharded batches through the trainer) equal the unsplit model, a TP=2 checkpoint resumes at TP=1 and a
+distributed-optimizer checkpoint written at DP=2 resumes at DP=1 (resharding).
 Workers start once per module; the tests assert on what they return."""
 
 import json
@@ -67,6 +68,20 @@ def _two_ranks(rank, world_size, root):
 
     no_exit_save = dataclasses.replace(tp_cfg, train=dataclasses.replace(tp_cfg.train, save_on_exit=False))
     out["tp2_next"] = Trainer(no_exit_save, run_dir=root / "tp2", quiet=True).fit(resume=True).losses
+    # Distributed optimizer at DP=2: checkpoint after STEPS, then one more step from it (at DP=2 here, at
+    # DP=1 in `_one_rank`: the optimizer state is resharded over a different DP size).
+    do_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.use_distributed_optimizer=true")
+    Trainer(do_cfg, run_dir=root / "distopt_dp2", quiet=True).fit(stop_after_steps=STEPS)
+    do_next = dataclasses.replace(do_cfg, train=dataclasses.replace(do_cfg.train, save_on_exit=False))
+    out["distopt_dp2_next"] = Trainer(do_next, run_dir=root / "distopt_dp2", quiet=True).fit(resume=True).losses
+    # ... and at TP=2 in the fully reshardable format, resumed at TP=1 in `_one_rank`.
+    full_cfg = tiny_config(
+        f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2", "parallel.use_distributed_optimizer=true",
+        "train.optimizer_checkpoint_format=fully_reshardable",
+    )
+    Trainer(full_cfg, run_dir=root / "distopt_tp2", quiet=True).fit(stop_after_steps=STEPS)
+    full_next = dataclasses.replace(full_cfg, train=dataclasses.replace(full_cfg.train, save_on_exit=False))
+    out["distopt_tp2_next"] = Trainer(full_next, run_dir=root / "distopt_tp2", quiet=True).fit(resume=True).losses
     return out
 
 
@@ -89,6 +104,15 @@ def _one_rank(rank, world_size, root):
     # Resharding: the TP=2 checkpoint (step STEPS) resumed at TP=1 gives the step STEPS+1 loss of TP=2.
     cfg = tiny_config(f"train.max_steps={STEPS + 1}", "train.save_on_exit=false")
     out["tp1_from_tp2"] = Trainer(cfg, run_dir=root / "tp2", quiet=True).fit(resume=True).losses
+    do_cfg = tiny_config(
+        f"train.max_steps={STEPS + 1}", "train.save_on_exit=false", "parallel.use_distributed_optimizer=true"
+    )
+    out["distopt_dp1_from_dp2"] = Trainer(do_cfg, run_dir=root / "distopt_dp2", quiet=True).fit(resume=True).losses
+    full_cfg = tiny_config(
+        f"train.max_steps={STEPS + 1}", "train.save_on_exit=false", "parallel.use_distributed_optimizer=true",
+        "train.optimizer_checkpoint_format=fully_reshardable",
+    )
+    out["distopt_tp1_from_tp2"] = Trainer(full_cfg, run_dir=root / "distopt_tp2", quiet=True).fit(resume=True).losses
     return out
 
 
@@ -148,6 +172,22 @@ def test_tp2_checkpoint_resumes_at_tp1(results):
     assert len(two[0]["tp2_next"]) == 1 and len(one["tp1_from_tp2"]) == 1
     torch.testing.assert_close(
         torch.tensor(one["tp1_from_tp2"]), torch.tensor(two[0]["tp2_next"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_distributed_optimizer_state_reshards_from_dp2_to_dp1(results):
+    # Adam moments and master weights must come back exactly, or the next step's loss moves.
+    two, one = results
+    assert len(two[0]["distopt_dp2_next"]) == 1 and len(one["distopt_dp1_from_dp2"]) == 1
+    torch.testing.assert_close(
+        torch.tensor(one["distopt_dp1_from_dp2"]), torch.tensor(two[0]["distopt_dp2_next"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_fully_reshardable_optimizer_state_moves_from_tp2_to_tp1(results):
+    two, one = results
+    torch.testing.assert_close(
+        torch.tensor(one["distopt_tp1_from_tp2"]), torch.tensor(two[0]["distopt_tp2_next"]), rtol=1e-5, atol=1e-6
     )
 
 
