@@ -55,3 +55,28 @@ def test_run_local_two_ranks(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert json.loads((run_dir / "config.json").read_text())["name"] == "debug_tiny"
+
+
+def test_srun_style_ranks_from_slurm_variables(tmp_path):
+    # What `srun --ntasks-per-node=2 python -m megatron_longgen.train ...` does: two tasks that know their
+    # rank only from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, plus MASTER_ADDR/PORT from train.sbatch.
+    from megatron_longgen.utils.distributed import free_port
+
+    run_dir = tmp_path / "run"
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    procs = []
+    for rank in range(2):
+        env = dict(base, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(run_dir),
+               "--max-steps", "2", "--quiet", "--override", "train.seq_length=128", "train.global_batch_size=4",
+               "train.log_interval=1"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # Both tasks joined one job: throughput per GPU is half the total.
+    assert rows[-1]["tokens_per_s_per_gpu"] == pytest.approx(rows[-1]["tokens_per_s"] / 2)
