@@ -28,6 +28,8 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -139,11 +141,7 @@ def register_auto_classes() -> None:
     """Register `longgen_llama` with AutoConfig / AutoModelForCausalLM (for code that uses the Auto API)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
+    with contextlib.suppress(ValueError):  # already registered in this process
         AutoConfig.register(LongGenLlamaConfig.model_type, LongGenLlamaConfig)
-    except ValueError:  # already registered in this process
-        pass
-    try:
+    with contextlib.suppress(ValueError):
         AutoModelForCausalLM.register(LongGenLlamaConfig, LongGenLlamaForCausalLM)
-    except ValueError:
-        pass

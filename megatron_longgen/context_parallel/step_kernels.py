@@ -22,6 +22,7 @@ G heads. Communication always moves G heads.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 
@@ -42,20 +43,23 @@ def _reduce(dx_BNTH: torch.Tensor, groups: int) -> torch.Tensor:
     return dx_BNTH.view(b, groups, n // groups, t, h).sum(dim=2)
 
 
-class DenseStepKernel:
+class DenseStepKernel(abc.ABC):
     """Interface: `forward(q, k, v, causal=, scale=) -> (out, lse)`; `backward(...) -> (dq, dk, dv)`."""
 
     name = "base"
 
     @classmethod
+    @abc.abstractmethod
     def unavailable_reason(cls, *, device: torch.device, dtype: torch.dtype) -> str | None:
-        raise NotImplementedError
+        """None when the kernel runs on `device` with `dtype`, else a one-line reason."""
 
+    @abc.abstractmethod
     def forward(self, q_BNSH, k_BGTH, v_BGTH, *, causal: bool, scale: float):
-        raise NotImplementedError
+        """One ring step's attention: (out_BNSH, lse_BNS fp32)."""
 
+    @abc.abstractmethod
     def backward(self, dout_BNSH, q_BNSH, k_BGTH, v_BGTH, out_BNSH, lse_BNS, *, causal: bool, scale: float):
-        raise NotImplementedError
+        """Gradients of that step: (dq_BNSH, dk_BGTH, dv_BGTH)."""
 
 
 class MathStepKernel(DenseStepKernel):
