@@ -21,7 +21,7 @@ from typing import Literal
 
 SparseVariant = Literal["sink_window", "block_strided"]
 SPARSE_VARIANTS: tuple[str, ...] = ("sink_window", "block_strided")
-SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "triton")
+SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "triton", "cudnn_bsa", "cudnn_bsa_fwd")
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "yarn")
 
@@ -133,7 +133,9 @@ class SparseAttentionConfig:
     """block_strided: most recent blocks, own block included. The paper does not state it; 1 gives
     2,112 keys per query at 128K (32 strided + 1 local), the same budget as sink_window."""
     backend: str = "auto"
-    """Kernel: `auto` picks the fastest available (logged once); `torch` is the portable reference path."""
+    """Kernel: `auto` picks the fastest available (logged once): on Hopper with cuDNN frontend `cudnn_bsa`, else
+    `triton`, else `flex`; `cudnn_bsa_fwd` = cuDNN forward + Triton backward (no cuDNN workspace); `torch` is
+    the portable reference path (and `auto` on CPU)."""
 
     def __post_init__(self) -> None:
         if self.variant not in SPARSE_VARIANTS:

@@ -5,7 +5,7 @@ Legend: B = batch (1), N = query heads, G = KV heads, S = sequence length, H = h
 For each (head config, sequence length) the script times, in one process and on one GPU:
 - `dense_causal`: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` restricted to the
   cuDNN backend (falls back to the flash backend, with a note in the row, where cuDNN refuses the shape);
-- every available sparse backend (`triton`, `flex`, ...) on `sink_window` and `block_strided`
+- every available sparse backend (`cudnn_bsa`, `cudnn_bsa_fwd`, `triton`, `flex`) on `sink_window` and `block_strided`
   with the paper's defaults (64-token blocks; 1 sink + 32 window blocks; stride 64 blocks, 1 local block).
 
 FLOP convention (FlashAttention's): forward = 4 * pairs * H * N (two matmuls of 2 FLOPs per multiply-add),
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     registry = available_kernels()
     backends = args.backends or [
-        n for n in ("triton", "flex") if registry[n].is_available(device=dev, dtype=dtype)
+        n for n in ("cudnn_bsa", "cudnn_bsa_fwd", "triton", "flex") if registry[n].is_available(device=dev, dtype=dtype)
     ]
     patterns = {"sink_window": SinkWindowPattern(), "block_strided": BlockStridedPattern()}
     kernels = {name: registry[name]() for name in backends}
@@ -232,10 +232,16 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     import triton
 
+    try:
+        import cudnn as cudnn_frontend
+
+        frontend = getattr(cudnn_frontend, "__version__", "installed")
+    except ImportError:
+        frontend = None
     meta = {
         "device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__, "python": platform.python_version(), "dtype": args.dtype, "batch": 1,
+        "triton": triton.__version__, "cudnn_frontend": frontend, "python": platform.python_version(), "dtype": args.dtype, "batch": 1,
         "flop_convention": "fwd = 4*pairs*head_dim*num_heads; fwd+bwd = 3.5 x fwd (bwd = 2.5 x fwd)",
         "rows": rows,
     }  # fmt: skip

@@ -51,6 +51,11 @@ def has_triton() -> bool:
     return _has("triton")
 
 
+def has_cudnn_bsa() -> bool:
+    """cuDNN frontend's block-sparse attention (the `cudnn` package with CuTe DSL: `cutlass`, `cuda.bindings`)."""
+    return _has("cudnn.block_sparse_attention") and _has("cutlass") and _has("cuda.bindings")
+
+
 def require(module: str, *, feature: str) -> None:
     """Raise ImportError naming the pip extra that provides `module`, unless it is importable."""
     if not _has(module):

@@ -180,6 +180,43 @@ for name, pattern, S, N, G, H, cfg, dtype in cases:
     ref = run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse)
     results[name] = dict(dtype=dtype, lse_dtype=str(got[1].dtype),
                          errors=[(a - b).abs().max().item() for a, b in zip(got, ref)])
+
+# The cudnn_bsa composition, with the oracle standing in for cuDNN's dense tiles: the Triton forward starts
+# from the dense tiles' (out, lse) and the Triton backward adds its share into their gradients.
+import math
+from megatron_longgen.attention.kernels.cudnn_bsa import TileRemainder
+from megatron_longgen.attention.kernels.triton_block_sparse import triton_backward, triton_forward
+from megatron_longgen.attention.masks import dense_mask_from_rule
+
+def dense_share_grads(q, k, v, out, lse, d_out, mask, scale):
+    s = (q @ k.transpose(-1, -2)) * scale
+    p = torch.where(mask, torch.exp(s - lse[..., None]), torch.zeros_like(s))
+    ds = p * (d_out @ v.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, p.transpose(-1, -2) @ d_out
+
+for name, pattern, tile, S in [
+    ("split_sink_window_t32", SinkWindowPattern(block_size=16, num_window_blocks=5), 32, 160),
+    ("split_sink_window_sink3_t32", SinkWindowPattern(block_size=16, num_sink_blocks=3, num_window_blocks=4), 32, 192),
+    ("split_block_strided_t16", BlockStridedPattern(block_size=16, stride_blocks=3, num_local_blocks=2), 16, 144),
+]:
+    torch.manual_seed(S)
+    N, H = 2, 32
+    q, k, v, d_out = (torch.randn(1, N, S, H) for _ in range(4))
+    scale = 1.0 / math.sqrt(H)
+    rest = TileRemainder(pattern, tile)
+    full_mask, rest_mask = pattern.dense_mask(S), dense_mask_from_rule(rest, S)
+    dense_mask = full_mask & ~rest_mask
+    kernel = TritonBlockSparseKernel()
+    t_fwd, t_dq, t_kv = kernel.tables_for(rest, S, q.device)
+    cfg = kernel.config_for(rest)
+    o1, l1 = reference_attention(q, k, v, dense_mask)
+    out, lse = triton_forward(q, k, v, t_fwd, cfg.fwd, scale, init=(o1.clone(), l1.clone()))
+    ref = run(lambda q, k, v: reference_attention(q, k, v, full_mask), q, k, v, d_out, torch.zeros(1, N, S))
+    grads = dense_share_grads(q, k, v, out, lse, d_out, dense_mask, scale)
+    dq, dk, dv = triton_backward(q, k, v, out, lse, d_out, None, t_dq, t_kv, cfg, scale, accumulate=grads)
+    results[name] = dict(dtype="float32", lse_dtype=str(lse.dtype), dense_share_pairs=int(dense_mask.sum()),
+                         rest_pairs=int(rest_mask.sum()),
+                         errors=[(a - b).abs().max().item() for a, b in zip([out, lse, dq, dk, dv], ref)])
 print("RESULTS" + json.dumps(results))
 """
 
@@ -203,14 +240,22 @@ def triton_interpreter_results():
 
 
 @pytest.mark.parametrize(
-    "case", ["sink_window", "block_strided", "sink_window_2x2_key_tiles", "block_strided_fp16"]
-)
+    "case",
+    [
+        "sink_window", "block_strided", "sink_window_2x2_key_tiles", "block_strided_fp16",
+        "split_sink_window_t32", "split_sink_window_sink3_t32", "split_block_strided_t16",
+    ],
+)  # fmt: skip
 def test_triton_interpreter_matches_oracle(triton_interpreter_results, case):
+    """The kernel alone, and (split_*) as the remainder of cudnn_bsa: starting from another kernel's
+    (out, lse) over the dense tiles and adding into its gradients, the sum equals the full oracle."""
     res = triton_interpreter_results[case]
     assert res["lse_dtype"] == "torch.float32"
     # fp32 end to end: rounding only. fp16 inputs: the kernel rounds P and dS to fp16 before the
     # matmuls (as every flash kernel does), the oracle does not.
     tol = 2e-5 if res["dtype"] == "float32" else 2e-2
+    if case.startswith("split_"):  # both shares must be non-trivial, or the composition is untested
+        assert res["dense_share_pairs"] > 0 and res["rest_pairs"] > 0
     for what, err in zip(["out", "lse", "dq", "dk", "dv"], res["errors"]):
         assert err <= tol, f"{case} {what}: max err {err:.3e} > {tol}"
 

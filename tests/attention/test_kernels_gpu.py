@@ -39,10 +39,22 @@ def _fast_backends():
     return [n for n in ("triton", "flex") if reg[n].is_available(device=dev, dtype=torch.bfloat16)]
 
 
+def _cudnn_backends():
+    if not torch.cuda.is_available():
+        return []
+    reg = available_kernels()
+    dev = torch.device("cuda")
+    return [n for n in ("cudnn_bsa", "cudnn_bsa_fwd") if reg[n].is_available(device=dev, dtype=torch.bfloat16)]
+
+
 def _run(fn, q, k, v, d_out, d_lse):
+    """Outputs and gradients of fn; d_lse=None leaves the LSE out of the loss (no LSE gradient)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, lse = fn(q, k, v)
-    (out.float() * d_out).sum().add_((lse * d_lse).sum()).backward()
+    loss = (out.float() * d_out).sum()
+    if d_lse is not None:
+        loss = loss + (lse * d_lse).sum()
+    loss.backward()
     return out.float(), lse.float(), q.grad.float(), k.grad.float(), v.grad.float()
 
 
@@ -54,7 +66,7 @@ def _check(name, fast, ref, naive, factor):
     )
 
 
-@pytest.mark.parametrize("backend", _fast_backends() if torch.cuda.is_available() else ["none"])
+@pytest.mark.parametrize("backend", (_fast_backends() + _cudnn_backends()) if torch.cuda.is_available() else ["none"])
 @pytest.mark.parametrize("pattern_name", sorted(PATTERNS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}G{s[1]}H{s[2]}")
 @pytest.mark.parametrize("seq_len", [577, 2048, 4160])
@@ -86,3 +98,39 @@ def test_auto_picks_a_fast_backend_on_gpu():
 
     kernel = select_sparse_kernel("auto", device=torch.device("cuda"), dtype=torch.bfloat16)
     assert kernel.name == AUTO_ORDER[0]
+
+
+@pytest.mark.skipif(not _cudnn_backends(), reason="cuDNN frontend block-sparse attention is not installed")
+@pytest.mark.parametrize("backend", _cudnn_backends() or ["none"])
+@pytest.mark.parametrize("pattern_name", sorted(PATTERNS))
+@pytest.mark.parametrize("shape", [(8, 8, 128), (8, 2, 128)], ids=lambda s: f"N{s[0]}G{s[1]}H{s[2]}")
+@pytest.mark.parametrize("seq_len", [2048, 4096])
+def test_cudnn_bsa_without_lse_gradient(backend, pattern_name, shape, seq_len):
+    """The model path: no LSE gradient, so cudnn_bsa runs cuDNN's backward on the full tiles (MHA) and
+    the Triton backward on the remainder, both from the final out / lse."""
+    N, G, H = shape
+    pattern = PATTERNS[pattern_name]
+    torch.manual_seed(seq_len + N + G)
+    dev = torch.device("cuda")
+    q = torch.randn(1, N, seq_len, H, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, G, seq_len, H, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, G, seq_len, H, device=dev, dtype=torch.bfloat16)
+    d_out = torch.randn(1, N, seq_len, H, device=dev)
+    mask = pattern.dense_mask(seq_len, device=dev)
+    kernel = available_kernels()[backend]()
+    fast = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, None)
+    ref = _run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, None)
+    naive = _run(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v, d_out, None)
+    for i, what in enumerate(["out", "lse", "dq", "dk", "dv"]):
+        _check(f"{backend} {pattern_name} S={seq_len} {what}", fast[i], ref[i], naive[i], 2 if i < 2 else 3)
+
+
+@pytest.mark.skipif(not _cudnn_backends(), reason="cuDNN frontend block-sparse attention is not installed")
+def test_cudnn_bsa_unsupported_shape_warns_and_runs_triton():
+    kernel = available_kernels()["cudnn_bsa"]()
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(1, 2, 577, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.warns(UserWarning, match="head dim 64"):
+        out, lse = kernel(q, k, v, pattern=SinkWindowPattern())
+    ref, ref_lse = available_kernels()["triton"]()(q, k, v, pattern=SinkWindowPattern())
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)

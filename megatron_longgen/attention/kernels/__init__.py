@@ -14,8 +14,11 @@ from megatron_longgen.attention.kernels.flex import FlexSparseKernel
 from megatron_longgen.attention.kernels.torch_block import block_sparse_attention_torch
 from megatron_longgen.attention.kernels.torch_kernel import TorchBlockSparseKernel
 from megatron_longgen.attention.kernels.triton_block_sparse import TritonBlockSparseKernel
+from megatron_longgen.attention.kernels.cudnn_bsa import CudnnBlockSparseForwardKernel, CudnnBlockSparseKernel  # isort: skip
 
 __all__ = [
+    "CudnnBlockSparseForwardKernel",
+    "CudnnBlockSparseKernel",
     "FlexSparseKernel",
     "SparseAttentionKernel",
     "TorchBlockSparseKernel",

@@ -49,11 +49,12 @@ def _kernels():
 
     @triton.jit
     def fwd_kernel(
-        Q, K, V, O, LSE,
+        Q, K, V, O, LSE, O_INIT, LSE_INIT,
         KV_IDX, KV_BITS, KV_FULL, KV_CNT,
-        sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sob, son, sos,
+        sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sob, son, sos, sib, sin, sis,
         N, NUM_GROUPS, S, W, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
+        HAS_INIT: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -71,9 +72,21 @@ def _kernels():
         )
         k_base = K + b * skb + g * skg
         v_base = V + b * svb + g * svg
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if HAS_INIT:
+            # Start from a normalised partial result (o, lse) over other keys: m = lse (base 2), l = 1.
+            lse_init = tl.load(LSE_INIT + pid_bh * S + offs_m, mask=row_ok, other=float("-inf"))
+            started = lse_init > float("-inf")
+            m_i = tl.where(started, lse_init * 1.4426950408889634, float("-inf"))
+            l_i = tl.where(started, 1.0, 0.0)
+            acc = tl.load(
+                O_INIT + b * sib + n * sin + offs_m.to(tl.int64)[:, None] * sis + offs_d[None, :],
+                mask=(row_ok & started)[:, None],
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         n_full = tl.load(KV_FULL + pid_m)
         n_all = tl.load(KV_CNT + pid_m)
         row = pid_m * W
@@ -164,6 +177,7 @@ def _kernels():
         sqb, sqn, sqs, skb, skg, sks, svb, svg, svs, sdb, sdn, sds, sgb, sgn, sgs,
         N, NUM_GROUPS, S, W, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -227,11 +241,10 @@ def _kernels():
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
         dq = dq * sm_scale
-        tl.store(
-            DQ + b * sgb + n * sgn + offs_m.to(tl.int64)[:, None] * sgs + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+        dq_ptr = DQ + b * sgb + n * sgn + offs_m.to(tl.int64)[:, None] * sgs + offs_d[None, :]
+        if ACCUMULATE:
+            dq += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def dkdv_kernel(
@@ -241,6 +254,7 @@ def _kernels():
         skgb, skgg, skgs, svgb, svgg, svgs,
         N, NUM_GROUPS, NUM_BG, S, WT, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SUB: tl.constexpr, COL_SUB: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         pid_bg = pid % NUM_BG  # programs run key tiles longest-first (Q_ORDER), all heads of one together
@@ -312,16 +326,13 @@ def _kernels():
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
         dk = dk * sm_scale
-        tl.store(
-            DK + b * skgb + g * skgg + offs_n.to(tl.int64)[:, None] * skgs + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=col_ok[:, None],
-        )
-        tl.store(
-            DV + b * svgb + g * svgg + offs_n.to(tl.int64)[:, None] * svgs + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=col_ok[:, None],
-        )
+        dk_ptr = DK + b * skgb + g * skgg + offs_n.to(tl.int64)[:, None] * skgs + offs_d[None, :]
+        dv_ptr = DV + b * svgb + g * svgg + offs_n.to(tl.int64)[:, None] * svgs + offs_d[None, :]
+        if ACCUMULATE:
+            dk += tl.load(dk_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(dv_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
     return fwd_kernel, delta_kernel, dq_kernel, dkdv_kernel
 
@@ -372,24 +383,109 @@ def _tile_args(t: TileTables) -> dict:
     return {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "ROW_SUB": t.row_sub, "COL_SUB": t.col_sub}
 
 
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: TileTables,
+    launch: LaunchConfig,
+    scale: float,
+    *,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) over the key tiles of `table`.
+
+    `init` = (out, lse) of the same queries over other keys (e.g. another kernel's share of the pattern):
+    the result then covers both key sets, as if merged by log-sum-exp, and is written into those two
+    tensors in place (each program reads its rows of `init` before writing them).
+    """
+    fwd_kernel, _, _, _ = _kernels()
+    B, N, S, H = q.shape
+    G = k.shape[1]
+    if init is None:
+        out = torch.empty_like(q)
+        lse = torch.empty(B, N, S, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = init
+        if out.stride(-1) != 1 or lse.dtype != torch.float32 or not lse.is_contiguous():
+            raise ValueError("init must be (out with a contiguous last dim, contiguous fp32 lse [B, N, S])")
+    fwd_kernel[(table.num_q_tiles, B * N)](
+        q, k, v, out, lse, out, lse,
+        table.kv_idx, table.kv_bits, table.kv_full, table.kv_cnt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        N, G, S, table.kv_idx.shape[1], scale * _LOG2E,
+        HEAD_DIM=H, **_tile_args(table), HAS_INIT=init is not None, **_opts(launch),
+    )  # fmt: skip
+    return out, lse
+
+
+def triton_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor | None,
+    d_lse: torch.Tensor | None,
+    table_dq: TileTables,
+    table_kv: TileTables,
+    config: TritonConfig,
+    scale: float,
+    *,
+    accumulate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of the keys in the tables, given the final `out` / `lse` of all keys.
+
+    With `accumulate` = (dq, dk, dv) of other keys (another kernel's share), this share is added into
+    them in place and they are returned.
+    """
+    _, delta_kernel, dq_kernel, dkdv_kernel = _kernels()
+    B, N, S, H = q.shape
+    G = k.shape[1]
+    d_out = torch.zeros_like(out) if d_out is None else _lastdim_contiguous(d_out.to(out.dtype))
+    delta = torch.empty_like(lse)
+    has_dlse = d_lse is not None
+    d_lse = d_lse.float().contiguous() if has_dlse else lse
+    delta_block = 64
+    delta_kernel[(-(-S // delta_block), B * N)](
+        out, d_out, d_lse, delta,
+        out.stride(0), out.stride(1), out.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        N, S, HAS_DLSE=has_dlse, HEAD_DIM=H, BLOCK_M=delta_block,
+    )  # fmt: skip
+    if accumulate is None:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:
+        dq, dk, dv = accumulate
+    qk_scale = scale * _LOG2E
+    t_kv, t_dq = table_kv, table_dq
+    dkdv_kernel[(t_kv.num_k_tiles * B * G, 1)](
+        q, k, v, d_out, dk, dv, lse, delta,
+        t_kv.q_idx, t_kv.q_bits, t_kv.q_full, t_kv.q_cnt, t_kv.q_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        N, G, B * G, S, t_kv.q_idx.shape[1], qk_scale, scale,
+        HEAD_DIM=H, **_tile_args(t_kv), ACCUMULATE=accumulate is not None, **_opts(config.dkdv),
+    )  # fmt: skip
+    dq_kernel[(t_dq.num_q_tiles, B * N)](
+        q, k, v, d_out, dq, lse, delta,
+        t_dq.kv_idx, t_dq.kv_bits, t_dq.kv_full, t_dq.kv_cnt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        N, G, S, t_dq.kv_idx.shape[1], qk_scale, scale,
+        HEAD_DIM=H, **_tile_args(t_dq), ACCUMULATE=accumulate is not None, **_opts(config.dq),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
 class _TritonBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tables: tuple[TileTables, TileTables, TileTables], config: TritonConfig, scale):
-        fwd_kernel, _, _, _ = _kernels()
         q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-        B, N, S, H = q.shape
-        G = k.shape[1]
-        out = torch.empty_like(q)
-        lse = torch.empty(B, N, S, dtype=torch.float32, device=q.device)
-        t = tables[0]
-        fwd_kernel[(t.num_q_tiles, B * N)](
-            q, k, v, out, lse,
-            t.kv_idx, t.kv_bits, t.kv_full, t.kv_cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            N, G, S, t.kv_idx.shape[1], scale * _LOG2E,
-            HEAD_DIM=H, **_tile_args(t), **_opts(config.fwd),
-        )  # fmt: skip
+        out, lse = triton_forward(q, k, v, tables[0], config.fwd, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tables, ctx.config, ctx.scale = tables, config, scale
         ctx.set_materialize_grads(False)  # an unused LSE must not cost a zero-filled [B, N, S] gradient
@@ -397,44 +493,9 @@ class _TritonBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        _, delta_kernel, dq_kernel, dkdv_kernel = _kernels()
         q, k, v, out, lse = ctx.saved_tensors
         _, t_dq, t_kv = ctx.tables
-        config: TritonConfig = ctx.config
-        B, N, S, H = q.shape
-        G = k.shape[1]
-        d_out = torch.zeros_like(out) if d_out is None else _lastdim_contiguous(d_out.to(out.dtype))
-        delta = torch.empty_like(lse)
-        has_dlse = d_lse is not None
-        d_lse = d_lse.float().contiguous() if has_dlse else lse
-        delta_block = 64
-        delta_kernel[(-(-S // delta_block), B * N)](
-            out, d_out, d_lse, delta,
-            out.stride(0), out.stride(1), out.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
-            N, S, HAS_DLSE=has_dlse, HEAD_DIM=H, BLOCK_M=delta_block,
-        )  # fmt: skip
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        qk_scale = ctx.scale * _LOG2E
-        dkdv_kernel[(t_kv.num_k_tiles * B * G, 1)](
-            q, k, v, d_out, dk, dv, lse, delta,
-            t_kv.q_idx, t_kv.q_bits, t_kv.q_full, t_kv.q_cnt, t_kv.q_order,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            N, G, B * G, S, t_kv.q_idx.shape[1], qk_scale, ctx.scale,
-            HEAD_DIM=H, **_tile_args(t_kv), **_opts(config.dkdv),
-        )  # fmt: skip
-        dq_kernel[(t_dq.num_q_tiles, B * N)](
-            q, k, v, d_out, dq, lse, delta,
-            t_dq.kv_idx, t_dq.kv_bits, t_dq.kv_full, t_dq.kv_cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            N, G, S, t_dq.kv_idx.shape[1], qk_scale, ctx.scale,
-            HEAD_DIM=H, **_tile_args(t_dq), **_opts(config.dq),
-        )  # fmt: skip
+        dq, dk, dv = triton_backward(q, k, v, out, lse, d_out, d_lse, t_dq, t_kv, ctx.config, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -491,6 +552,15 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
             )
         return self._tables[key]
 
+    def tables_for(self, pattern, seq_len: int, device) -> tuple[TileTables, TileTables, TileTables]:
+        """(forward, dQ, dK/dV) tile tables of `pattern` at `seq_len`, cached."""
+        cfg = self.config_for(pattern)
+        return (
+            self._table(pattern, seq_len, device, cfg.fwd, False),
+            self._table(pattern, seq_len, device, cfg.dq, False),
+            self._table(pattern, seq_len, device, cfg.dkdv, True),
+        )
+
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
         _, N, S, H = q_BNSH.shape
         if k_BGSH.shape[2] != S or v_BGSH.shape[2] != S:
@@ -502,12 +572,7 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
         if H not in (16, 32, 64, 128, 256):
             raise ValueError(f"head dim {H} is not supported by the Triton kernel (16, 32, 64, 128, 256)")
         cfg = self.config_for(pattern)
-        dev = q_BNSH.device
-        tables = (
-            self._table(pattern, S, dev, cfg.fwd, False),
-            self._table(pattern, S, dev, cfg.dq, False),
-            self._table(pattern, S, dev, cfg.dkdv, True),
-        )
+        tables = self.tables_for(pattern, S, q_BNSH.device)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(H)
         return _TritonBlockSparse.apply(q_BNSH, k_BGSH, v_BGSH, tables, cfg, scale)
 
