@@ -270,8 +270,26 @@ def _profile(kern, pattern, *, N, G, S, H, dtype) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
 
 
+def _remainder_variants():
+    """cudnn_bsa's Triton remainder launches, one kernel varied at a time around REMAINDER_CONFIG."""
+    from megatron_longgen.attention.kernels.cudnn_bsa import REMAINDER_CONFIG as base
+    from megatron_longgen.attention.kernels.triton_block_sparse import LaunchConfig as L
+    from megatron_longgen.attention.kernels.triton_block_sparse import TritonConfig
+
+    out = [("base", base.fwd, base)]
+    out += [("fwd", c, TritonConfig(fwd=c, dq=base.dq, dkdv=base.dkdv))
+            for c in (L(64, 64, 4, 3), L(64, 64, 4, 2), L(64, 64, 8, 2))]  # fmt: skip
+    out += [("dq", c, TritonConfig(fwd=base.fwd, dq=c, dkdv=base.dkdv))
+            for c in (L(64, 64, 4, 2), L(64, 64, 4, 3), L(32, 64, 4, 2))]  # fmt: skip
+    out += [("dkdv", c, TritonConfig(fwd=base.fwd, dq=base.dq, dkdv=c))
+            for c in (L(64, 64, 4, 3), L(16, 64, 4, 3), L(64, 128, 8, 2))]  # fmt: skip
+    return out
+
+
 def sweep(args) -> int:
-    """Time Triton launch configs (one kernel varied at a time) and Flex tile options; print and save."""
+    """Time Triton launch configs (one kernel varied at a time), Flex tile options and (with `--backends
+    cudnn_bsa`) the launches of cudnn_bsa's Triton remainder; print and save."""
+    from megatron_longgen.attention.kernels.cudnn_bsa import CUDNN_PATTERNS, CudnnBlockSparseKernel
     from megatron_longgen.attention.kernels.flex import FlexSparseKernel
     from megatron_longgen.attention.kernels.triton_block_sparse import (
         DEFAULT_CONFIGS,
@@ -305,11 +323,16 @@ def sweep(args) -> int:
                 variants = [("fwd", c, TritonConfig(fwd=c, dq=base.dq, dkdv=base.dkdv)) for c in fwd_cands]
                 variants += [("dq", c, TritonConfig(fwd=base.fwd, dq=c, dkdv=base.dkdv)) for c in dq_cands]
                 variants += [("dkdv", c, TritonConfig(fwd=base.fwd, dq=base.dq, dkdv=c)) for c in kv_cands]
-                _profile(TritonBlockSparseKernel(), pattern, N=N, G=G, S=S, H=H, dtype=dtype)
-                kernels = [(f"triton {what} {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}",
-                            TritonBlockSparseKernel(config=cfg)) for what, c, cfg in variants]  # fmt: skip
+                kernels = []
+                if "triton" in (args.backends or ["triton"]):
+                    _profile(TritonBlockSparseKernel(), pattern, N=N, G=G, S=S, H=H, dtype=dtype)
+                    kernels += [(f"triton {what} {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}",
+                                 TritonBlockSparseKernel(config=cfg)) for what, c, cfg in variants]  # fmt: skip
                 if "flex" in (args.backends or ["flex"]):
                     kernels += [(name, FlexSparseKernel(**kw)) for name, kw in flex_cands.items()]
+                if "cudnn_bsa" in (args.backends or []) and pname in CUDNN_PATTERNS:
+                    kernels += [(f"cudnn_bsa remainder {what} {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}",
+                                 CudnnBlockSparseKernel(remainder_config=cfg)) for what, c, cfg in _remainder_variants()]  # fmt: skip
                 for name, kern in kernels:
                     fn = lambda q, k, v, kern=kern, pattern=pattern: kern(q, k, v, pattern=pattern)
                     try:

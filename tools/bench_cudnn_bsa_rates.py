@@ -22,23 +22,12 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import _time_ms  # noqa: E402  (tools/ is not a package)
+
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _time_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def window_index(n_tiles: int, width: int, *, batch: int, heads: int, device):
@@ -98,7 +87,7 @@ def main(argv=None) -> int:
                 torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True).backward(d_out)
 
         pairs = S * (S + 1) / 2
-        f_ms, fb_ms = _time_ms(dense_fwd, 3), _time_ms(dense_fwd_bwd, 3)
+        f_ms, fb_ms = _time_ms(dense_fwd, budget_s=0.5), _time_ms(dense_fwd_bwd, budget_s=0.5)
         dense_fwd_tf = 4 * pairs * H * N / f_ms / 1e9
         dense_bwd_tf = 10 * pairs * H * N / (fb_ms - f_ms) / 1e9
         _log(
@@ -117,7 +106,7 @@ def main(argv=None) -> int:
 
             res = fwd()
             out, lse = res["o_tensor"], res["lse_tensor"]
-            t = _time_ms(fwd)
+            t = _time_ms(fwd, budget_s=0.3)
             tf = 4 * computed * H * N / t / 1e9
             _log(f"S={S} tile {tile}: fwd {t:.2f} ms {tf:.0f} TF/s = {tf / dense_fwd_tf:.2f}x dense fwd")
             rows.append({"seq_len": S, "kernel": "cudnn_bsa_fwd", "tile": tile, "tiles_per_row": width, "fwd_ms": t,
@@ -131,7 +120,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                t = _time_ms(bwd)
+                t = _time_ms(bwd, budget_s=0.3)
                 extra = torch.cuda.max_memory_allocated() - base - 3 * q.numel() * q.element_size()
                 tf = 10 * computed * H * N / t / 1e9
                 _log(f"S={S} tile {tile} bucket {bucket}: bwd {t:.2f} ms {tf:.0f} TF/s = "

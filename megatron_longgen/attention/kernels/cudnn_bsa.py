@@ -41,6 +41,7 @@ import torch
 from megatron_longgen.attention.kernels.base import SparseAttentionKernel, register_kernel
 from megatron_longgen.attention.kernels.tiles import TileTables
 from megatron_longgen.attention.kernels.triton_block_sparse import (
+    LaunchConfig,
     TritonBlockSparseKernel,
     TritonConfig,
     triton_backward,
@@ -57,6 +58,11 @@ FORWARD_TILE = 64
 # are single 64-token blocks, and cuDNN's forward (+ the Triton backward) measured slower at 16K-64K
 # (16K: 2.16 vs 1.74 ms fwd+bwd) and within 1-4% at 128K-256K; cuDNN's 64-token backward lost too.
 CUDNN_PATTERNS: dict[str, tuple[int, bool]] = {"sink_window": (128, True)}
+# Triton launch configs for the remainder (diagonal blocks, window edges): different work from the whole
+# pattern's, so tuned separately (`tools/bench_attention.py --sweep --backends cudnn_bsa`).
+REMAINDER_CONFIG = TritonConfig(
+    fwd=LaunchConfig(128, 64, 8, 3), dq=LaunchConfig(128, 64, 8, 2), dkdv=LaunchConfig(32, 64, 4, 3)
+)
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,8 @@ class _Plan:
     bwd_heads_per_call: int
     bwd_rest: tuple[TileTables, TileTables] | None  # Triton (dQ, dK/dV) tables of the backward remainder
     full_bwd: tuple[TileTables, TileTables]  # Triton (dQ, dK/dV) tables of the whole pattern
-    config: TritonConfig
+    config: TritonConfig  # launches of the whole-pattern tables
+    rest_config: TritonConfig  # launches of the remainder tables
 
 
 class _CudnnBlockSparse(torch.autograd.Function):
@@ -197,7 +204,7 @@ class _CudnnBlockSparse(torch.autograd.Function):
             allow_empty_block_nums=True, softmax_scale=scale, layout="bhsd", sparse_block_size=plan.fwd.tile,
         )  # fmt: skip
         out, lse = triton_forward(
-            q, k, v, plan.fwd_rest, plan.config.fwd, scale, init=(res["o_tensor"], res["lse_tensor"])
+            q, k, v, plan.fwd_rest, plan.rest_config.fwd, scale, init=(res["o_tensor"], res["lse_tensor"])
         )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -210,7 +217,6 @@ class _CudnnBlockSparse(torch.autograd.Function):
         plan: _Plan = ctx.plan
         if d_out is None:
             d_out = torch.zeros_like(out)
-        config = plan.config
         if plan.bwd is not None and d_lse is None:
             _, bsa_bwd = _bsa()
             d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
@@ -228,11 +234,11 @@ class _CudnnBlockSparse(torch.autograd.Function):
                 )  # fmt: skip
             t_dq, t_kv = plan.bwd_rest
             dq, dk, dv = triton_backward(
-                q, k, v, out, lse, d_out, None, t_dq, t_kv, config, ctx.scale, accumulate=grads
+                q, k, v, out, lse, d_out, None, t_dq, t_kv, plan.rest_config, ctx.scale, accumulate=grads
             )
         else:
             t_dq, t_kv = plan.full_bwd
-            dq, dk, dv = triton_backward(q, k, v, out, lse, d_out, d_lse, t_dq, t_kv, config, ctx.scale)
+            dq, dk, dv = triton_backward(q, k, v, out, lse, d_out, d_lse, t_dq, t_kv, plan.config, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -242,6 +248,9 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
     Args:
         backward: "cudnn" (cuDNN for the full tiles where it can, fastest, with its fp32 workspace) or
             "triton" (the Triton backward for the whole pattern: <1% extra memory).
+        bwd_heads_per_call: run cuDNN's backward on this many heads at a time (bounds its workspace, costs
+            time; None = all heads in one call).
+        remainder_config: Triton launches for the remainder (None = `REMAINDER_CONFIG`).
 
     Shapes it does not take (head dim other than 128, a length that is not a multiple of the tiles,
     pattern blocks other than 64 tokens) run on the Triton kernel, with a warning the first time.
@@ -249,12 +258,19 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
 
     name = "cudnn_bsa"
 
-    def __init__(self, *, backward: str = "cudnn", bwd_heads_per_call: int | None = None):
+    def __init__(
+        self,
+        *,
+        backward: str = "cudnn",
+        bwd_heads_per_call: int | None = None,
+        remainder_config: TritonConfig | None = None,
+    ):
         if backward not in ("cudnn", "triton"):
             raise ValueError(f"backward must be 'cudnn' or 'triton', got {backward!r}")
         self.backward = backward
         self.bwd_heads_per_call = bwd_heads_per_call
         self.triton = TritonBlockSparseKernel()
+        self.rest_triton = TritonBlockSparseKernel(config=remainder_config or REMAINDER_CONFIG)
         self._plans: dict[tuple, _Plan] = {}
         self._warned: set[str] = set()
 
@@ -289,17 +305,18 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
         if key not in self._plans:
             config = self.triton.config_for(pattern)
             fwd = full_tile_index(pattern, S, FORWARD_TILE, batch=B, heads=N, device=device)
-            fwd_rest = self.triton.tables_for(TileRemainder(pattern, FORWARD_TILE), S, device)[0]
+            fwd_rest = self.rest_triton.tables_for(TileRemainder(pattern, FORWARD_TILE), S, device)[0]
             _, full_dq, full_kv = self.triton.tables_for(pattern, S, device)
             bwd = bwd_bucket = bwd_rest = None
             if use_cudnn_bwd:
                 bwd_tile, whole_rows = CUDNN_PATTERNS[pattern.name]
                 bwd = full_tile_index(pattern, S, bwd_tile, batch=B, heads=N, device=device)
                 bwd_bucket = S // bwd_tile if whole_rows else None
-                bwd_rest = self.triton.tables_for(TileRemainder(pattern, bwd_tile), S, device)[1:]
+                bwd_rest = self.rest_triton.tables_for(TileRemainder(pattern, bwd_tile), S, device)[1:]
             self._plans[key] = _Plan(
                 fwd=fwd, fwd_rest=fwd_rest, bwd=bwd, bwd_bucket=bwd_bucket, bwd_rest=bwd_rest,
-                full_bwd=(full_dq, full_kv), config=config, bwd_heads_per_call=self.bwd_heads_per_call or N,
+                full_bwd=(full_dq, full_kv), config=config, rest_config=self.rest_triton.config_for(pattern),
+                bwd_heads_per_call=self.bwd_heads_per_call or N,
             )  # fmt: skip
         return self._plans[key]
 
