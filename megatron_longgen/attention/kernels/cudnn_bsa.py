@@ -32,6 +32,7 @@ call +75%, 43.9 ms; 8: +38%, 49.7 ms vs 40.7 ms). `cudnn_bsa_fwd` keeps the Trit
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from megatron_longgen.attention.kernels.triton_block_sparse import (
 )
 from megatron_longgen.attention.masks import SparsePattern, mask_matrix_to_table
 from megatron_longgen.utils.optional import has_cudnn_bsa, has_triton
+
+logger = logging.getLogger(__name__)
 
 FORWARD_TILE = 64
 # Patterns cuDNN takes, with its backward tile and whether one k2q bucket holds all query tiles. Measured
@@ -329,7 +332,12 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
             )
         if N % G:
             raise ValueError(f"query heads {N} must be a multiple of kv heads {G}")
-        if pattern.name not in CUDNN_PATTERNS:  # by design (measured), not a fallback: no warning
+        if pattern.name not in CUDNN_PATTERNS:  # by design (measured), not a fallback: logged, no warning
+            if pattern.name not in self._warned:
+                self._warned.add(pattern.name)
+                logger.info(
+                    "cudnn_bsa: %s runs on the Triton kernel (cuDNN measured no faster)", pattern.name
+                )
             return self.triton(q_BNSH, k_BGSH, v_BGSH, pattern=pattern, softmax_scale=softmax_scale)
         reason = self._unsupported(pattern, S, H)
         if reason is not None:
