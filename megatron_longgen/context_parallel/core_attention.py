@@ -15,7 +15,8 @@ global state.
 - `ContextParallelSparseAttention`: the layer's static sparse pattern with the KV-reduced block exchange
   (`sparse_exchange.py`). `SparseAttentionConfig.backend` maps to the exchange's kernels: `torch` ->
   the PyTorch block kernel, `flex` -> FlexAttention, anything else (`auto`, and the whole-sequence
-  kernels `triton` / `sdpa_chunks`, which have no CP form) -> `auto` (Flex on CUDA, else torch).
+  kernels `triton` / `cudnn_bsa` / `cudnn_bsa_fwd`, which have no CP form) -> `auto` (Flex on CUDA, else
+  torch).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _corrupt(prefix: str, ext: str, how: str) -> None:
     elif how == "extend":
         data = data + b"\x00\x00"
     elif how == "magic":
-        data = b"XXXXXXXXX" + data[9:]
+        data = b"XXXXXXXXX" + data[9:]  # overwrite the 9-byte magic header with garbage
     elif how == "header_only":
         data = data[:20]
     elif how == "bad_boundaries":

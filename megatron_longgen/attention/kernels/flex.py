@@ -21,7 +21,7 @@ import math
 import torch
 
 from megatron_longgen.attention.kernels.base import SparseAttentionKernel, register_kernel
-from megatron_longgen.attention.kernels.tiles import all_bits, check_tiles, tile_bits
+from megatron_longgen.attention.kernels.tiles import check_tiles, classify_tiles
 from megatron_longgen.attention.masks import SparsePattern
 
 
@@ -39,13 +39,8 @@ def _compiled_flex():
 def flex_block_mask(pattern: SparsePattern, seq_len: int, *, block_m: int, block_n: int, device):
     """A Flex `BlockMask` for `pattern` over `seq_len` tokens with (block_m, block_n) tiles."""
     flex_mod = _flex_module()
-    bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+    bits, full = classify_tiles(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
     n_qt, n_kt = bits.shape
-    all_rows = all_bits(pattern, block_m=block_m, block_n=block_n)
-    q_start = torch.arange(n_qt, device=device)[:, None] * block_m
-    k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
-    in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
-    full = (bits == all_rows) & (k_end <= q_start) & in_range
     partial = (bits != 0) & ~full
 
     def ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,6 +92,20 @@ def all_bits(pattern: SparsePattern, *, block_m: int, block_n: int) -> int:
     return (1 << ((block_m // min(b, block_m)) * (block_n // min(b, block_n)))) - 1
 
 
+def classify_tiles(
+    pattern: SparsePattern, seq_len: int, *, block_m: int, block_n: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([nQT, nKT] int32 `tile_bits`, [nQT, nKT] bool *full*): full = every sub-block pair kept, the key tile
+    ends before the query tile starts, and neither runs past the sequence end (kernels skip masking)."""
+    bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+    n_qt, n_kt = bits.shape
+    all_rows = all_bits(pattern, block_m=block_m, block_n=block_n)
+    q_start = torch.arange(n_qt, device=device)[:, None] * block_m
+    k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
+    in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
+    return bits, (bits == all_rows) & (k_end <= q_start) & in_range
+
+
 def _pack_rows(bits: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rows of a [R, C] bits matrix -> (idx [R, W], bits [R, W], num_full [R], num_kept [R]), full first."""
     cols = torch.arange(bits.shape[1], device=bits.device).expand_as(bits)
@@ -115,13 +129,8 @@ def build_tile_tables(
     pattern: SparsePattern, seq_len: int, *, block_m: int, block_n: int, device, transposed: bool = True
 ) -> TileTables:
     """The forward (query-major) and, if `transposed`, backward (key-major) tile tables."""
-    bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
+    bits, full = classify_tiles(pattern, seq_len, block_m=block_m, block_n=block_n, device=device)
     n_qt, n_kt = bits.shape
-    all_rows = all_bits(pattern, block_m=block_m, block_n=block_n)
-    q_start = torch.arange(n_qt, device=device)[:, None] * block_m
-    k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
-    in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
-    full = (bits == all_rows) & (k_end <= q_start) & in_range
     kv_idx, kv_bits, kv_full, kv_cnt = _pack_rows(bits, full)
     if transposed:
         q_idx, q_bits, q_full, q_cnt = _pack_rows(bits.t().contiguous(), full.t().contiguous())
