@@ -1,4 +1,4 @@
-"""Typed, keyword-only configuration for LongGen runs.
+"""Typed, keyword-only configuration dataclasses for LongGen runs.
 
 Design choices:
 - A handful of small frozen dataclasses (`ModelConfig`, `SparseAttentionConfig`, `ParallelConfig`,
@@ -8,14 +8,12 @@ Design choices:
 - The per-layer attention layout is one string (`ModelConfig.layer_pattern`, `S` sparse / `F` full); see
   `models/layer_pattern.py` for the helpers that derive it.
 - `megatron_bridge.to_transformer_config` is the only place Megatron-Core's `TransformerConfig` is filled.
-- Named runs are functions in `megatron_longgen/recipes.py`; command-line overrides use dotted paths
-  (`train.lr=3e-4`) and go through `apply_overrides`, which coerces to the field's declared type.
+- Named runs are functions in `megatron_longgen/recipes.py`; command-line overrides (`config/overrides.py`)
+  and the JSON form stored in checkpoints (`config/serialization.py`) live beside this file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +24,7 @@ DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "yarn")
 
 
-def _positive(name: str, value: int | float) -> None:
+def _positive(name: str, value: float) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
@@ -390,93 +388,3 @@ class LongGenConfig:
     @property
     def is_full_attention(self) -> bool:
         return "S" not in self.model.layer_pattern
-
-
-def _coerce(value: str, annotation: typing.Any) -> typing.Any:
-    """Turn the text of a `--override` into the field's declared type."""
-    text = value.strip()
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"Literal": Literal})  # noqa: S307 - own annotations
-    args = typing.get_args(annotation)
-    if type(None) in args:
-        if text.lower() in ("none", "null"):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    if annotation is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if annotation is int:
-        return int(text)
-    if annotation is float:
-        return float(text)
-    return text
-
-
-def apply_overrides(cfg: LongGenConfig, overrides: list[str]) -> LongGenConfig:
-    """Apply `section.field=value` overrides (e.g. `train.lr=3e-4`, `model.layer_pattern=SSFFSS`).
-
-    All overrides are collected first and each section is rebuilt once, so fields that are validated
-    together (e.g. `model.num_layers` and `model.layer_pattern`) can change together; a later override of
-    the same field wins. Raises ValueError for malformed items and unknown sections or fields, listing the
-    valid names.
-    """
-    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    changes: dict[str, dict[str, typing.Any]] = {}
-    name_override: str | None = None
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        path, value = item.split("=", 1)
-        parts = path.strip().split(".")
-        if len(parts) == 1 and parts[0] == "name":
-            name_override = value
-            continue
-        if len(parts) != 2:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        section, name = parts
-        if section not in sections:
-            raise ValueError(f"unknown config section {section!r}; choose from {sorted(sections)}")
-        sub = getattr(cfg, section)
-        fields = {f.name for f in dataclasses.fields(sub)}
-        if name not in fields:
-            raise ValueError(f"unknown field {section}.{name}; {section} has {sorted(fields)}")
-        hints = typing.get_type_hints(type(sub))
-        changes.setdefault(section, {})[name] = _coerce(value, hints[name])
-    replaced = {section: dataclasses.replace(getattr(cfg, section), **kw) for section, kw in changes.items()}
-    if name_override is not None:
-        replaced["name"] = name_override
-    return dataclasses.replace(cfg, **replaced) if replaced else cfg
-
-
-def config_to_dict(cfg: LongGenConfig) -> dict:
-    """Plain nested dict (JSON-serialisable) of a config, e.g. for checkpoints and W&B."""
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict) -> LongGenConfig:
-    """Inverse of `config_to_dict`. Unknown keys raise ValueError (a newer/older checkpoint format)."""
-    sections = {
-        "model": ModelConfig,
-        "sparse": SparseAttentionConfig,
-        "parallel": ParallelConfig,
-        "train": TrainingConfig,
-        "data": DataConfig,
-        "logging": LoggingConfig,
-    }
-    kwargs = {}
-    for key, value in data.items():
-        if key == "name":
-            kwargs["name"] = value
-        elif key in sections:
-            cls = sections[key]
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(value) - known
-            if unknown:
-                raise ValueError(f"unknown fields in config section {key!r}: {sorted(unknown)}")
-            kwargs[key] = cls(**value)
-        else:
-            raise ValueError(f"unknown config section {key!r}")
-    return LongGenConfig(**kwargs)
