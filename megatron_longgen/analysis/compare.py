@@ -4,7 +4,9 @@ For each run: tokens, steps, final loss, cumulative wall clock (restarts include
 median tokens/s/GPU and executed / dense-equivalent MFU. Between runs: the throughput speedup of each
 LongGen run over the baseline (the first all-full run) and the *time to reach a loss*: the first wall-clock
 time (and token count) at which a run's smoothed loss falls to a target every run reaches (the highest of
-the runs' smoothed final losses), and the speedup in time-to-target. Medians skip the first step (warm-up).
+the runs' smoothed final losses), and the speedup in time-to-target. Smoothing is a trailing mean over
+~4% of a run's logged points (none for short runs), so it follows the curve without lagging behind it.
+Medians skip the first step (warm-up).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from pathlib import Path
 from megatron_longgen.analysis.runs import RunRecord
 
 
-def ema(values: list[float], *, alpha: float = 0.2) -> list[float]:
-    """Exponential moving average (the smoothing W&B's UI applies by default)."""
-    out, acc = [], None
-    for value in values:
-        acc = value if acc is None else alpha * value + (1 - alpha) * acc
-        out.append(acc)
+def smooth(values: list[float], *, fraction: float = 0.04) -> list[float]:
+    """Trailing mean over the last max(1, fraction * len) values (plain values for short series)."""
+    width = max(1, int(len(values) * fraction))
+    out, acc = [], 0.0
+    for i, value in enumerate(values):
+        acc += value
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
     return out
 
 
@@ -59,7 +64,7 @@ def summarize(run: RunRecord) -> RunSummary:
         raise ValueError(f"{run.source}: no logged loss")
     return RunSummary(
         name=run.name, attention=run.attention, pattern=run.layer_pattern, steps=steps[-1],
-        tokens=_last(run, "tokens"), final_loss=losses[-1], final_loss_smoothed=ema(losses)[-1],
+        tokens=_last(run, "tokens"), final_loss=losses[-1], final_loss_smoothed=smooth(losses)[-1],
         wall_clock_s=_last(run, "wall_clock_s", _last(run, "wall_time_s")), productive_s=_last(run, "productive_s"),
         num_restarts=int(_last(run, "num_restarts")),
         tokens_per_s_per_gpu=_median_after_first(run, "tokens_per_s_per_gpu"),
@@ -71,8 +76,8 @@ def time_to_loss(run: RunRecord, target: float) -> tuple[float, float] | None:
     """(wall-clock seconds, tokens) when the run's smoothed loss first reaches `target`, else None."""
     steps, losses = run.series("loss")
     by_step = {int(r["step"]): r for r in run.rows}
-    for step, smooth in zip(steps, ema(losses)):
-        if smooth <= target:
+    for step, value in zip(steps, smooth(losses)):
+        if value <= target:
             row = by_step[step]
             return float(row.get("wall_clock_s", row.get("wall_time_s", float("nan")))), float(row.get("tokens", 0))
     return None
@@ -144,18 +149,24 @@ def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
     ]
     for name, xkey, scale, xlabel, ykeys in panels:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        drawn = 0
         for run in runs:
-            for ykey, smooth in ykeys:
+            for ykey, smoothed in ykeys:
                 xs, ys = xy(run, xkey, ykey, scale)
                 if not ys:
                     continue
                 style = "--" if ykey.endswith("dense_equiv") else "-"
                 label = f"{run.name} ({run.attention})" + (f" {ykey}" if len(ykeys) > 1 else "")
-                ax.plot(xs, ema(ys) if smooth else ys, style, label=label)
+                ax.plot(xs, smooth(ys) if smoothed else ys, style, label=label)
+                drawn += 1
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(", ".join(k for k, _ in ykeys) + (" (EMA 0.2)" if ykeys[0][1] else ""))
+        ax.set_ylabel(", ".join(k for k, _ in ykeys) + (" (smoothed)" if ykeys[0][1] else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:  # e.g. MFU on CPU, where no peak rate is known
+            ax.text(0.5, 0.5, f"no {', '.join(k for k, _ in ykeys)} logged", ha="center", va="center",
+                    transform=ax.transAxes)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path)
