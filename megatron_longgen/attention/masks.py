@@ -42,8 +42,8 @@ kernels iterate over (block-level memory only: nB^2 booleans, 4 MiB at 128K with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
@@ -116,7 +116,7 @@ class BlockStridedPattern:
         return dense_mask_from_rule(self, seq_len, device=device)
 
 
-SparsePattern = Union[SinkWindowPattern, BlockStridedPattern]
+SparsePattern = SinkWindowPattern | BlockStridedPattern
 
 
 def pattern_from_config(cfg: SparseAttentionConfig) -> SparsePattern:

@@ -15,7 +15,14 @@ class TorchBlockSparseKernel(SparseAttentionKernel):
     name = "torch"
 
     @classmethod
-    def unavailable_reason(cls, *, device: torch.device, dtype: torch.dtype) -> str | None:
+    def unavailable_reason(
+        cls,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        pattern: SparsePattern | None = None,
+        head_dim: int | None = None,
+    ) -> str | None:
         return None
 
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
@@ -26,4 +33,4 @@ class TorchBlockSparseKernel(SparseAttentionKernel):
         )
 
 
-register_kernel(TorchBlockSparseKernel, auto_rank=None)
+register_kernel(TorchBlockSparseKernel)
