@@ -279,14 +279,7 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
         self._warned: set[str] = set()
 
     @classmethod
-    def unavailable_reason(
-        cls,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        pattern: SparsePattern | None = None,
-        head_dim: int | None = None,
-    ) -> str | None:
+    def unavailable_reason(cls, *, device, dtype, pattern=None, head_dim=None) -> str | None:
         device = torch.device(device)
         if not has_triton():
             return "triton is not installed (the remainder of each pattern runs on the Triton kernel)"

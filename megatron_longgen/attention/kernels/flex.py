@@ -192,14 +192,7 @@ class FlexSparseKernel(SparseAttentionKernel):
         self._masks: dict[tuple, object] = {}
 
     @classmethod
-    def unavailable_reason(
-        cls,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        pattern: SparsePattern | None = None,
-        head_dim: int | None = None,
-    ) -> str | None:
+    def unavailable_reason(cls, *, device, dtype, pattern=None, head_dim=None) -> str | None:
         return flex_unavailable_reason(device=device, dtype=dtype, pattern=pattern)
 
     def block_mask(self, pattern: SparsePattern, seq_len: int, device) -> object:

@@ -218,14 +218,7 @@ class TritonBlockSparseKernel(SparseAttentionKernel):
         self._tables: dict[tuple, TileTables] = {}
 
     @classmethod
-    def unavailable_reason(
-        cls,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        pattern: SparsePattern | None = None,
-        head_dim: int | None = None,
-    ) -> str | None:
+    def unavailable_reason(cls, *, device, dtype, pattern=None, head_dim=None) -> str | None:
         device = torch.device(device)
         if not has_triton():
             return "triton is not installed"
