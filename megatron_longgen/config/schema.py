@@ -140,9 +140,11 @@ class SparseAttentionConfig:
     """block_strided: most recent blocks, own block included. The paper does not state it; 1 gives
     2,112 keys per query at 128K (32 strided + 1 local), the same budget as sink_window."""
     backend: str = "auto"
-    """Kernel: `auto` picks the fastest available (logged once): on Hopper with cuDNN frontend `cudnn_bsa`, else
-    `triton`, else `flex`; `cudnn_bsa_fwd` = cuDNN forward + Triton backward (no cuDNN workspace); `torch` is
-    the portable reference path (and `auto` on CPU)."""
+    """Kernel (`attention/backends.py` decides, logged once): `auto` picks the fastest that accepts the device,
+    dtype, pattern and head dim: on Hopper with cuDNN frontend `cudnn_bsa`, else `triton`, else `flex`, else
+    `torch` (the portable reference path, and `auto` on CPU); `cudnn_bsa_fwd` = cuDNN forward + Triton
+    backward (no cuDNN workspace). With context parallelism only `auto`, `flex` and `torch` have a form. A
+    named backend that cannot run is a ValueError saying why, never a silent fallback."""
 
     def __post_init__(self) -> None:
         if self.variant not in SPARSE_VARIANTS:
