@@ -75,6 +75,8 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         # Loss = sum over tokens / tokens in the global batch, exact under CP and uneven loss masks.
         calculate_per_token_loss=True,
+        # Megatron's own TE switches follow the explicit choice (`models/layer_specs.py` builds the specs).
+        transformer_impl=m.transformer_impl,
         # Stages balanced by estimated cost (full layers are dearer at long context); None = even split.
         pipeline_model_parallel_layout=pipeline_layout(cfg),
         **recompute,

@@ -57,9 +57,11 @@ def with_rope_scaling(cfg: LongGenConfig, scaling: str, *, factor: float, rotary
 
 
 def debug_tiny() -> LongGenConfig:
-    """A small hybrid on the shipped corpus. The sparse pattern is scaled down (16-token blocks, 4-block
-    window, stride 8 blocks) so that the S layers really are sparse at 1,024 tokens: ~80 of up to 1,024
-    keys per query for sink_window."""
+    """A small hybrid on the shipped corpus. The sparse pattern is scaled down (16-token blocks; sink_window:
+    1 sink + 4 window blocks, ~80 of up to 1,024 keys per query; block_strided: every 4th block + 2 local
+    blocks, 16 strided blocks at 1,024 tokens) so that the S layers really are sparse, and the strided
+    variant crosses several stride blocks even at the tests' 128 tokens (a wrong stride changes the
+    golden losses, tests/training/test_golden_losses.py)."""
     return LongGenConfig(
         name="debug_tiny",
         model=ModelConfig(
@@ -73,7 +75,7 @@ def debug_tiny() -> LongGenConfig:
             rotary_base=10000.0,
         ),
         sparse=SparseAttentionConfig(
-            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=8,
+            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=4,
             num_local_blocks=2,
         ),
         parallel=ParallelConfig(use_distributed_optimizer=False),

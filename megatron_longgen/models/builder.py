@@ -47,7 +47,13 @@ def build_model(
     if cfg.model.rope_scaling == "yarn" and not hasattr(tcfg, "yarn_rotary_scaling_factor"):
         raise ValueError("rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config")
     interpolation = cfg.model.rope_scaling_factor if cfg.model.rope_scaling == "linear" else None
-    spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=tcfg, vp_stage=vp_stage)
+    spec = build_block_spec(
+        cfg.model.layer_pattern,
+        sparse=cfg.sparse,
+        config=tcfg,
+        transformer_impl=cfg.model.transformer_impl,
+        vp_stage=vp_stage,
+    )
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
