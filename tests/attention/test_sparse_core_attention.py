@@ -15,9 +15,6 @@ from megatron_longgen.attention.core_attention import FullCoreAttention, SparseC
 from megatron_longgen.attention.masks import pattern_from_config
 from megatron_longgen.attention.reference import reference_attention
 from megatron_longgen.config import SparseAttentionConfig
-from megatron_longgen.utils.cpu_compat import enable_cpu_compat
-
-enable_cpu_compat()
 
 SPARSE = [
     SparseAttentionConfig(variant="sink_window", block_size=4, num_sink_blocks=1, num_window_blocks=2, backend="torch"),
