@@ -169,16 +169,21 @@ def cpu_patches_active() -> bool:
 
 @contextlib.contextmanager
 def cpu_patches_suspended() -> Iterator[None]:
-    """Undo any active CPU patches for the block and re-apply them after (for tests that must see
-    upstream unpatched inside a process where an entry point already applied them)."""
-    global _swaps
+    """Upstream as installed for the block, whoever applied the CPU patches before; their state is
+    restored after (for tests that must see upstream unpatched in a process an entry point patched)."""
+    global _swaps, _users, _process_wide
     with _lock:
-        active = _swaps is not None
-        if active:
+        saved = (_users, _process_wide)
+        if _swaps is not None:
             _swaps.undo()
             _swaps = None
+        _users, _process_wide = 0, False
         try:
             yield
         finally:
-            if active:
+            if _swaps is not None:  # applied inside the block and not released
+                _swaps.undo()
+                _swaps = None
+            _users, _process_wide = saved
+            if _users:
                 _swaps = _apply()

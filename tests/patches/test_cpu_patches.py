@@ -190,3 +190,15 @@ def test_process_wide_entry_point_is_idempotent_and_nests_with_blocks():
     assert cpu_patches_active()
     remove_cpu_patches()
     assert not cpu_patches_active()
+
+
+def test_suspension_hides_an_entry_points_patches_and_restores_them():
+    assert apply_cpu_patches()
+    with cpu_patches_suspended():
+        assert not cpu_patches_active()
+        with cpu_patches():
+            assert cpu_patches_active()
+        assert not cpu_patches_active()  # the block's own patches are gone on exit
+    assert cpu_patches_active()  # the entry point's are back
+    remove_cpu_patches()
+    assert not cpu_patches_active()
