@@ -33,9 +33,9 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
     dtype = TORCH_DTYPES[t.dtype]
     recompute = {}
     if t.recompute == "selective":
-        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
     elif t.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     from megatron_longgen.training.pipeline_layout import pipeline_layout
 
     tcfg = TransformerConfig(
