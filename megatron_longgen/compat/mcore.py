@@ -112,7 +112,11 @@ def wrap_in_ddp(chunks, *, config, ddp_config, pg_collection=None) -> list:
             )
         wrapped.append(
             DistributedDataParallel(
-                config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=disable_bucketing, **kwargs
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=disable_bucketing,
+                **kwargs,
             )
         )
     return wrapped

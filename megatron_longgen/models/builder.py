@@ -49,7 +49,9 @@ def build_model(
     `compat/mcore.py` says why LongGen keeps it; its one deprecation message is replaced by our own note."""
     tcfg = transformer_config or to_transformer_config(cfg)
     if cfg.model.rope_scaling == "yarn" and not hasattr(tcfg, "yarn_rotary_scaling_factor"):
-        raise ValueError("rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config")
+        raise ValueError(
+            "rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config"
+        )
     interpolation = cfg.model.rope_scaling_factor if cfg.model.rope_scaling == "linear" else None
     spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=tcfg, vp_stage=vp_stage)
     kwargs = {}

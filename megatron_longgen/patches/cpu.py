@@ -41,7 +41,7 @@ from megatron_longgen.patches.cpu_torch import call_now, cpu_view_of_torch, on_c
 
 TESTED_MCORE = ("0.16.1", "0.19.2")
 
-# Module -> the CUDA calls in it that the CPU runs reach (0.16.1 file:line).
+# Module -> the CUDA calls in it that the CPU runs reach (the same modules in 0.16.1 and 0.19.2).
 _TORCH_VIEW_MODULES = {
     "megatron.core.utils": "GlobalMemoryBuffer.get_tensor (device=current_device(), SP buffers); "
     "local_multi_tensor_l2_norm (device='cuda', grad norm without apex)",
@@ -94,7 +94,9 @@ _process_wide = False
 
 
 def _apply() -> AttributeSwaps:
-    require_tested_version(patch="megatron_longgen's CPU patches", package="megatron-core", tested=TESTED_MCORE)
+    require_tested_version(
+        patch="megatron_longgen's CPU patches", package="megatron-core", tested=TESTED_MCORE
+    )
     swaps = AttributeSwaps()
     try:
         view = cpu_view_of_torch()

@@ -48,14 +48,20 @@ def init_distributed(*, timeout_s: float = 1800.0, megatron_cpu_patches: bool = 
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
         init_method = "env://"
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+        rank, world, local = (
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+        )
         init_method = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
     else:
         rank, world, local = 0, 1, 0
         init_method = f"tcp://127.0.0.1:{free_port()}"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

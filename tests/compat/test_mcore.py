@@ -84,8 +84,12 @@ def _worker(rank, world_size):
     records.messages.clear()
     cfg = tiny_config(pattern="SF")
     tcfg = to_transformer_config(cfg)
-    GPTModel(config=tcfg, transformer_layer_spec=build_block_spec("SF", sparse=cfg.sparse, config=tcfg),
-             vocab_size=VOCAB, max_sequence_length=SEQ)
+    GPTModel(
+        config=tcfg,
+        transformer_layer_spec=build_block_spec("SF", sparse=cfg.sparse, config=tcfg),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+    )
     out["direct_gpt_messages"] = list(records.messages)
     return out
 

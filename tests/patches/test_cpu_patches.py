@@ -71,7 +71,9 @@ def test_rotary_embedding_needs_the_view_and_matches_the_formula():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     dim, base_freq, seq = 8, 10000, 5
-    rope = RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_base=base_freq, use_cpu_initialization=True)
+    rope = RotaryEmbedding(
+        kv_channels=dim, rotary_percent=1.0, rotary_base=base_freq, use_cpu_initialization=True
+    )
     with pytest.raises(NO_CUDA_ERRORS, match=NO_CUDA):  # inv_freq.to(torch.cuda.current_device())
         rope.get_emb(seq)
     with cpu_patches():

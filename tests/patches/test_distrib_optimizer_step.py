@@ -30,7 +30,9 @@ def _model_and_optimizer(seed: int):
     tcfg = to_transformer_config(cfg)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     model = wrap_in_ddp([build_model(cfg, transformer_config=tcfg)], config=tcfg, ddp_config=ddp_cfg)[0]
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [model])
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [model]
+    )
     return model, opt
 
 
@@ -48,7 +50,9 @@ def _fresh_adam_state(opt) -> None:
     inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
     for group in inner.param_groups:
         for p in group["params"]:
-            inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            inner.state[p].update(
+                step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+            )
 
 
 def _load(opt, model, ckpt) -> None:
