@@ -24,7 +24,6 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -35,6 +34,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_longgen.attention.core_attention import LongGenCoreAttention
+from megatron_longgen.compat import mcore
 from megatron_longgen.config import SparseAttentionConfig
 from megatron_longgen.config.schema import TRANSFORMER_IMPLS
 from megatron_longgen.models.layer_pattern import FULL, SPARSE
@@ -113,7 +113,7 @@ def build_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp=mcore.mlp_submodule(linear_fc1=fc1, linear_fc2=fc2),  # 0.16: ModuleSpec; 0.19: as_mlp_submodule
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
