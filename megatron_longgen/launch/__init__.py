@@ -3,7 +3,9 @@
 Public API (imported lazily: `import megatron_longgen.launch` loads neither torch nor Megatron-Core):
 - `validate_launch(cfg, *, world_size, gpu=None, gpus_per_node=8, check_files=True, policy=None)` ->
   `LaunchReport` (`.lines`, `.warnings`, `.format()`), or `LaunchError` listing every problem
-  (`validate.py`); `LaunchPolicy` holds the judgement-call limits.
+  (`validate.py`); `LaunchPolicy` holds the judgement-call limits. `validate_launch_from_env(cfg)` is the
+  trainer's start-up call: job size from WORLD_SIZE / SLURM_NTASKS, GPU from the CUDA device, policy from
+  LONGGEN_* variables.
 - `plan(cfg, *, world_size, gpu, ...)` -> candidate layouts ranked by predicted tokens/s/GPU, each with its
   memory (`memory.py`) and step time (`timing.py`) (`plan.py`).
 - `resolve_inputs` / `missing_inputs`: a production recipe's data blend, tokenizer and initial checkpoint
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 _LAZY = {
     "validate_launch": "validate",
+    "validate_launch_from_env": "validate",
     "LaunchError": "validate",
     "LaunchPolicy": "validate",
     "LaunchReport": "validate",
@@ -41,6 +44,7 @@ __all__ = [
     "plan",
     "resolve_inputs",
     "validate_launch",
+    "validate_launch_from_env",
 ]
 
 

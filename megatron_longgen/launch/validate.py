@@ -178,7 +178,8 @@ def _plan(cfg, layout, gpu: GpuSpec, *, gpus_per_node, policy: LaunchPolicy, lin
                 f"({fitting[0].peak_bytes / GIB:.1f} GiB)" if fitting else "no layout fits on this many GPUs")
         msg = (f"predicted peak memory {peak / GIB:.1f} GiB (pipeline rank {row.memory.peak.stage}) exceeds the "
                f"{usable / GIB:.1f} GiB usable on a {gpu.description}: {hint} "
-               f"(python tools/plan_parallelism.py --recipe {cfg.name} --gpus {layout.world_size} --gpu {gpu.name})")
+               f"(python tools/plan_parallelism.py --recipe {cfg.name} --gpus {layout.world_size} --gpu {gpu.name}; "
+               f"to try anyway: LONGGEN_MEMORY_CHECK=warn, or --memory-check warn for tools/check_launch.py)")
         (problems if policy.memory_check == "error" else warnings).append(msg)
     elif peak > (1 - policy.memory_headroom) * usable and policy.memory_check != "off":
         warnings.append(f"predicted peak memory {peak / GIB:.1f} GiB uses {peak / usable:.0%} of the {usable / GIB:.1f} "
@@ -234,3 +235,49 @@ def validate_launch(
     if problems:
         raise LaunchError(problems, report=report)
     return report
+
+
+def _env_number(environ, name: str, default: float) -> float:
+    text = environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise LaunchError([f"{name} must be a number, got {text!r}"]) from None
+
+
+def policy_from_env(environ=None) -> LaunchPolicy:
+    """`LaunchPolicy` from LONGGEN_SIGNAL_LEAD_S, LONGGEN_FS_WRITE_GBPS, LONGGEN_MAX_DATA_EPOCHS and
+    LONGGEN_MEMORY_CHECK (error | warn | off); unset variables keep the defaults."""
+    env = os.environ if environ is None else environ
+    defaults = LaunchPolicy()
+    try:
+        return LaunchPolicy(
+            signal_lead_s=_env_number(env, "LONGGEN_SIGNAL_LEAD_S", defaults.signal_lead_s),
+            fs_write_gbps=_env_number(env, "LONGGEN_FS_WRITE_GBPS", defaults.fs_write_gbps),
+            max_data_epochs=_env_number(env, "LONGGEN_MAX_DATA_EPOCHS", defaults.max_data_epochs),
+            memory_check=env.get("LONGGEN_MEMORY_CHECK", defaults.memory_check).strip().lower(),
+        )
+    except ValueError as exc:
+        raise LaunchError([f"launch policy from the environment: {exc}"]) from None
+
+
+def job_size_from_env(environ=None) -> tuple[int, int]:
+    """(world size, GPUs per node) of this job from torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE or Slurm's
+    SLURM_NTASKS / SLURM_NTASKS_PER_NODE (e.g. "8" or "8(x4)"); (1, 1) for a plain process."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+    per_node = env.get("LOCAL_WORLD_SIZE") or (env.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0]
+    return world, int(per_node) if per_node else min(world, 8)
+
+
+def validate_launch_from_env(cfg: LongGenConfig, *, check_files: bool = True, environ=None) -> LaunchReport:
+    """`validate_launch` for the job this process belongs to, as the trainer calls it at start-up: sizes from
+    `job_size_from_env`, the GPU from this process's CUDA device (`gpus.detect_gpu`; no plan on CPU or an
+    unknown GPU), the policy from `policy_from_env`."""
+    from megatron_longgen.launch.gpus import detect_gpu
+
+    world, per_node = job_size_from_env(environ)
+    return validate_launch(cfg, world_size=world, gpu=detect_gpu(), gpus_per_node=per_node,
+                           check_files=check_files, policy=policy_from_env(environ))

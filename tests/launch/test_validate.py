@@ -149,3 +149,21 @@ def test_production_launch_passes_with_a_save_time_warning(tmp_path):
     assert any("more than the signal lead time of 180 s" in w for w in report.warnings)
     quiet = validate_launch(run, world_size=64, gpu="h100-80gb", policy=LaunchPolicy(signal_lead_s=600))
     assert not any("signal lead time" in w for w in quiet.warnings)
+
+
+def test_trainer_start_up_call_reads_the_job_from_the_environment():
+    from megatron_longgen.launch.validate import job_size_from_env, policy_from_env, validate_launch_from_env
+
+    assert job_size_from_env({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == (16, 8)
+    assert job_size_from_env({"SLURM_NTASKS": "32", "SLURM_NTASKS_PER_NODE": "8(x4)"}) == (32, 8)
+    assert job_size_from_env({}) == (1, 1)
+    policy = policy_from_env({"LONGGEN_SIGNAL_LEAD_S": "300", "LONGGEN_MEMORY_CHECK": "warn"})
+    assert policy == LaunchPolicy(signal_lead_s=300, memory_check="warn")
+    with pytest.raises(LaunchError, match="LONGGEN_SIGNAL_LEAD_S must be a number, got 'soon'"):
+        policy_from_env({"LONGGEN_SIGNAL_LEAD_S": "soon"})
+    with pytest.raises(LaunchError, match="memory_check must be error, warn or off, got 'maybe'"):
+        policy_from_env({"LONGGEN_MEMORY_CHECK": "maybe"})
+    report = validate_launch_from_env(debug_tiny(), environ={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    assert "world 2 = tp 1 x pp 1 x cp 1 x dp 2" in report.lines
+    with pytest.raises(LaunchError, match="global_batch_size 4 must be a multiple of micro_batch_size \\* dp = 2 \\* 4"):
+        validate_launch_from_env(debug_tiny(), environ={"WORLD_SIZE": "4"})
