@@ -4,6 +4,10 @@ candidate of a recipe on N GPUs, with per-GPU memory and step time, ranked.
     python tools/plan_parallelism.py --recipe llama2_70b_128k --gpus 64 --gpu h100-80gb
     python tools/plan_parallelism.py --recipe llama2_7b_128k --gpus 64 --gpu h200 --top 5
     python tools/plan_parallelism.py --validate          # planner vs the H200 measurements -> table
+    python tools/plan_parallelism.py --recipe llama2_70b_128k --gpus 256 --top 5 $EXTRA_ARGS   # in a job log
+
+Takes every `longgen-train` flag (`--attention full` plans the baseline, `--override parallel.*` /
+`train.*` change the config; data and checkpoint flags are accepted and ignored).
 
 Prints the ranked table (memory of the busiest GPU and its share of the usable memory, step time,
 tokens/s/GPU, MFU executed and dense-equivalent, pipeline bubble and communication shares), the recommended
@@ -26,31 +30,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_longgen.launch.gpus import GPUS
-    from megatron_longgen.recipes import RECIPES
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES))
-    p.add_argument("--gpus", type=int, help="total GPUs (nodes x GPUs per node)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb")
-    p.add_argument("--attention", choices=("hybrid", "full"), default="hybrid",
-                   help="plan the recipe as is, or its full-attention baseline")
-    p.add_argument("--override", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
-    p.add_argument("--top", type=int, default=15, help="rows of the table")
-    p.add_argument("--headroom", type=float, default=0.10,
-                   help="share of the usable memory a recommended layout leaves free (default 0.10)")
-    p.add_argument("--tie", type=float, default=0.05,
-                   help="layouts within this share of the fastest count as equally fast (default 0.05)")
-    p.add_argument("--fs-write-gbps", type=float, default=10.0,
-                   help="aggregate file-system write bandwidth for checkpoints, GB/s (default 10)")
-    p.add_argument("--signal-lead-s", type=float, default=180.0,
-                   help="Slurm signal lead time before the time limit, s (default 180)")
-    p.add_argument("--json", metavar="PATH", help="also write every candidate's figures as JSON")
+def build_validate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plan_parallelism --validate", add_help=False)
     p.add_argument("--validate", action="store_true",
                    help="compare the planner with benchmarks/results/*h200*.json and write the validation table")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every `longgen-train` flag (so a job's $EXTRA_ARGS plan what it will train) plus the planner's own."""
+    from megatron_longgen.launch.gpus import GPUS
+    from megatron_longgen.train import build_parser as train_parser
+
+    p = train_parser(run_dir_required=False)
+    p.prog = "plan_parallelism"
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = p.add_argument_group("planner")
+    g.add_argument("--gpus", type=int, required=True, help="total GPUs (nodes x GPUs per node)")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb")
+    g.add_argument("--top", type=int, default=15, help="rows of the table")
+    g.add_argument("--headroom", type=float, default=0.10,
+                   help="share of the usable memory a recommended layout leaves free (default 0.10)")
+    g.add_argument("--tie", type=float, default=0.05,
+                   help="layouts within this share of the fastest count as equally fast (default 0.05)")
+    g.add_argument("--fs-write-gbps", type=float, default=10.0,
+                   help="aggregate file-system write bandwidth for checkpoints, GB/s (default 10)")
+    g.add_argument("--signal-lead-s", type=float, default=180.0,
+                   help="Slurm signal lead time before the time limit, s (default 180)")
+    g.add_argument("--json", metavar="PATH", help="also write every candidate's figures as JSON")
+    g.add_argument("--validate", action="store_true", help="see --validate above: no recipe needed")
     return p
 
 
@@ -94,7 +105,6 @@ def run_validate(args) -> int:
 
 
 def run_plan(args) -> int:
-    from megatron_longgen.config import apply_overrides
     from megatron_longgen.launch.gpus import GIB, get_gpu
     from megatron_longgen.launch.layout import layout_from_config
     from megatron_longgen.launch.plan import (
@@ -105,11 +115,10 @@ def run_plan(args) -> int:
         plan,
         recommend,
     )
-    from megatron_longgen.recipes import get_recipe, with_full_attention
+    from megatron_longgen.recipes import with_full_attention
+    from megatron_longgen.train import config_from_args
 
-    cfg = apply_overrides(get_recipe(args.recipe), args.override)
-    if args.attention == "full" and not cfg.is_full_attention:
-        cfg = with_full_attention(cfg)
+    cfg = config_from_args(args)  # --attention full plans the baseline; --override parallel.* etc. apply
     gpu = get_gpu(args.gpu)
     common = {"gpus_per_node": args.gpus_per_node, "fs_write_gbps": args.fs_write_gbps}
     rows = plan(cfg, world_size=args.gpus, gpu=gpu, headroom=args.headroom, **common)
@@ -174,14 +183,12 @@ def run_plan(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.validate:
-        return run_validate(args)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--validate" in argv:
+        return run_validate(build_validate_parser().parse_known_args(argv)[0])
+    args = build_parser().parse_args(argv)
     problem = None
-    if not args.recipe or args.gpus is None:
-        problem = "--recipe and --gpus are required (or --validate)"
-    elif min(args.gpus, args.gpus_per_node, args.top) < 1:
+    if min(args.gpus, args.gpus_per_node, args.top) < 1:
         problem = (f"--gpus, --gpus-per-node and --top must be >= 1, got {args.gpus}, {args.gpus_per_node} "
                    f"and {args.top}")
     elif not (0.0 <= args.headroom < 1.0 and 0.0 <= args.tie < 1.0):
