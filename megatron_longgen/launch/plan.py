@@ -59,20 +59,25 @@ class CheckpointEstimate:
     save_s: float
 
 
-def checkpoint_save_estimate(cfg: LongGenConfig, layout: Layout, *, fs_write_gbps: float) -> CheckpointEstimate:
-    """Bytes and seconds of one training checkpoint: bf16 weights (written once, by the DP-rank-0
-    replica of each shard) + fp32 main params and Adam moments (every rank its optimizer shard), over
-    the file system's aggregate write bandwidth `fs_write_gbps` (GB/s) available to the job."""
-    if fs_write_gbps <= 0:
-        raise ValueError(f"file-system write bandwidth must be > 0 GB/s, got {fs_write_gbps}")
+def checkpoint_save_estimate(
+    cfg: LongGenConfig, layout: Layout, *, fs_write_gbps: float, per_gpu_write_gbps: float = 2.0
+) -> CheckpointEstimate:
+    """Bytes and seconds of one training checkpoint: bf16 weights (written once, by the DP-rank-0 replica of
+    each shard) + fp32 main params and Adam moments (every rank its optimizer shard). The save takes the
+    longer of: everything over the file system's aggregate write bandwidth available to the job
+    (`fs_write_gbps`, GB/s), and the busiest GPU's bytes at one writer's rate (`per_gpu_write_gbps`,
+    ~2 GB/s for a process writing through a node's storage link shared by 8 GPUs)."""
+    if fs_write_gbps <= 0 or per_gpu_write_gbps <= 0:
+        raise ValueError(f"file-system write bandwidths must be > 0 GB/s, got {fs_write_gbps} and {per_gpu_write_gbps}")
     params = model_parameters(cfg.model, tp=layout.tp)["total"]
     a = 4 if cfg.train.dtype == "fp32" else 2
     opt = 12 if a == 2 else 8
     total = (a + opt) * params
     model_shard = a * params / (layout.tp * layout.pp)
     opt_shard = opt * params / (layout.tp * layout.pp * (layout.dp * layout.cp if layout.distributed_optimizer else 1))
-    return CheckpointEstimate(total_bytes=total, busiest_gpu_bytes=model_shard + opt_shard,
-                              save_s=total / (fs_write_gbps * 1e9))
+    busiest = model_shard + opt_shard
+    return CheckpointEstimate(total_bytes=total, busiest_gpu_bytes=busiest,
+                              save_s=max(total / (fs_write_gbps * 1e9), busiest / (per_gpu_write_gbps * 1e9)))
 
 
 def _divisors(n: int) -> list[int]:

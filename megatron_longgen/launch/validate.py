@@ -187,7 +187,7 @@ def _plan(cfg, layout, gpu: GpuSpec, *, gpus_per_node, policy: LaunchPolicy, lin
     ckpt = checkpoint_save_estimate(cfg, layout, fs_write_gbps=policy.fs_write_gbps)
     needed = row.step.total + ckpt.save_s
     lines.append(f"checkpoint: {ckpt.total_bytes / 1e9:.0f} GB ({ckpt.busiest_gpu_bytes / 1e9:.1f} GB from the busiest "
-                 f"GPU), ~{ckpt.save_s:.0f} s at {policy.fs_write_gbps:g} GB/s")
+                 f"GPU), ~{ckpt.save_s:.0f} s at {policy.fs_write_gbps:g} GB/s aggregate")
     if needed > policy.signal_lead_s:
         warnings.append(
             f"after Slurm's signal the trainer finishes its step (~{row.step.total:.0f} s) and saves (~{ckpt.save_s:.0f} s "

@@ -156,10 +156,10 @@ def context_parallel_rows(path: str) -> list[dict]:
 
 
 def _sparse_pairs(variant: str, seq: int) -> int:
+    from megatron_longgen.attention.masks import attended_pairs, pattern_from_config
     from megatron_longgen.config import SparseAttentionConfig
-    from megatron_longgen.training.flops import _pairs
 
-    return _pairs(SparseAttentionConfig(variant=variant), seq)
+    return attended_pairs(pattern_from_config(SparseAttentionConfig(variant=variant)), seq)
 
 
 def validate_against_measurements(results_dir: str | os.PathLike) -> dict:

@@ -74,7 +74,7 @@ def test_check_launch_honours_every_longgen_train_flag():
 
 
 def test_check_launch_refuses_the_7b_recipe_without_its_inputs():
-    proc = _run("check_launch.py", "--recipe", "llama2_7b_128k", "--nodes", "8")
+    proc = _run("check_launch.py", "--recipe", "llama2_7b_128k", "--nodes", "8", "--gpu", "none")
     assert proc.returncode == 2
     errors = _errors(proc)
     assert len(errors) == 3 and all("llama2_7b_128k needs" in e for e in errors)
