@@ -203,7 +203,7 @@ def describe_row(row: PlanRow) -> list[str]:
         f"{st.grads / GIB:.1f} + optimizer {st.optimizer / GIB:.1f} + activations {st.activations / GIB:.1f} "
         f"({st.in_flight:g} micro-batch(es) in flight) + peak transient {st.working / GIB:.1f} ({st.peak_phase}; "
         f"logits {st.logits / GIB:.1f}, CP buffers {st.cp_buffers / GIB:.1f})"),
-        (f"  step {s.total:.2f} s for {s.num_microbatches} micro-batches: GEMM {s.gemm:.2f}, attention "
+        (f"  step {s.total:.2f} s for {s.num_microbatches} micro-batch(es): GEMM {s.gemm:.2f}, attention "
         f"{s.attention:.2f}, element-wise {s.elementwise:.2f}, recompute {s.recompute:.2f}, TP {s.tp_comm:.2f}, "
         f"CP {s.cp_comm:.2f}, PP {s.pp_comm:.2f}, bubble {s.bubble:.2f}, DP {s.dp_comm:.2f}, optimizer "
         f"{s.optimizer:.2f}"),
