@@ -323,6 +323,9 @@ class LoggingConfig:
     """`offline`, `online` or `disabled`; the WANDB_MODE environment variable wins."""
     run_name: str | None = None
     """W&B run name; defaults to the recipe name."""
+    wandb_group: str | None = None
+    """W&B group shared by the runs of one comparison; defaults to the recipe name without `_full`, so a
+    LongGen run and its full-attention baseline share it (WANDB_RUN_GROUP wins)."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 looks the GPU name up in
     `training/flops.py` (H100/H200 989, A100 312) and reports no MFU when it is unknown (e.g. CPU)."""
