@@ -97,21 +97,28 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def preflight(cfg, args: argparse.Namespace) -> None:
-    """Cheap checks before any process group or model exists (ValueError naming the value and the fix)."""
+def preflight(cfg, args: argparse.Namespace, *, quiet: bool = False) -> None:
+    """Checks before any process group or model exists, each a ValueError naming the value and the fix: the
+    run dir's ownership (`training/run_dir.py`), W&B credentials, and the launch validator
+    (`launch/validate.py`: parallel sizes, data, tokenizer, initial checkpoint, and on a known GPU the memory
+    plan). Rank 0 prints the validator's report."""
+    from megatron_longgen.launch.validate import validate_launch_from_env
     from megatron_longgen.training import run_dir as rd
 
-    rd.check_claim(rd.inspect(args.run_dir), resume=args.resume, overwrite=args.overwrite)
-    init = cfg.train.init_checkpoint
-    if init and not (args.resume and rd.inspect(args.run_dir).num_checkpoints) and not os.path.isdir(init):
-        raise ValueError(f"--init-checkpoint {init} does not exist (or is not a folder): convert one with "
-                         "tools/convert_hf_to_mcore.py or fix the path")
+    state = rd.inspect(args.run_dir)
+    rd.check_claim(state, resume=args.resume, overwrite=args.overwrite)
     if cfg.logging.wandb:
         mode = os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)
         has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.isfile(os.path.expanduser("~/.netrc"))
         if mode == "online" and not has_key:
             raise ValueError("W&B mode is online but no API key is set: export WANDB_API_KEY (or run "
                              "`wandb login`), or use WANDB_MODE=offline and `wandb sync` later")
+    checked = cfg
+    if args.resume and state.num_checkpoints:  # the run's own checkpoint wins; the initial one is not read
+        checked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_checkpoint=None))
+    report = validate_launch_from_env(checked)
+    if _rank() == 0 and not quiet:
+        print(report.format(), flush=True)
 
 
 def _rank() -> int:
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("LONGGEN_DEBUG", "") not in ("", "0")
     try:
         cfg = config_from_args(args)
-        preflight(cfg, args)
+        preflight(cfg, args, quiet=args.quiet)
     except ValueError as exc:
         _report(exc, debug=debug, user_error=True)
         return EXIT_USAGE
