@@ -18,10 +18,10 @@ from megatron_longgen.attention.core_attention import LongGenCoreAttention, atte
 from megatron_longgen.attention.masks import pattern_from_config
 from megatron_longgen.attention.reference import reference_attention
 from megatron_longgen.config import SparseAttentionConfig
-from megatron_longgen.utils.cpu_compat import enable_cpu_compat
+from megatron_longgen.patches.cpu import apply_cpu_patches
 from tests.attention.independent_masks import causal_token_mask, independent_token_mask
 
-enable_cpu_compat()
+apply_cpu_patches()
 
 SPARSE = [
     SparseAttentionConfig(variant="sink_window", block_size=4, num_sink_blocks=1, num_window_blocks=2, backend="torch"),
