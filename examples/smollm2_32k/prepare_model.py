@@ -9,11 +9,12 @@ Nothing is downloaded: the package is only located (not imported; it needs the `
 takes any other copy of the file.
 
 What it does:
-1. transformers' GGUF reader (`load_gguf_checkpoint`, needs the `gguf` package) dequantises every tensor
-   to fp32 and undoes llama.cpp's Q/K row permutation; the tensors go into a plain `LlamaForCausalLM` built
-   from the GGUF's config (without any `quantization_config`; a GGUF-loaded model refuses `save_pretrained`)
-   and are saved as fp32 safetensors with the tokenizer. The dequantised values are exact in fp32. This path
-   needs no `accelerate` (which transformers' `from_pretrained(gguf_file=...)` requires).
+1. The `gguf` package dequantises every tensor to fp32 (exactly) and llama.cpp's Q/K row permutation is
+   undone; the tensors go into a plain `LlamaForCausalLM` built from the GGUF's config as transformers reads
+   it (`AutoConfig.from_pretrained(dir, gguf_file=...)`, without any `quantization_config`: a GGUF-loaded
+   model refuses `save_pretrained`) and are saved as fp32 safetensors with the tokenizer. This needs neither
+   `accelerate` (which transformers' own `from_pretrained(dir, gguf_file=...)` requires for weights) nor
+   transformers' GGUF internals, whose interface changes between releases; that loader is the check below.
 2. The tokenizer (byte-level BPE, 49,152 ids) is the GGUF's, with one change: its `bos_token` becomes
    `<|endoftext|>` (id 0), the document separator of SmolLM2's pre-training; the Instruct tokenizer names
    `<|im_start|>` (a chat-turn opener) instead. The data pipeline puts the bos token at every document start.
@@ -68,12 +69,54 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_from_gguf(gguf: Path, *, bos_token: str):
-    """(model fp32 in eval mode, tokenizer, tensor-type counts) from a Llama GGUF file."""
+# llama.cpp tensor names -> Hugging Face Llama names (`blk.N.<name>` per layer).
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_qk(w, num_heads: int):
+    """Undo llama.cpp's Q/K row order: its converter interleaves the two rotary halves of each head
+    (rows [h, 2, d/2] -> [h, d/2, 2]); HF Llama keeps them as halves."""
+    return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_state_dict(gguf: Path, *, num_heads: int, num_kv_heads: int) -> tuple[dict, dict[str, int]]:
+    """(HF state dict of fp32 tensors, tensor-type counts) of a llama.cpp Llama GGUF, dequantised with the
+    `gguf` package (exact: Q4_1 / Q8_0 values are representable in fp32)."""
+    import numpy as np
     import torch
-    from gguf import GGUFReader
+    from gguf import GGUFReader, dequantize
+
+    reader = GGUFReader(str(gguf))
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if tensor.name in GGUF_NAMES:
+            name = GGUF_NAMES[tensor.name]
+        elif parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            raise SystemExit(f"prepare_model: unexpected tensor {tensor.name!r} in {gguf} (not a plain Llama)")
+        weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if parts[-2:-1] == ["attn_q"]:
+            weights = unpermute_qk(weights, num_heads)
+        elif parts[-2:-1] == ["attn_k"]:
+            weights = unpermute_qk(weights, num_kv_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(weights))
+    return state, dict(Counter(t.tensor_type.name for t in reader.tensors))
+
+
+def load_from_gguf(gguf: Path, *, bos_token: str):
+    """(model fp32 in eval mode, tokenizer, tensor-type counts) from a Llama GGUF file. Config and tokenizer
+    come from transformers' GGUF support (public `from_pretrained(..., gguf_file=...)`), the weights from
+    `gguf_state_dict` (no transformers internals, no `accelerate`)."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf.parent), gguf.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -87,18 +130,16 @@ def load_from_gguf(gguf: Path, *, bos_token: str):
     tokenizer.bos_token = bos_token
     config.bos_token_id = tokenizer.bos_token_id
     config.dtype = torch.float32
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)  # only names the tensors for the GGUF -> HF key map
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    state, types = gguf_state_dict(gguf, num_heads=config.num_attention_heads,
+                                   num_kv_heads=config.num_key_value_heads)
     model = LlamaForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise SystemExit(f"prepare_model: GGUF tensors do not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
-    types = Counter(t.tensor_type.name for t in GGUFReader(str(gguf)).tensors)
-    return model, tokenizer, dict(types)
+    return model, tokenizer, types
 
 
 def logits_of(model, ids):
@@ -154,21 +195,30 @@ def check_megatron(model, tokenizer, *, mcore_dir: Path, tolerance: float = 2e-3
     from megatron_longgen.checkpoint.loading import load_model
     from megatron_longgen.utils.distributed import destroy
 
-    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(SANITY_TEXT, add_special_tokens=False)])
-    rounded = copy.deepcopy(model)
+    # Both models on one device (the GPU when there is one: Megatron's process group is NCCL there).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(SANITY_TEXT, add_special_tokens=False)],
+                       device=device)
+    rounded = copy.deepcopy(model).to(device)
     with torch.no_grad():  # parameters only: `.to(bfloat16)` would also round the RoPE inv_freq buffer
         for param in rounded.parameters():
             param.copy_(param.to(torch.bfloat16))
     expected = logits_of(rounded, ids)
-    mcore, _ = load_model(mcore_dir, dtype="fp32")
+    mcore, _ = load_model(mcore_dir, device, dtype="fp32")
     with torch.no_grad():
-        got = mcore(ids, torch.arange(ids.shape[1])[None], None).float()
+        got = mcore(ids, torch.arange(ids.shape[1], device=device)[None], None).float()
     destroy()
     diff = float((got - expected).abs().max())
     print(f"prepare_model: Megatron checkpoint vs HF logits: max |diff| {diff:.2e}")
     if diff > tolerance:
         raise SystemExit(f"prepare_model: the converted checkpoint's logits differ by {diff:.3g} > {tolerance}")
     return diff
+
+
+def write_report(folder: Path, report: dict) -> None:
+    tmp = folder / f"prepare_report.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, folder / "prepare_report.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,16 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists() and not args.force:
             raise SystemExit(f"prepare_model: {path} exists; pass --force to replace it")
     model, tokenizer, types = load_from_gguf(gguf, bos_token=args.bos_token)
-    tmp = hf_dir.with_name(hf_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    tmp = hf_dir.with_name(hf_dir.name + f".tmp{os.getpid()}")  # renamed into place once checked
     report = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "gguf_sha256": sha256(gguf),
               "tensor_types": types, "parameters": sum(p.numel() for p in model.parameters()),
               "bos_token": args.bos_token, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
-    if not args.no_verify:
-        report.update(verify(model, tokenizer, out=tmp, gguf=gguf, max_ppl=args.max_ppl))
-    (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not args.no_verify:
+            report.update(verify(model, tokenizer, out=tmp, gguf=gguf, max_ppl=args.max_ppl))
+        write_report(tmp, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if hf_dir.exists():
         shutil.rmtree(hf_dir)
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.no_verify:
         report["mcore_max_abs_diff"] = check_megatron(model, tokenizer, mcore_dir=mcore_dir)
-        (hf_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(hf_dir, report)
     return 0
 
 

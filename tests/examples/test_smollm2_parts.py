@@ -3,6 +3,8 @@ file filters and scan, and compare.py's reading of evaluation reports and its ta
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
 import re
 import sys
@@ -119,3 +121,42 @@ def test_compare_targets():
     t = compare.check_targets(passkey, {}, training)
     assert t["longgen_beats_sparse_and_attnsink_beyond_window"] is False
     assert t["longgen_trains_faster_than_full"] is None and "niah_within_10_points_of_full" not in t
+
+
+def _write_run(run_dir: Path, *, seconds_per_step: float, steps: int = 4, tokens_per_step: int = 1000) -> None:
+    run_dir.mkdir(parents=True)
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "tokens": s * tokens_per_step, "wall_time_s": s * seconds_per_step}
+            for s in range(1, steps + 1)]
+    rows[-1]["eval_loss"] = 2.5
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "config.json").write_text(json.dumps({"train": {"seed": 7}, "model": {"layer_pattern": "SFS"}}))
+    (run_dir / "process_time.json").write_text(json.dumps({"process_wall_s": steps * seconds_per_step + 30}))
+
+
+def test_compare_end_to_end_on_written_reports(tmp_path):
+    work = tmp_path / "work"
+    for variant, seconds in (("longgen", 1.0), ("sparse_only", 0.8), ("full", 1.3)):
+        _write_run(work / "train" / variant, seconds_per_step=seconds)
+    for model, acc in (("original", 0.0), ("longgen", 1.0), ("sparse_only", 0.0), ("full", 1.0),
+                       ("attnsink_inference", 0.0)):
+        (work / "eval" / model).mkdir(parents=True)
+        trials = [{"length": n, "depth": d, "correct": bool(acc) or n <= 2048}
+                  for n in (2048, 4096) for d in (0.0, 0.5, 1.0)]
+        for kind in ("passkey", "niah"):
+            (work / "eval" / model / f"{kind}.json").write_text(json.dumps({"results": trials}))
+        (work / "eval" / model / "ppl.json").write_text(json.dumps({"positions": [1024, 2048, 4096],
+                                                                     "ppl": [9.0, 8.0, 7.0 + acc]}))
+    out = tmp_path / "results"
+    result = compare.main(["--workdir", str(work), "--device", "test", "--out-dir", str(out)])
+    written = json.loads((out / "smollm2_32k_test.json").read_text())
+    assert written["passkey"]["longgen"] == {"2048": 1.0, "4096": 1.0}
+    assert written["passkey"]["sparse_only"] == {"2048": 1.0, "4096": 0.0}
+    assert written["training"]["full"] == {
+        "tokens": 4000, "steps": 4, "wall_clock_s": 5.2, "tokens_per_s": 4000 / 5.2, "process_wall_s": 35.2,
+        "seed": 7, "layer_pattern": "SFS", "final_loss": pytest.approx(2.6), "eval_loss": 2.5, "peak_mem_gib": None}
+    assert written["targets"]["longgen_beats_sparse_and_attnsink_beyond_window"] is True
+    assert written["targets"]["full_over_longgen_wall_clock"] == pytest.approx(1.3)
+    assert result["missing"] == []
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in ("passkey", "niah", "loss_tokens", "loss_wallclock", "ppl_position"):
+            assert (out / f"smollm2_32k_test_{name}.png").stat().st_size > 1000, name
