@@ -89,9 +89,25 @@ Candidate = tuple[str, list[Path], Path]
 """(name, files, root): one document (or several, when long) of a source."""
 
 
-def scan(roots: list[Path]) -> tuple[list[Candidate], list[Candidate], list[Path]]:
-    """(code candidates, docs candidates, licence files) under `roots`, in sorted order. Names are
-    `<root name>/<path below root>`, so they are the same on every machine with the same packages."""
+def size_chunks(files: list[Path], *, max_bytes: int) -> list[list[Path]]:
+    """`files` in order, cut into runs of at most `max_bytes` (by file size; a larger file is a run alone)."""
+    chunks: list[list[Path]] = [[]]
+    used = 0
+    for path in files:
+        size = path.stat().st_size
+        if chunks[-1] and used + size > max_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(path)
+        used += size
+    return chunks
+
+
+def scan(roots: list[Path], *, max_doc_chars: int) -> tuple[list[Candidate], list[Candidate], list[Path]]:
+    """(code candidates, docs candidates, licence files) under `roots`, in sorted order. A directory's `.py`
+    files are cut into candidates of at most `max_doc_chars` bytes (so the amount read tracks the budget
+    closely); they share the directory's name, `<root name>/<path below root>`, which is the same on every
+    machine with the same packages."""
     code: list[Candidate] = []
     docs: dict[tuple[str, Path], list[Path]] = {}
     licenses: list[Path] = []
@@ -105,7 +121,7 @@ def scan(roots: list[Path]) -> tuple[list[Candidate], list[Candidate], list[Path
             files = sorted(filenames)
             py = [here / f for f in files if f.endswith(CODE_SUFFIXES)]
             if py:
-                code.append((f"{root.name}/{rel}", py, root))
+                code.extend((f"{root.name}/{rel}", chunk, root) for chunk in size_chunks(py, max_bytes=max_doc_chars))
             if top.endswith((".dist-info", ".egg-info")):
                 docs.setdefault((top.split("-")[0], root), []).extend(here / f for f in files if f == "METADATA")
                 licenses.extend(here / f for f in files if f.upper().startswith(LICENSE_PREFIXES)
@@ -159,12 +175,13 @@ def license_documents(files: list[Path], *, max_chars: int) -> list[str]:
     return out
 
 
-def chars_per_token(tokenizer: str, samples: list[str]) -> float:
+def chars_per_token(tokenizer: str, samples: list[str], *, slice_chars: int = 20_000) -> float:
+    """Characters per token of `samples` (a slice of each of up to 40 of them, so no single document
+    dominates); 4.0 when there is no text."""
     from megatron_longgen.data.tokenizers import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
-    text = "\n".join(samples)[:400_000]
-    return len(text) / max(1, len(tok.encode(text)))
+    text = "\n".join(s[:slice_chars] for s in samples[:40])
+    return len(text) / len(load_tokenizer(tokenizer).encode(text)) if text.strip() else 4.0
 
 
 def histogram(lengths: np.ndarray) -> dict:
@@ -209,12 +226,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select_heldout(code: list[Candidate], *, count: int, min_chars: int, max_chars: int) -> list[dict]:
-    """`count` long code documents, never trained on: the first directories in the order of a hash of their
-    name (so the choice does not depend on the seed or on what else is installed) that give one."""
+    """`count` long code documents from distinct directories, never trained on (nor is any other file of
+    their directories): the first directories in the order of a hash of their name (so the choice does not
+    depend on the seed or on what else is installed) that give one."""
     heldout: list[dict] = []
     for candidate in sorted(code, key=lambda c: hashlib.sha1(c[0].encode()).hexdigest()):
         if len(heldout) == count:
             break
+        if candidate[0] in {d["name"] for d in heldout}:
+            continue  # one document per directory: held-out texts from different packages
         if sum(f.stat().st_size for f in candidate[1]) >= min_chars:
             docs = [d for d in join_files(candidate, max_chars=max_chars) if len(d) >= min_chars]
             if docs:
@@ -223,8 +243,8 @@ def select_heldout(code: list[Candidate], *, count: int, min_chars: int, max_cha
 
 
 def read_natural(code: list[Candidate], doc_candidates: list[Candidate], license_files: list[Path], *,
-                 args: argparse.Namespace, tokenizer: str) -> tuple[dict[str, list[str]], float]:
-    """({source: documents}, characters per token). Licences and package documentation (the prose; small)
+                 args: argparse.Namespace, tokenizer: str) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """({source: documents}, characters per token of code and of prose). Licences and package documentation (the prose; small)
     in full, then code directories in a seeded random order until the character budget, judged by file
     sizes, is reached; the chosen directories are read by `args.workers` processes."""
     natural: dict[str, list[str]] = {"code": [], "docs": [], "licenses": []}
@@ -235,8 +255,10 @@ def read_natural(code: list[Candidate], doc_candidates: list[Candidate], license
     pool = list(code)
     random.Random(args.seed).shuffle(pool)
     probe = [d for c in pool[:20] for d in join_files(c, max_chars=args.max_doc_chars)]
-    cpt = chars_per_token(tokenizer, prose[:5] + probe)
-    budget_chars = int(args.target_tokens * (1 - args.synthetic_fraction) * args.oversample * cpt)
+    cpt = {"code": chars_per_token(tokenizer, probe), "prose": chars_per_token(tokenizer, prose)}
+    prose_tokens = sum(map(len, prose)) / cpt["prose"]
+    code_tokens = args.target_tokens * (1 - args.synthetic_fraction) * args.oversample - prose_tokens
+    budget_chars = sum(map(len, prose)) + int(max(code_tokens, 0) * cpt["code"])
     chosen, planned = [], sum(map(len, prose))
     for candidate in pool:
         if planned >= budget_chars:
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.workdir / "data"
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     roots = [r.resolve() for r in (args.roots or default_roots())]
-    code, doc_candidates, license_files = scan(roots)
+    code, doc_candidates, license_files = scan(roots, max_doc_chars=args.max_doc_chars)
     if args.licenses_dir.is_dir():
         license_files = sorted(p for p in args.licenses_dir.iterdir() if p.is_file()) + license_files
     if not code:
@@ -296,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.synthetic_fraction > 0:
         probe, _ = retrieval_documents(natural_docs, total_chars=200_000, doc_chars=(20_000,), seed=args.seed)
         synth_cpt = chars_per_token(tokenizer, probe)
-        natural_tokens = sum(map(len, natural_docs)) / cpt
+        natural_tokens = (sum(map(len, natural["code"])) / cpt["code"]
+                          + sum(len(d) for d in natural["docs"] + natural["licenses"]) / cpt["prose"])
         want_tokens = natural_tokens * args.synthetic_fraction / (1 - args.synthetic_fraction)
         synthetic, num_records = retrieval_documents(natural_docs, total_chars=int(want_tokens * synth_cpt),
                                                      doc_chars=tuple(args.synthetic_doc_chars), seed=args.seed + 1)
@@ -325,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer": tokenizer,
         "documents_in": {s: len(d) for s, d in sources.items()},
         "chars_in": {s: sum(map(len, d)) for s, d in sources.items()},
-        "chars_per_token": {"natural": cpt, "synthetic": synth_cpt},
+        "chars_per_token": {**cpt, "synthetic": synth_cpt},
         "synthetic_records": num_records,
         "tokens_per_source": per_source,
         "tokens_out": pre["tokens_out"],

@@ -83,7 +83,7 @@ def test_scan_groups_by_directory_and_skips_nested_site_packages(tmp_path):
     (root / "pkg-1.0.dist-info").mkdir()
     (root / "pkg-1.0.dist-info" / "METADATA").write_text("Name: pkg\n\nA package.\n")
     (root / "pkg-1.0.dist-info" / "LICENSE").write_text("MIT licence text\n")
-    code, docs, licenses = build_data.scan([root])
+    code, docs, licenses = build_data.scan([root], max_doc_chars=10_000)
     assert [(name, [f.name for f in files]) for name, files, _ in code] == [
         ("lib/pkg", ["a.py", "b.py"]), ("lib/pkg/sub", ["c.py"])]
     assert [(name, sorted(f.name for f in files)) for name, files, _ in docs] == [
@@ -92,6 +92,9 @@ def test_scan_groups_by_directory_and_skips_nested_site_packages(tmp_path):
     (text,) = build_data.join_files(code[0], max_chars=10_000)
     assert text == "# file: pkg/a.py\na = 1\n\n# file: pkg/b.py\nb = 2\n"
     assert len(build_data.join_files(code[0], max_chars=20)) == 2  # split at the file boundary
+    small = build_data.scan([root], max_doc_chars=7)[0]  # each 6-byte file alone: candidates of one name
+    assert [(name, [f.name for f in files]) for name, files, _ in small] == [
+        ("lib/pkg", ["a.py"]), ("lib/pkg", ["b.py"]), ("lib/pkg/sub", ["c.py"])]
 
 
 def test_compare_reads_both_report_shapes():
