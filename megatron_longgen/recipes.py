@@ -9,6 +9,9 @@ fields (`dataclasses.replace`). `longgen-train --recipe NAME` looks them up in `
 | llama2_7b_128k_full | the full-attention baseline of the same run                                   |
 | llama2_70b_128k     | LongGen 70B (GQA 64/8): TP=8, CP=8, full recompute                            |
 | llama2_70b_128k_full| its full-attention baseline                                                   |
+| smollm2_32k_longgen | SmolLM2-135M 8K -> 32K as LongGen: middle 10 of 30 layers full (= smollm2_32k) |
+| smollm2_32k_sparse_only | the same run with all 30 layers sink_window (the no-full-layers ablation)  |
+| smollm2_32k_full    | the same run with all 30 layers full (the baseline)                           |
 
 | llama2_7b_128k_pi   | the 7B run with linear position interpolation (factor 32, base 10,000)        |
 | llama2_7b_128k_yarn | the 7B run with YaRN (factor 32 over the original 4,096, base 10,000)         |
@@ -19,6 +22,7 @@ longgen_config.json and so in exports):
   long-context data recipe LongGen builds on (Fu et al. 2024); no other scaling;
 - `_pi`: linear position interpolation, positions divided by 32, base 10,000;
 - `_yarn`: YaRN with factor 32 over the original 4,096 positions, base 10,000.
+- `smollm2_32k_*` (8K -> 32K): the base is raised from SmolLM2's 100,000 to 1,000,000 (see `smollm2_32k`).
 Positions stay absolute in every layer. Any recipe can switch with overrides, e.g.
 `--override model.rotary_base=10000 model.rope_scaling=yarn model.rope_scaling_factor=32`.
 
@@ -193,6 +197,89 @@ def llama2_70b_128k_full() -> LongGenConfig:
     return with_full_attention(llama2_70b_128k())
 
 
+SMOLLM2_WORKDIR = "runs/smollm2_32k"
+"""Where `examples/smollm2_32k/` writes (relative to the repository root); the SmolLM2 recipes' default data,
+tokenizer and initial checkpoint paths point into it, so `longgen-train --recipe smollm2_32k_longgen` works
+from the repository root after `prepare_model.py` and `build_data.py`."""
+
+
+def smollm2_32k() -> LongGenConfig:
+    """SmolLM2-135M-Instruct (a Llama: 30 layers, d 576, GQA 9/3, head dim 64, SwiGLU 1536, tied embeddings,
+    49,152-token byte-level BPE, RoPE base 100,000, 8K context) extended to 32K as LongGen: the middle 10
+    layers full, the other 20 `sink_window` with the paper's 64-token blocks, 1 sink block, 32 window blocks
+    (2,112 keys per query). `examples/smollm2_32k/` runs it with its two baselines on one GPU.
+
+    RoPE ("ABF"): base 100,000 -> 1,000,000 for 4x the pretraining context. The lower bound of the base
+    for a context L derived by Men et al. 2024 ("Base of RoPE Bounds Context Length") is ~6.4e5 at 32K and
+    ~2.1e6 at 64K (SmolLM2's own 100,000 sits at their 8K bound); 1e6 covers training at 32K with margin,
+    and evaluation at 64K is then a true extrapolation test. `--override model.rotary_base=2000000` trades
+    a larger change from the pretrained base for more room at 64K.
+
+    Schedule (continued pre-training, same for all three variants): bf16, AdamW (0.9, 0.95), peak LR 1e-4
+    after 6 warm-up steps, cosine to 1e-5, weight decay 0.01, clip 1.0; 32,768-token sequences, micro-batch
+    1, global batch 4 (131,072 tokens a step); 60 steps = 7.9M tokens: ~85 s of training for LongGen, ~111 s
+    full, ~74 s sparse-only on one H200 (rates measured with random weights of this shape: ~92K, ~71K, ~107K
+    tokens/s). Held-out loss every 20 steps on 4 validation sequences."""
+    num_layers = 30
+    return LongGenConfig(
+        name="smollm2_32k",
+        model=ModelConfig(
+            num_layers=num_layers,
+            hidden_size=576,
+            num_attention_heads=9,
+            num_query_groups=3,
+            ffn_hidden_size=1536,
+            vocab_size=49152,
+            layer_pattern=default_layer_pattern(num_layers),
+            rotary_base=1_000_000.0,
+            rope_original_max_position=8192,
+            norm_epsilon=1e-5,
+            tie_embeddings=True,
+        ),
+        sparse=SparseAttentionConfig(variant="sink_window", block_size=64, num_sink_blocks=1, num_window_blocks=32),
+        parallel=ParallelConfig(use_distributed_optimizer=False),
+        train=TrainingConfig(
+            seq_length=32768,
+            micro_batch_size=1,
+            global_batch_size=4,
+            max_steps=60,
+            lr=1e-4,
+            min_lr=1e-5,
+            lr_warmup_steps=6,
+            lr_decay_style="cosine",
+            weight_decay=0.01,
+            dtype="bf16",
+            seed=1234,
+            log_interval=1,
+            eval_interval=20,
+            eval_iters=1,
+            init_checkpoint=f"{SMOLLM2_WORKDIR}/mcore/original",
+        ),
+        data=DataConfig(
+            blend=f"{SMOLLM2_WORKDIR}/data/train",
+            tokenizer=f"{SMOLLM2_WORKDIR}/hf/original",
+            valid_fraction=0.02,
+        ),
+    )
+
+
+def smollm2_32k_longgen() -> LongGenConfig:
+    """`smollm2_32k` under the name the example uses for its LongGen variant."""
+    return dataclasses.replace(smollm2_32k(), name="smollm2_32k_longgen")
+
+
+def smollm2_32k_sparse_only() -> LongGenConfig:
+    """The ablation without full layers: all 30 layers `sink_window`, trained identically."""
+    base = smollm2_32k()
+    model = dataclasses.replace(base.model, layer_pattern="S" * base.model.num_layers)
+    return dataclasses.replace(base, name="smollm2_32k_sparse_only", model=model)
+
+
+def smollm2_32k_full() -> LongGenConfig:
+    """The full-attention baseline: all 30 layers full, trained identically."""
+    return with_full_attention(smollm2_32k())
+
+
 RECIPES: dict[str, Callable[[], LongGenConfig]] = {
     "debug_tiny": debug_tiny,
     "debug_tiny_full": debug_tiny_full,
@@ -202,6 +289,10 @@ RECIPES: dict[str, Callable[[], LongGenConfig]] = {
     "llama2_7b_128k_yarn": llama2_7b_128k_yarn,
     "llama2_70b_128k": llama2_70b_128k,
     "llama2_70b_128k_full": llama2_70b_128k_full,
+    "smollm2_32k": smollm2_32k,
+    "smollm2_32k_longgen": smollm2_32k_longgen,
+    "smollm2_32k_sparse_only": smollm2_32k_sparse_only,
+    "smollm2_32k_full": smollm2_32k_full,
 }
 
 
