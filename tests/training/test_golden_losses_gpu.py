@@ -2,9 +2,10 @@
 layers `auto`-resolve to a backend that accepts 16-token blocks), and in bf16 its losses match a committed
 golden file (`tests/assets/losses/debug_tiny_h200_bf16.txt`, written on an H200 with torch 2.11).
 
-bf16 kernels on another GPU or software stack round differently, so the tolerance is relative 2e-2 (a wrong
-window or stride moves step-10 losses by far more: the variants differ from each other by > 5%). Regenerate
-on purpose with
+The tolerance is relative 5e-3: bf16 atomics and kernel choices may move a 12-step run a little between runs,
+while the golden variants differ from each other by more (full vs sink_window by 0.8% at step 8, vs
+block_strided by 1.5% at step 6), so a pattern that silently fell back to full attention, or a wrong
+window or stride, fails. Another GPU or software stack rounds differently: regenerate there, on purpose, with
 
     LONGGEN_UPDATE_GOLDEN=1 python -m pytest -m gpu tests/training/test_golden_losses_gpu.py
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.gpu
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "losses" / "debug_tiny_h200_bf16.txt"
 STEPS = 12
+TOL = 5e-3
 RUNS = {
     "sink_window": ("sparse.variant=sink_window",),
     "block_strided": ("sparse.variant=block_strided",),
@@ -92,6 +94,8 @@ def test_bf16_losses_match_golden_file(bf16_losses):
     for name, values in bf16_losses.items():
         assert len(values) == STEPS == len(golden[name])
         for step, (got, want) in enumerate(zip(values, golden[name]), start=1):
-            assert got == pytest.approx(want, rel=2e-2), f"{name} step {step}: {got} != golden {want}"
+            assert got == pytest.approx(want, rel=TOL), f"{name} step {step}: {got} != golden {want}"
         assert values[-1] < values[0]
-    assert abs(golden["sink_window"][-1] - golden["full"][-1]) > 0 and golden["block_strided"] != golden["full"]
+    for variant in ("sink_window", "block_strided"):  # the file itself tells the variants apart
+        spread = max(abs(a - b) / b for a, b in zip(golden[variant], golden["full"]))
+        assert spread > 1.5 * TOL, f"golden {variant} is within {spread:.2e} of full attention"
