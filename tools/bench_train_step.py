@@ -39,10 +39,11 @@ def bench_config(*, pattern: str, seq_length: int, recompute: str, variant: str,
 
 
 def _sparse_backend_in_use(trainer) -> str | None:
+    from megatron_longgen.attention.core_attention import LongGenCoreAttention
+
     for module in trainer.model[0].modules():
-        kernel = getattr(module, "_kernel", None)
-        if kernel is not None:
-            return getattr(kernel, "name", type(kernel).__name__)
+        if isinstance(module, LongGenCoreAttention) and module.kind == "sparse":
+            return module.resolved.name
     return None
 
 
