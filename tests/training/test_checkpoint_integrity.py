@@ -66,7 +66,7 @@ def _worker(rank, world_size, root):
     dist.barrier()
     if rank == 0:
         shutil.copytree(root / "ckpts", root / "pristine")
-        victim = sorted((root / "ckpts" / "step_0000004" / "optim").glob("__1_*.distcp"))[0]
+        victim = min((root / "ckpts" / "step_0000004" / "optim").glob("__1_*.distcp"))
         out["victim"] = victim.relative_to(root / "ckpts" / "step_0000004").as_posix()
         data = victim.read_bytes()
         victim.write_bytes(data[:-100])
@@ -86,7 +86,7 @@ def _worker(rank, world_size, root):
     # the verification passes, and loading names the part instead of "invalid load key".
     if rank == 0:
         shutil.copytree(root / "ckpts" / "step_0000003", work)
-        target = sorted(model_dir(work).glob("__0_*.distcp"))[0]
+        target = min(model_dir(work).glob("__0_*.distcp"))
         data = bytearray(target.read_bytes())
         data[:64] = b"\xff" * 64
         target.write_bytes(bytes(data))
@@ -188,14 +188,14 @@ def test_intact_copy_resumes_from_the_newest(ckpts):
 
 
 def test_truncated_distcp(ckpts):
-    victim = sorted((ckpts / "step_0000004" / "model").glob("*.distcp"))[0]
+    victim = min((ckpts / "step_0000004" / "model").glob("*.distcp"))
     size = victim.stat().st_size
     victim.write_bytes(victim.read_bytes()[: size // 2])
     chosen, skipped = _resume(ckpts)
     assert chosen == "step_0000003"
     assert skipped == [
-        ("step_0000004", f"model/{victim.name}: has {size // 2} bytes, the manifest records {size} "
-         "(truncated or overwritten)")
+        ("step_0000004", (f"model/{victim.name}: has {size // 2} bytes, the manifest records {size} "
+         "(truncated or overwritten)"))
     ]
 
 
@@ -221,7 +221,7 @@ def test_bad_json(ckpts, name):
 
 
 def test_missing_file(ckpts):
-    victim = sorted((ckpts / "step_0000004" / "optim").glob("__1_*.distcp"))[0]
+    victim = min((ckpts / "step_0000004" / "optim").glob("__1_*.distcp"))
     victim.unlink()
     assert _resume(ckpts) == ("step_0000003", [("step_0000004", f"optim/{victim.name}: is missing")])
 
@@ -290,7 +290,7 @@ def test_checkpoint_written_before_manifests(ckpts):
         del state["manifest"]
         (folder / "trainer_state.json").write_text(json.dumps(state))
     verify_checkpoint(ckpts / "step_0000004")
-    victim = sorted((ckpts / "step_0000004" / "optim").glob("*.distcp"))[-1]
+    victim = max((ckpts / "step_0000004" / "optim").glob("*.distcp"))
     victim.write_bytes(victim.read_bytes()[:-1])
     with pytest.raises(CorruptCheckpointError, match=rf"optim/{victim.name}: has \d+ bytes but optim/.metadata "
                        r"places data up to byte \d+ \(truncated\)"):
