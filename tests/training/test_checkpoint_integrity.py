@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longgen.training.manifest import (
+from megatron_longgen.training.checkpointing.manifest import (
     CorruptCheckpointError,
     NoIntactCheckpointError,
     find_resumable_checkpoint,
@@ -38,11 +38,8 @@ def _params(trainer) -> dict:
 def _worker(rank, world_size, root):
     import torch.distributed as dist
 
-    from megatron_longgen.training.checkpointing import (
-        CheckpointSaver,
-        load_training_checkpoint,
-        model_dir,
-    )
+    from megatron_longgen.checkpoint.format import model_dir
+    from megatron_longgen.training.checkpointing import CheckpointSaver, load_training_checkpoint
     from megatron_longgen.training.trainer import Trainer
 
     root = Path(root)

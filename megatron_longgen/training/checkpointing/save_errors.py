@@ -77,6 +77,17 @@ def local_checkpoint_bytes(*sharded_state_dicts) -> int:
     return sum(walk(sd) for sd in sharded_state_dicts if sd is not None)
 
 
+# Serialization overhead on top of the raw tensor bytes: torch.save framing per tensor (~2% on the tiny
+# test model, less on large ones), plus each rank's RNG file and the metadata/common files (~256 KiB).
+_OVERHEAD_FRACTION = 0.03
+_OVERHEAD_PER_RANK = 256 * 2**10
+
+
+def checkpoint_size_estimate(tensor_bytes: int, *, world_size: int) -> int:
+    """Disk bytes a checkpoint holding `tensor_bytes` of tensors (summed over ranks) needs, rounded up."""
+    return int(tensor_bytes * (1 + _OVERHEAD_FRACTION)) + _OVERHEAD_PER_RANK * world_size
+
+
 def free_bytes(path: str | os.PathLike) -> int | None:
     """Free bytes (for unprivileged users) on the file system holding `path` or its nearest parent."""
     probe = Path(path).absolute()

@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from megatron_longgen.training.checkpoint_layout import (
+from megatron_longgen.training.checkpointing.layout import (
     MANIFEST_FILE,
     OPTIM_SUBDIR,
     TRAINER_STATE_FILE,

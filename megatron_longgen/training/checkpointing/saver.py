@@ -1,39 +1,18 @@
-"""Training checkpoints: Megatron-Core distributed checkpoints, saved in the background or not, each
-published atomically with a manifest, the last K kept.
+"""Saving training checkpoints: `CheckpointSaver` (background or synchronous) and its publish step.
 
-Layout (the model part is `checkpoint/format.py`'s, shared with the HF converter, so a training
-checkpoint is also a valid converter/inference checkpoint; folder naming in `checkpoint_layout.py`):
-
-    RUN_DIR/checkpoints/
-      latest                  text: the name of the newest published checkpoint ("step_0000100")
-      step_0000100/
-        longgen_config.json   {"format_version": 1, "config": ...}     (checkpoint.format.save_config)
-        model/                dist checkpoint of model.sharded_state_dict()   (global tensors: any TP/PP)
-        optim/                dist checkpoint of optimizer.sharded_state_dict(model_sd)
-        rng/rank_00000.pt     per-rank RNG states (python, numpy, torch, CUDA, Megatron's tracker)
-        trainer_state.json    step, LR-scheduler state, NaN-skip counter, world layout
-        manifest.json         every file above with size and checksum (`manifest.py`), written last
-      .tmp_step_0000200/      a save in progress (ignored by readers; removed by the next save)
-
-Saving (`CheckpointSaver`), on every rank:
+Per save, on every rank of the default group (Megatron-Core's dist_checkpointing saves over it):
 1. `save()`: a collective pre-flight (rank 0 creates `.tmp_step_N`, removes stale temp folders and checks
    the free space against the checkpoint's size estimated from the state dicts; every rank gets the
-   same verdict), then the small files (RNG, config, trainer state) and Megatron-Core's planning; the
-   tensor bytes are written by Megatron's writer processes: forked in the background
+   same verdict), the small files (RNG per rank; config and trainer state from rank 0), then
+   Megatron-Core's planning and writers (`_run_megatron_save`): forked in the background
    (`async_save=True`, Megatron's `AsyncCallsQueue`; on GPU the tensors are first copied to host
-   memory, on CPU the fork's copy-on-write snapshot keeps the saved values) or before `save()` returns.
-2. Finalize, when the writers are done (at once for a synchronous save; in `maybe_finalize()` /
-   `finalize_all()` otherwise): Megatron's metadata, then the manifest (each rank hashes its files),
-   then rank 0 renames the folder to `step_N` (an atomic `os.replace` on one file system), rewrites
-   `latest` through a temporary file + `os.replace`, and deletes the oldest published checkpoints beyond K.
-A process killed at any point leaves the previous `latest` and `step_N` folders intact; at most one save
-is in flight (a new `save()` first finalizes the previous one).
-
-Loading: `manifest.select_resume_checkpoint` picks the newest intact checkpoint; `load_training_checkpoint`
-restores it and names the file when something in it still cannot be read.
-
-Data-iterator state is the step number alone: the trainer's sample order is a pure function of
-(seed, step) (`trainer.SampleOrder`).
+   memory, on CPU the fork's copy-on-write memory is the snapshot) or run before `save()` returns.
+2. Finalize, once the writers are done on every rank (at once when synchronous; else in `maybe_finalize()`
+   / `finalize_all()`): Megatron's metadata, the manifest (each rank hashes its own files), then rank 0
+   renames the folder to `step_N`, rewrites `latest` and deletes the oldest checkpoints beyond K.
+A process killed at any point leaves the previous `latest` and every `step_N` intact; at most one save is
+in flight (`save()` first finalizes the previous one). Full disks and unwritable folders become one
+`CheckpointSaveError` on every rank (`save_errors.py`), with the partial folder removed.
 """
 
 from __future__ import annotations
@@ -41,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import shutil
 import time
 from functools import partial
@@ -50,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_longgen.checkpoint.format import load_config, model_dir, save_config
+from megatron_longgen.checkpoint.format import model_dir, save_config
 from megatron_longgen.config import LongGenConfig
-from megatron_longgen.training.checkpoint_layout import (  # noqa: F401  (re-exported: the public names)
+from megatron_longgen.training.checkpointing.layout import (
     LATEST_FILE,
     MANIFEST_FILE,
     OPTIM_SUBDIR,
@@ -66,79 +44,20 @@ from megatron_longgen.training.checkpoint_layout import (  # noqa: F401  (re-exp
     temp_dir,
     write_text_atomic,
 )
-from megatron_longgen.training.manifest import (  # noqa: F401  (re-exported)
-    CorruptCheckpointError,
-    NoIntactCheckpointError,
-    all_gather,
-    find_resumable_checkpoint,
-    manifest_total_bytes,
-    select_resume_checkpoint,
-    verify_checkpoint,
-    write_manifest,
-)
-from megatron_longgen.training.save_errors import (
+from megatron_longgen.training.checkpointing.manifest import all_gather, write_manifest
+from megatron_longgen.training.checkpointing.save_errors import (
     CheckpointSaveError,
+    checkpoint_size_estimate,
     classify_save_error,
+    free_bytes,
     local_checkpoint_bytes,
     space_message,
 )
-
-
-def _unwrap(model_chunks) -> list:
-    return [getattr(m, "module", m) for m in model_chunks]
-
-
-def model_sharded_state_dict(model_chunks) -> dict:
-    """One sharded state dict for all model chunks (virtual pipeline chunks nest under `vpN`; the
-    ShardedTensor keys are global, so the files do not depend on the layout)."""
-    chunks = _unwrap(model_chunks)
-    if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"vp{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _load_model_state(model_chunks, state: dict) -> None:
-    chunks = _unwrap(model_chunks)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state)
-        return
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"vp{i}"])
-
-
-def _rng_state() -> dict:
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _optimizer_metadata(fmt: str) -> dict:
-    """Megatron-Core's sharding choice for DistributedOptimizer state (other optimizers ignore it). Its
-    default in 0.16.1, `fully_sharded_model_space`, fails to save at DP > 1 ("ShardedTensor.flattened_range
-    is not supported"), so the format is always named explicitly."""
-    return {"distrib_optim_sharding_type": fmt}
-
-
-# ------------------------------------------------------------------------------------------ saving
+from megatron_longgen.training.checkpointing.state import (
+    model_sharded_state_dict,
+    optimizer_metadata,
+    rng_state,
+)
 
 
 def async_save_supported() -> bool:
@@ -225,8 +144,6 @@ class CheckpointSaver:
         lands in trainer_state.json. Raises CheckpointSaveError for a full disk or an unwritable folder
         (on every rank; the previous checkpoints untouched, the partial folder removed).
         """
-        from megatron.core import dist_checkpointing
-
         self.finalize_all()
         start = time.perf_counter()
         result = SaveResult(step=step, path=self.root / checkpoint_name(step), asynchronous=self.async_save)
@@ -234,19 +151,16 @@ class CheckpointSaver:
         model_sd = model_sharded_state_dict(model_chunks)
         optim_sd = None
         if optimizer is not None:
-            optim_sd = optimizer.sharded_state_dict(
-                model_sharded_state_dict(model_chunks), metadata=_optimizer_metadata(cfg.train.optimizer_checkpoint_format)
-            )
-        need = _sum_over_ranks(local_checkpoint_bytes(model_sd, optim_sd))
+            metadata = optimizer_metadata(cfg.train.optimizer_checkpoint_format)
+            optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks), metadata=metadata)
+        need = checkpoint_size_estimate(
+            _sum_over_ranks(local_checkpoint_bytes(model_sd, optim_sd)), world_size=dist.get_world_size()
+        )
         result._start, result._need = start, need
         self._prepare(tmp, step=step, need=need, with_optim=optim_sd is not None)
         try:
             self._write_small_files(tmp, step=step, cfg=cfg, scheduler=scheduler, extra_state=extra_state)
-            requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
-            if optim_sd is not None:
-                requests.append(dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True))
-            request = _combine_requests(requests, finalize=partial(self._publish, result, tmp))
-            self._start_writers(request)
+            self._run_megatron_save(model_sd, optim_sd, tmp, finalize=partial(self._publish, result, tmp))
         except BaseException as err:
             known = self._clean_up_failed(err, tmp, step=step, need=need)
             if known is None:
@@ -255,6 +169,8 @@ class CheckpointSaver:
         if self.async_save:
             self._in_flight = result
         result.blocking_s = time.perf_counter() - start
+        if result.done:  # synchronous: published before returning
+            result.total_s = result.blocking_s
         return result
 
     def maybe_finalize(self) -> list[SaveResult]:
@@ -304,12 +220,12 @@ class CheckpointSaver:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for stale in self.root.glob(f"{TMP_PREFIX}step_*"):  # left by a killed save
                     shutil.rmtree(stale, ignore_errors=True)
-                (tmp / "model").mkdir(parents=True)
-                (tmp / "rng").mkdir()
+                model_dir(tmp).mkdir(parents=True)
+                (tmp / RNG_SUBDIR).mkdir()
                 if with_optim:
                     (tmp / OPTIM_SUBDIR).mkdir()
-                free = shutil.disk_usage(tmp).free
-                if free < need:
+                free = free_bytes(tmp)
+                if free is not None and free < need:
                     shutil.rmtree(tmp, ignore_errors=True)
                     message = (space_message(name=checkpoint_name(step), root=self.root, need=need, free=free,
                                              previous=latest_checkpoint(self.root)), None)
@@ -327,7 +243,7 @@ class CheckpointSaver:
         collectives start, so no rank is left waiting."""
         error = None
         try:
-            torch.save(_rng_state(), rng_file(tmp, dist.get_rank()))
+            torch.save(rng_state(), rng_file(tmp, dist.get_rank()))
             if dist.get_rank() == 0:
                 save_config(cfg, tmp)
                 state = {
@@ -347,15 +263,28 @@ class CheckpointSaver:
                 write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
         except Exception as err:  # noqa: BLE001  (re-raised on every rank below: no rank is left waiting
             # in a collective that another rank skipped)
-            error = (getattr(err, "errno", None), getattr(err, "filename", None), f"{type(err).__name__}: {err}")
+            if isinstance(err, OSError) and err.errno is not None:
+                error = (err.errno, err.filename, err.strerror)
+            else:
+                error = (None, None, f"{type(err).__name__}: {err}")
         first = next((e for e in all_gather(error, dist.group.WORLD) if e is not None), None)
         if first is not None:
             code, filename, text = first
             raise OSError(code, text, filename) if code is not None else RuntimeError(text)
 
-    def _start_writers(self, request) -> None:
-        """Run Megatron-Core's writer processes for `request`: forked in the background, or now.
-        (The only place where the save spawns processes.)"""
+    def _run_megatron_save(self, model_sd: dict, optim_sd: dict | None, tmp: Path, *, finalize) -> None:
+        """Megatron-Core's part of a save: planning + common files, then its writer processes, forked in
+        the background or run now; `finalize` runs after Megatron's own finalizers.
+
+        Every process the save starts is started here: the results-queue manager (spawned on the first
+        save, by planning) and the writers (forked). A signal shield for them wraps this body.
+        """
+        from megatron.core import dist_checkpointing
+
+        requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
+        if optim_sd is not None:
+            requests.append(dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True))
+        request = _combine_requests(requests, finalize=finalize)
         if not self.async_save:
             request.execute_sync()
             return
@@ -404,9 +333,33 @@ class CheckpointSaver:
             verdicts = all_gather(None if known is None else (known.message, known.errno), dist.group.WORLD)
             first = next((v for v in verdicts if v is not None), None)
             known = None if first is None else CheckpointSaveError(first[0], code=first[1], path=self.root)
+        _drain_write_results()
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         return known
+
+
+def _drain_write_results() -> None:
+    """Drop write results a failed save left in Megatron-Core's process-wide results queue.
+
+    Each writer of a combined request reports into one shared queue (`filesystem_async._results_queue`,
+    0.16.1), and each request's finalizer takes one report; when an earlier finalizer raises, the later
+    reports stay queued and the next save would read them as its own (a stale "Worker failure"). The
+    writers have all finished when a failure surfaces (finalizers run after them), so this drains only
+    the failed save's reports.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results = getattr(filesystem_async, "_results_queue", None)
+    while results is not None:
+        try:
+            results.get_nowait()
+        except queue.Empty:
+            return
+        except (OSError, EOFError):  # the manager process is gone: nothing left to drain
+            return
 
 
 def _sum_over_ranks(value: int) -> int:
@@ -477,141 +430,3 @@ def save_training_checkpoint(
         extra_state=extra_state,
     )
     return result.path
-
-
-# ----------------------------------------------------------------------------------------- loading
-
-
-def _materialize_adam_state(optimizer) -> None:
-    """Give a fresh torch Adam zero moments and step 0 before a checkpoint is loaded into it.
-
-    Megatron-Core's DistributedOptimizer builds its load request from `state_dict()`, which (without apex or
-    Transformer Engine) reads each parameter's `step` and fails on an optimizer that never stepped. The
-    placeholders are overwritten by the loaded state.
-    """
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def cfg_parallel_sizes() -> tuple[int, int]:
-    """(TP, PP) of the running job, from Megatron-Core's parallel state."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-
-
-def _one_line(err: BaseException) -> str:
-    """`Type: first line` of an exception; for torch's CheckpointException, of each rank's failure."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = {_one_line(pair[0] if isinstance(pair, tuple) else pair) for pair in failures.values()}
-        return "; ".join(sorted(inner)) + f" (ranks {sorted(failures)})"
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def _read_part(ckpt: Path, part: str, read):
-    """`read()`, with a failure to read checkpoint data turned into a CorruptCheckpointError naming the
-    part (a damaged .distcp surfaces as EOFError, "invalid load key", a CheckpointException...)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        return read()
-    except CorruptCheckpointError:
-        raise
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, CheckpointingException,
-            CheckpointException) as err:  # CheckpointException derives from BaseException
-        raise CorruptCheckpointError(ckpt, part, f"cannot be loaded ({_one_line(err)})") from err
-
-
-def load_training_checkpoint(
-    checkpoint_dir: str | os.PathLike, *, model_chunks, optimizer=None, scheduler=None
-) -> dict:
-    """Collective: restore model, optimizer, scheduler and (same world size only) RNG from a folder
-    written by `CheckpointSaver`; returns its trainer_state.json.
-
-    The model and optimizer reshard to the current TP/PP. RNG streams are per rank, so they are only
-    restored when the world size matches (otherwise each rank keeps its fresh seed). Unreadable data
-    raises CorruptCheckpointError naming the file or part (run `verify_checkpoint` first to fall back to
-    an older checkpoint instead).
-    """
-    from megatron.core import dist_checkpointing
-
-    ckpt = Path(checkpoint_dir)
-    state_path = ckpt / TRAINER_STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} not found: {ckpt} is not a complete training checkpoint")
-    try:
-        state = json.loads(state_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptCheckpointError(ckpt, TRAINER_STATE_FILE, f"is not valid JSON ({err})") from err
-    try:
-        load_config(ckpt)  # validates the format version
-    except (ValueError, FileNotFoundError) as err:
-        raise CorruptCheckpointError(ckpt, "longgen_config.json", str(err)) from err
-    loaded = _read_part(
-        ckpt, "model", lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt)))
-    )
-    _load_model_state(model_chunks, loaded)
-    if optimizer is not None:
-        optim_path = ckpt / OPTIM_SUBDIR
-        if not (optim_path / "metadata.json").is_file():
-            raise FileNotFoundError(
-                f"{optim_path} has no optimizer state; cannot resume training from {ckpt}"
-            )
-        fmt = state.get("optimizer_checkpoint_format", "dp_reshardable")
-        saved = state.get("parallel", {})
-        now = {"tensor_parallel": cfg_parallel_sizes()[0], "pipeline_parallel": cfg_parallel_sizes()[1]}
-        moved = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) not in (None, v)}
-        # Only the distributed optimizer's dp_reshardable layout is tied to TP/PP; the others hold global tensors.
-        if fmt == "dp_reshardable" and state.get("distributed_optimizer", True) and moved:
-            raise ValueError(
-                f"{ckpt} saved its optimizer state as dp_reshardable at "
-                + ", ".join(f"{k} {a}" for k, (a, _) in moved.items())
-                + "; it cannot resume at "
-                + ", ".join(f"{k} {b}" for k, (_, b) in moved.items())
-                + ". Start from its weights instead (--init-checkpoint), or save with "
-                "train.optimizer_checkpoint_format=fully_reshardable"
-            )
-        _materialize_adam_state(optimizer)
-        if fmt == "fully_reshardable":
-            from megatron_longgen.patches.distrib_optimizer_step import patch_fully_reshardable_step
-
-            patch_fully_reshardable_step()
-        request = optimizer.sharded_state_dict(
-            model_sharded_state_dict(model_chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
-        )
-        loaded_optim = _read_part(ckpt, OPTIM_SUBDIR, lambda: dist_checkpointing.load(request, str(optim_path)))
-        with torch.no_grad():  # the state is copied into views of the (leaf) parameters
-            optimizer.load_state_dict(loaded_optim)
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    rank_rng = rng_file(ckpt, dist.get_rank())
-    if state.get("world_size") == dist.get_world_size() and rank_rng.is_file():
-        rel = rank_rng.relative_to(ckpt).as_posix()
-        _set_rng_state(_read_part(ckpt, rel, lambda: torch.load(rank_rng, weights_only=False)))
-    return state
-
-
-def load_model_weights(checkpoint_dir: str | os.PathLike, *, model_chunks) -> LongGenConfig:
-    """Collective: load only `DIR/model` (e.g. a converted HF checkpoint) into the model chunks,
-    resharding to the current TP/PP; returns the checkpoint's config for compatibility checks."""
-    from megatron.core import dist_checkpointing
-
-    ckpt = Path(checkpoint_dir)
-    ckpt_cfg = load_config(ckpt)
-    loaded = _read_part(
-        ckpt, "model", lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt)))
-    )
-    _load_model_state(model_chunks, loaded)
-    return ckpt_cfg
