@@ -74,9 +74,11 @@ def async_save_supported() -> bool:
 
 @dataclasses.dataclass
 class SaveResult:
-    """One checkpoint save. Times in seconds: `blocking_s` is what `save()` cost the caller (the number to
-    log as checkpoint time and to keep out of throughput), `finalize_s` what finalizing cost it later
-    (manifest, rename; 0 until done), `total_s` from the start of `save()` to publication."""
+    """One checkpoint save. Times in seconds, all of them time the training loop did not train:
+    `blocking_s` is what `save()` cost the caller (for a synchronous save, everything); `finalize_s` what
+    the `maybe_finalize()` / `finalize_all()` call that published it cost (manifest, rename; with
+    `finalize_all()` also the wait for the writers; 0 until done); `total_s` runs from the start of
+    `save()` to publication (the writers' time included). `metrics()` flattens them for a logger."""
 
     step: int
     path: Path
