@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--busy-steps", type=int, default=2, help="training steps run during a background save")
+    parser.add_argument(
+        "--busy-steps", type=int, default=2, help="training steps run during a background save"
+    )
     parser.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp folder)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/checkpoint_<device>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/checkpoint_<device>.json)"
+    )
     args = parser.parse_args(argv)
     args.world = int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -98,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, run_dir=root / "run", quiet=True)
     rank = dist.get_rank()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
-    kwargs = {"cfg": cfg, "model_chunks": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
+    kwargs = {
+        "cfg": cfg,
+        "model_chunks": trainer.model,
+        "optimizer": trainer.optimizer,
+        "scheduler": trainer.scheduler,
+    }
     step = 0
     trainer.train_step(step)
     step += 1
@@ -148,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     published = result.path
     if rank == 0:
         gib = rows["checkpoint_bytes"] / 2**30
-        rows["hash_gib_per_s"] = {a: _hash_rate(published, a) for a in (["xxh3_64"] if has_xxhash() else []) + ["crc32"]}
+        rows["hash_gib_per_s"] = {
+            a: _hash_rate(published, a) for a in (["xxh3_64"] if has_xxhash() else []) + ["crc32"]
+        }
         rows["manifest_s_per_gib"] = rows["manifest_s"] / gib
     rows["verify_checksums_s"] = barrier_time(lambda: verify_checkpoint(published, group=group))[0]
-    rows["verify_sizes_only_s"] = barrier_time(lambda: verify_checkpoint(published, checksums=False, group=group))[0]
-    rows["load_s"] = barrier_time(lambda: load_training_checkpoint(published, **{k: v for k, v in kwargs.items() if k != "cfg"}))[0]
+    rows["verify_sizes_only_s"] = barrier_time(
+        lambda: verify_checkpoint(published, checksums=False, group=group)
+    )[0]
+    rows["load_s"] = barrier_time(
+        lambda: load_training_checkpoint(published, **{k: v for k, v in kwargs.items() if k != "cfg"})
+    )[0]
     params = sum(p.numel() for m in trainer.model for p in m.parameters())
     destroy()
     if rank != 0:
@@ -173,17 +188,24 @@ def main(argv: list[str] | None = None) -> int:
         "busy_steps": args.busy_steps,
         **rows,
     }
-    out = Path(args.out or f"benchmarks/results/checkpoint_{'cpu' if not torch.cuda.is_available() else device.split()[-1].lower()}.json")
+    out = Path(
+        args.out
+        or f"benchmarks/results/checkpoint_{'cpu' if not torch.cuda.is_available() else device.split()[-1].lower()}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     gib = rows["checkpoint_bytes"] / 2**30
     print(f"\n{device}, world {args.world}, checkpoint {gib:.2f} GiB ({report['model']})")
     print(f"{'synchronous save (checkpoint_time_s)':<48}{rows['sync_save_s']:>9.2f} s")
-    print(f"{'  of which the manifest (' + checksum_algorithm() + ')':<48}{rows['manifest_s']:>9.2f} s"
-          f"  ({rows['manifest_s_per_gib']:.2f} s/GiB)")
+    print(
+        f"{'  of which the manifest (' + checksum_algorithm() + ')':<48}{rows['manifest_s']:>9.2f} s"
+        f"  ({rows['manifest_s_per_gib']:.2f} s/GiB)"
+    )
     print(f"{'background save: time in save() + finalize':<48}{rows['async_blocking_s']:>9.2f} s")
     print(f"{'background save: start to published':<48}{rows['async_total_s']:>9.2f} s")
-    print(f"{'  training steps run meanwhile (' + str(args.busy_steps) + ')':<48}{rows['async_busy_steps_s']:>9.2f} s")
+    print(
+        f"{'  training steps run meanwhile (' + str(args.busy_steps) + ')':<48}{rows['async_busy_steps_s']:>9.2f} s"
+    )
     for algorithm, rate in rows["hash_gib_per_s"].items():
         print(f"{'hash throughput ' + algorithm + ' (page cache)':<48}{rate:>9.2f} GiB/s")
     print(f"{'verify_checkpoint, checksums':<48}{rows['verify_checksums_s']:>9.2f} s")

@@ -90,7 +90,9 @@ def hf_to_mcore(
     with atomic_output_dir(out, force=force) as tmp:
         ensure_process_group()
         # One dist-checkpoint part per HF shard, merged at the end: memory stays at about one shard.
-        write_mcore_model(convert_hf_state(reader, cfg, progress=progress), tmp, num_layers=cfg.model.num_layers)
+        write_mcore_model(
+            convert_hf_state(reader, cfg, progress=progress), tmp, num_layers=cfg.model.num_layers
+        )
         ckpt_format.save_config(cfg, tmp)
     return cfg
 

@@ -66,7 +66,11 @@ def _rope(hf: dict) -> dict:
     if kind == "linear":
         return {"rotary_base": theta, "rope_scaling": "linear", "rope_scaling_factor": factor}
     if kind == "yarn":
-        unsupported = {k: merged[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if merged.get(k) is not None}
+        unsupported = {
+            k: merged[k]
+            for k in ("attention_factor", "mscale", "mscale_all_dim")
+            if merged.get(k) is not None
+        }
         if unsupported or merged.get("truncate", True) is False:
             raise ValueError(
                 f"YaRN options {unsupported or {'truncate': False}} are not supported (only the default "
@@ -240,4 +244,3 @@ def expected_hf_shapes(cfg: LongGenConfig) -> dict[str, tuple[int, ...]]:
     for layer in range(m.num_layers):
         shapes.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
     return shapes
-

@@ -109,7 +109,11 @@ def _write_sentencepiece(model: Path, out: Path, *, max_length: int) -> None:
     def piece(index: int) -> str | None:
         return sp.IdToPiece(index) if index >= 0 else None
 
-    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    special = {
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+    }
     if sp.pad_id() >= 0:
         special["pad_token"] = piece(sp.pad_id())
     special = {k: v for k, v in special.items() if v is not None}
@@ -183,7 +187,9 @@ def _write_tokenizer_json(model: Path, out: Path) -> bool:
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)})
+    backend = SpmConverter.build_tokenizer_from_spm_proto(
+        proto, {p.piece: i for i, p in enumerate(proto.pieces)}
+    )
     if backend is None:
         return False
     sp = spm.SentencePieceProcessor()

@@ -166,7 +166,9 @@ def open_mcore_model(mcore_dir, cfg: LongGenConfig) -> ckpt_format.DistCheckpoin
 
 def stored_dtype(reader: ckpt_format.DistCheckpointReader, cfg: LongGenConfig) -> torch.dtype:
     """The dtype the checkpoint's layer weights are stored in."""
-    rows = expand_mapping(MAPPINGS["llama"], num_layers=cfg.model.num_layers, tie_embeddings=cfg.model.tie_embeddings)
+    rows = expand_mapping(
+        MAPPINGS["llama"], num_layers=cfg.model.num_layers, tie_embeddings=cfg.model.tie_embeddings
+    )
     return reader.dtype(ckpt_format.sharded_key(rows[1].mcore))
 
 
@@ -209,7 +211,9 @@ def write_hf_shards(
                     if name not in writers:
                         planned_keys = planned[file_names.index(name)]
                         entries = [(k, hf_shapes[k], dtype) for k in planned_keys]
-                        writers[name] = SafetensorsStreamWriter(out / name, entries, metadata={"format": "pt"})
+                        writers[name] = SafetensorsStreamWriter(
+                            out / name, entries, metadata={"format": "pt"}
+                        )
                     writers[name].write(key, tensor.to(dtype))
                     weight_map[key] = name
                     total += tensor.numel() * itemsize

@@ -13,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_tool(
+    script: str, *args: str, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`python tools/SCRIPT ARGS...` with this checkout importable; returns the finished process."""
     environ = {k: v for k, v in os.environ.items() if k != "LONGGEN_DEBUG"}
     environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))

@@ -30,12 +30,26 @@ def _raiser(exc):
     ("exc", "status", "line"),
     [
         (UserError("--tp must be >= 1, got 0"), 2, "tool: error: --tp must be >= 1, got 0"),
-        (ValueError("seq_length 7 must be a multiple of 16"), 2, "tool: error: seq_length 7 must be a multiple of 16"),
-        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y"), 2,
-         "tool: error: No such file or directory: /x/y"),
-        (ImportError("needs 'transformers': pip install 'megatron_longgen[hf]'"), 2,
-         "tool: error: needs 'transformers': pip install 'megatron_longgen[hf]'"),
-        (OSError(errno.ENOSPC, "No space left on device", "/ckpt"), 1, "tool: error: No space left on device: /ckpt"),
+        (
+            ValueError("seq_length 7 must be a multiple of 16"),
+            2,
+            "tool: error: seq_length 7 must be a multiple of 16",
+        ),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y"),
+            2,
+            "tool: error: No such file or directory: /x/y",
+        ),
+        (
+            ImportError("needs 'transformers': pip install 'megatron_longgen[hf]'"),
+            2,
+            "tool: error: needs 'transformers': pip install 'megatron_longgen[hf]'",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/ckpt"),
+            1,
+            "tool: error: No space left on device: /ckpt",
+        ),
         (ValueError("two\nlines"), 2, "tool: error: two lines"),
     ],
 )
@@ -101,7 +115,10 @@ def test_atomic_output_dir_replaces_only_when_complete(tmp_path):
         assert tmp.name.startswith(f"out.tmp-{host_tag()}-{os.getpid()}-")
         (tmp / "done").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "done").is_file()
-    with pytest.raises(FileExistsError, match="already exists; pass --force"), atomic_output_dir(out, force=False):
+    with (
+        pytest.raises(FileExistsError, match="already exists; pass --force"),
+        atomic_output_dir(out, force=False),
+    ):
         pass
 
 

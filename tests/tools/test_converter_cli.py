@@ -31,10 +31,14 @@ def _nothing_left(parent: Path, name: str) -> None:
 
 
 def test_missing_hf_folder(tmp_path):
-    result = run_tool("convert_hf_to_mcore.py", "--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    result = run_tool(
+        "convert_hf_to_mcore.py", "--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2
     message = _one_error_line(result, "convert_hf_to_mcore")
-    assert message == f"{tmp_path / 'nope' / 'config.json'} not found: an HF checkpoint folder needs config.json"
+    assert (
+        message == f"{tmp_path / 'nope' / 'config.json'} not found: an HF checkpoint folder needs config.json"
+    )
     _nothing_left(tmp_path, "o")
 
 
@@ -47,13 +51,17 @@ def test_config_json_not_json(tiny_hf, tmp_path):
     (src / "config.json").write_text("{not json")
     result = run_tool("convert_hf_to_mcore.py", "--hf-dir", str(src), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
-    assert _one_error_line(result, "convert_hf_to_mcore").startswith(f"{src / 'config.json'} is not valid JSON")
+    assert _one_error_line(result, "convert_hf_to_mcore").startswith(
+        f"{src / 'config.json'} is not valid JSON"
+    )
     _nothing_left(tmp_path, "o")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--tp", "0"), ("--pp", "-1"), ("--max-steps", "0")])
 def test_non_positive_sizes(tiny_hf, tmp_path, flag, value):
-    result = run_tool("convert_hf_to_mcore.py", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"), flag, value)
+    result = run_tool(
+        "convert_hf_to_mcore.py", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"), flag, value
+    )
     assert result.returncode == 2
     assert _one_error_line(result, "convert_hf_to_mcore") == f"{flag} must be >= 1, got {value}"
     _nothing_left(tmp_path, "o")
@@ -61,8 +69,13 @@ def test_non_positive_sizes(tiny_hf, tmp_path, flag, value):
 
 def test_bad_override_names_the_field(tiny_hf, tmp_path):
     result = run_tool(
-        "convert_hf_to_mcore.py", "--hf-dir", str(tiny_hf), "--out", str(tmp_path / "o"),
-        "--override", "sparse.block_size=abc",
+        "convert_hf_to_mcore.py",
+        "--hf-dir",
+        str(tiny_hf),
+        "--out",
+        str(tmp_path / "o"),
+        "--override",
+        "sparse.block_size=abc",
     )
     assert result.returncode == 2
     message = _one_error_line(result, "convert_hf_to_mcore")
@@ -84,13 +97,25 @@ def test_debug_flag_and_env_show_the_traceback(tiny_hf, tmp_path):
 def test_override_takes_several_pairs_per_flag_and_repeats(tiny_hf, tmp_path):
     out = tmp_path / "o"
     result = run_tool(
-        "convert_hf_to_mcore.py", "--hf-dir", str(tiny_hf), "--out", str(out), "--quiet",
-        "--override", "train.max_steps=7", "sparse.block_size=8",
-        "--override", "train.seq_length=96",
+        "convert_hf_to_mcore.py",
+        "--hf-dir",
+        str(tiny_hf),
+        "--out",
+        str(out),
+        "--quiet",
+        "--override",
+        "train.max_steps=7",
+        "sparse.block_size=8",
+        "--override",
+        "train.seq_length=96",
     )
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "longgen_config.json").read_text())["config"]
-    assert (config["train"]["max_steps"], config["sparse"]["block_size"], config["train"]["seq_length"]) == (7, 8, 96)
+    assert (config["train"]["max_steps"], config["sparse"]["block_size"], config["train"]["seq_length"]) == (
+        7,
+        8,
+        96,
+    )
 
 
 def test_killed_conversion_leftovers_are_removed_and_live_ones_kept(tiny_hf, tmp_path):
@@ -116,16 +141,28 @@ def test_killed_conversion_leftovers_are_removed_and_live_ones_kept(tiny_hf, tmp
 
 def test_export_of_a_non_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    result = run_tool(
+        "convert_mcore_to_hf.py", "--mcore-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2
     message = _one_error_line(result, "convert_mcore_to_hf")
-    assert message == f"{tmp_path / 'empty' / 'longgen_config.json'} not found: not a LongGen Megatron-Core checkpoint folder"
+    assert (
+        message
+        == f"{tmp_path / 'empty' / 'longgen_config.json'} not found: not a LongGen Megatron-Core checkpoint folder"
+    )
     _nothing_left(tmp_path, "o")
 
 
 def test_export_shard_size_must_be_positive(tiny_mcore, tmp_path):
-    result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tiny_mcore), "--out", str(tmp_path / "o"),
-                      "--max-shard-gb", "0")
+    result = run_tool(
+        "convert_mcore_to_hf.py",
+        "--mcore-dir",
+        str(tiny_mcore),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-shard-gb",
+        "0",
+    )
     assert result.returncode == 2
     assert _one_error_line(result, "convert_mcore_to_hf") == "--max-shard-gb must be > 0, got 0.0"
     _nothing_left(tmp_path, "o")
@@ -137,16 +174,28 @@ def test_export_existing_output_needs_force(tiny_mcore, tmp_path):
     (out / "keep.txt").write_text("user data")
     result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tiny_mcore), "--out", str(out))
     assert result.returncode == 2
-    assert _one_error_line(result, "convert_mcore_to_hf") == f"output {out} already exists; pass --force to replace it"
+    assert (
+        _one_error_line(result, "convert_mcore_to_hf")
+        == f"output {out} already exists; pass --force to replace it"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not list(tmp_path.glob("o.tmp-*"))
 
 
 def test_export_unknown_tokenizer(tiny_mcore, tmp_path):
-    result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tiny_mcore), "--out", str(tmp_path / "o"),
-                      "--tokenizer", str(tmp_path / "missing.model"))
+    result = run_tool(
+        "convert_mcore_to_hf.py",
+        "--mcore-dir",
+        str(tiny_mcore),
+        "--out",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        str(tmp_path / "missing.model"),
+    )
     assert result.returncode == 2
-    assert _one_error_line(result, "convert_mcore_to_hf").startswith(f"unknown tokenizer '{tmp_path / 'missing.model'}'")
+    assert _one_error_line(result, "convert_mcore_to_hf").startswith(
+        f"unknown tokenizer '{tmp_path / 'missing.model'}'"
+    )
     _nothing_left(tmp_path, "o")
 
 
@@ -155,9 +204,9 @@ def _hf_and_ours(folder: Path, spec: str, text: str):
 
     from megatron_longgen.data.tokenizers import Tokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True).encode(text), Tokenizer(spec).encode(
-        text, add_bos=True
-    )
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True).encode(text), Tokenizer(
+        spec
+    ).encode(text, add_bos=True)
 
 
 TEXT = "Once upon a time,  there was\ta little dog named Ada.\nShe liked kites 1234."
@@ -176,8 +225,16 @@ def test_export_writes_the_training_tokenizer(tiny_mcore, tmp_path):
 
     # An HF tokenizer folder given with --tokenizer is copied, and loads the same.
     again = tmp_path / "again"
-    result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tiny_mcore), "--out", str(again), "--quiet",
-                      "--tokenizer", str(out))
+    result = run_tool(
+        "convert_mcore_to_hf.py",
+        "--mcore-dir",
+        str(tiny_mcore),
+        "--out",
+        str(again),
+        "--quiet",
+        "--tokenizer",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     for name in ("tokenizer_config.json", "tokenizer.model"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
@@ -191,12 +248,30 @@ def test_export_warns_when_the_tokenizer_does_not_fit(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path / "hf")
-    assert run_tool("convert_hf_to_mcore.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "m"),
-                    "--quiet").returncode == 0
-    result = run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
-                      "--quiet")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "hf")
+    assert (
+        run_tool(
+            "convert_hf_to_mcore.py",
+            "--hf-dir",
+            str(tmp_path / "hf"),
+            "--out",
+            str(tmp_path / "m"),
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    result = run_tool(
+        "convert_mcore_to_hf.py", "--mcore-dir", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--quiet"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "convert_mcore_to_hf: warning: no tokenizer written: builtin:tiny_sp has 1024 tokens but the model has "

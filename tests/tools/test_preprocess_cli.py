@@ -20,8 +20,17 @@ def corpus(tmp_path) -> Path:
 
 
 def _run(corpus: Path, prefix: Path, *extra: str):
-    return run_tool("preprocess_data.py", "--input", str(corpus), "--tokenizer", "builtin:tiny_sp",
-                    "--output-prefix", str(prefix), "--no-progress", *extra)
+    return run_tool(
+        "preprocess_data.py",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        "builtin:tiny_sp",
+        "--output-prefix",
+        str(prefix),
+        "--no-progress",
+        *extra,
+    )
 
 
 def _error(result) -> str:
@@ -38,17 +47,33 @@ def test_existing_output_needs_force(corpus, tmp_path):
     other.write_text("A different corpus entirely.\n")
     result = _run(other, prefix)
     assert result.returncode == 2
-    assert _error(result) == f"output {prefix}.bin and {prefix}.idx already exists; pass --force to replace it"
+    assert (
+        _error(result) == f"output {prefix}.bin and {prefix}.idx already exists; pass --force to replace it"
+    )
     assert {ext: (tmp_path / f"out{ext}").read_bytes() for ext in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "other.txt", "out.bin", "out.idx", "out.stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.txt",
+        "other.txt",
+        "out.bin",
+        "out.idx",
+        "out.stats.json",
+    ]
     replaced = _run(other, prefix, "--force")
     assert replaced.returncode == 0, replaced.stderr
     assert (tmp_path / "out.bin").read_bytes() != before[".bin"]
 
 
 def test_missing_input(tmp_path):
-    result = run_tool("preprocess_data.py", "--input", str(tmp_path / "none.jsonl"), "--tokenizer",
-                      "builtin:tiny_sp", "--output-prefix", str(tmp_path / "out"), "--no-progress")
+    result = run_tool(
+        "preprocess_data.py",
+        "--input",
+        str(tmp_path / "none.jsonl"),
+        "--tokenizer",
+        "builtin:tiny_sp",
+        "--output-prefix",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
     assert result.returncode == 2
     assert _error(result) == f"input file {tmp_path / 'none.jsonl'} does not exist"
     assert list(tmp_path.iterdir()) == []
@@ -63,8 +88,14 @@ def test_zero_workers(corpus, tmp_path):
 
 def test_killed_run_leftovers_are_removed_and_live_ones_kept(corpus, tmp_path):
     gone, alive = dead_pid(), os.getpid()
-    stale = [f"out.tmp{gone}.bin", f"out.tmp{gone}.idx", f"out.raw{gone}.bin", f"out.raw{gone}.idx",
-             f"out.raw{gone}.tmp{gone}.bin", f"out.stats.json.tmp{gone}"]
+    stale = [
+        f"out.tmp{gone}.bin",
+        f"out.tmp{gone}.idx",
+        f"out.raw{gone}.bin",
+        f"out.raw{gone}.idx",
+        f"out.raw{gone}.tmp{gone}.bin",
+        f"out.stats.json.tmp{gone}",
+    ]
     kept = [f"out.tmp{alive}.bin", "out.tmpnotapid.bin", "outer.tmp1.bin"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"\0" * 64)

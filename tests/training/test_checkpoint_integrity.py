@@ -51,8 +51,13 @@ def _worker(rank, world_size, root):
     for step in range(max(STEPS)):
         trainer.train_step(step)
         if step + 1 in STEPS:
-            result = saver.save(step=step + 1, cfg=cfg, model_chunks=trainer.model, optimizer=trainer.optimizer,
-                                scheduler=trainer.scheduler)
+            result = saver.save(
+                step=step + 1,
+                cfg=cfg,
+                model_chunks=trainer.model,
+                optimizer=trainer.optimizer,
+                scheduler=trainer.scheduler,
+            )
             snapshots[step + 1] = _params(trainer)
             out[f"result_{step + 1}"] = (result.done, result.num_bytes, result.path.name)
     group = dist.group.WORLD
@@ -73,8 +78,9 @@ def _worker(rank, world_size, root):
     out["chosen"] = chosen.name
     out["warnings"] = warnings
     trainer.train_step(max(STEPS))  # move the weights away from every snapshot
-    state = load_training_checkpoint(chosen, model_chunks=trainer.model, optimizer=trainer.optimizer,
-                                     scheduler=trainer.scheduler)
+    state = load_training_checkpoint(
+        chosen, model_chunks=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler
+    )
     loaded = _params(trainer)
     out["resumed_step"] = state["step"]
     out["resumed_matches_step_3"] = all((loaded[k] == snapshots[3][k]).all() for k in loaded)
@@ -123,7 +129,9 @@ def test_every_file_is_in_the_manifest_with_its_size_and_checksum(saved):
     folder = root / "pristine" / "step_0000003"
     manifest = json.loads((folder / "manifest.json").read_text())
     on_disk = sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
     )
     assert sorted(manifest["files"]) == on_disk
     # Files of both ranks: the per-rank hashing covered rank 1's files too.
@@ -146,7 +154,9 @@ def test_save_results_report_the_published_size(saved):
     for step in STEPS:
         done, num_bytes, name = results[0][f"result_{step}"]
         assert done and name == f"step_{step:07d}"
-        assert num_bytes == json.loads((root / "pristine" / name / "manifest.json").read_text())["total_bytes"]
+        assert (
+            num_bytes == json.loads((root / "pristine" / name / "manifest.json").read_text())["total_bytes"]
+        )
 
 
 def test_truncated_file_of_rank_1_is_found_in_parallel_and_resume_falls_back(saved):
@@ -191,8 +201,13 @@ def test_truncated_distcp(ckpts):
     chosen, skipped = _resume(ckpts)
     assert chosen == "step_0000003"
     assert skipped == [
-        ("step_0000004", (f"model/{victim.name}: has {size // 2} bytes, the manifest records {size} "
-         "(truncated or overwritten)"))
+        (
+            "step_0000004",
+            (
+                f"model/{victim.name}: has {size // 2} bytes, the manifest records {size} "
+                "(truncated or overwritten)"
+            ),
+        )
     ]
 
 
@@ -267,7 +282,9 @@ def test_nothing_intact_refuses_with_every_reason(ckpts):
     with pytest.raises(NoIntactCheckpointError) as info:
         select_resume_checkpoint(ckpts, warn=lambda text: None)
     message = str(info.value)
-    assert message.startswith(f"checkpoint {ckpts} is not usable: {ckpts}: no intact checkpoint to resume from")
+    assert message.startswith(
+        f"checkpoint {ckpts} is not usable: {ckpts}: no intact checkpoint to resume from"
+    )
     for step in STEPS:
         assert f"step_{step:07d}: trainer_state.json: is not valid JSON" in message
     assert "start a new run without --resume" in message
@@ -289,8 +306,11 @@ def test_checkpoint_written_before_manifests(ckpts):
     verify_checkpoint(ckpts / "step_0000004")
     victim = max((ckpts / "step_0000004" / "optim").glob("*.distcp"))
     victim.write_bytes(victim.read_bytes()[:-1])
-    with pytest.raises(CorruptCheckpointError, match=rf"optim/{victim.name}: has \d+ bytes but optim/.metadata "
-                       r"places data up to byte \d+ \(truncated\)"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=rf"optim/{victim.name}: has \d+ bytes but optim/.metadata "
+        r"places data up to byte \d+ \(truncated\)",
+    ):
         verify_checkpoint(ckpts / "step_0000004")
     assert _resume(ckpts)[0] == "step_0000003"
 

@@ -38,7 +38,9 @@ def _state(trainer) -> dict:
     """Parameters and optimizer state as numpy arrays (comparable across processes)."""
     import torch
 
-    out = {f"param/{n}": p.detach().float().numpy().copy() for n, p in trainer.model[0].module.named_parameters()}
+    out = {
+        f"param/{n}": p.detach().float().numpy().copy() for n, p in trainer.model[0].module.named_parameters()
+    }
     for i, group in enumerate(trainer.optimizer.optimizer.param_groups):
         for j, param in enumerate(group["params"]):
             for key, value in trainer.optimizer.optimizer.state[param].items():
@@ -104,7 +106,12 @@ def _worker(rank, world_size, root, full_fs, ro_fs):
     for step in range(2):
         trainer.train_step(step)
     at_step_2 = _state(trainer)
-    kwargs = {"cfg": cfg, "model_chunks": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
+    kwargs = {
+        "cfg": cfg,
+        "model_chunks": trainer.model,
+        "optimizer": trainer.optimizer,
+        "scheduler": trainer.scheduler,
+    }
 
     # -- sync vs async, with a slow writer and training continuing while it writes
     sync = CheckpointSaver(root / "sync", async_save=False).save(step=2, **kwargs)
@@ -128,11 +135,19 @@ def _worker(rank, world_size, root, full_fs, ro_fs):
     out["after_finalize"] = (read_latest(root / "async"), _listing(root / "async"))
     at_step_4 = _state(trainer)
 
-    load_training_checkpoint(root / "async" / "step_0000002", model_chunks=trainer.model,
-                             optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+    load_training_checkpoint(
+        root / "async" / "step_0000002",
+        model_chunks=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+    )
     from_async = _state(trainer)
-    load_training_checkpoint(root / "sync" / "step_0000002", model_chunks=trainer.model,
-                             optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+    load_training_checkpoint(
+        root / "sync" / "step_0000002",
+        model_chunks=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+    )
     from_sync = _state(trainer)
     out["async_equals_sync"] = _same(from_async, from_sync)
     out["async_equals_step_2"] = _same(from_async, at_step_2)
@@ -173,8 +188,9 @@ def _worker(rank, world_size, root, full_fs, ro_fs):
         return original_save(obj, path, *args, **kw)
 
     saver_module.torch.save = denied
-    out["patched_eacces"] = _expect_save_error(CheckpointSaver(root / "sync", async_save=False),
-                                               dict(step=8, **kwargs))
+    out["patched_eacces"] = _expect_save_error(
+        CheckpointSaver(root / "sync", async_save=False), dict(step=8, **kwargs)
+    )
     saver_module.torch.save = original_save
     dist.barrier()
     out["patched_eacces_left"] = (read_latest(root / "sync"), _listing(root / "sync"))
@@ -184,12 +200,15 @@ def _worker(rank, world_size, root, full_fs, ro_fs):
         full = Path(full_fs) / "ckpts"
         first = CheckpointSaver(full, async_save=False).save(step=2, **kwargs)
         out["full_first"] = (first.done, first.num_bytes)
-        out["full_preflight"] = _expect_save_error(CheckpointSaver(full, async_save=False), dict(step=3, **kwargs))
+        out["full_preflight"] = _expect_save_error(
+            CheckpointSaver(full, async_save=False), dict(step=3, **kwargs)
+        )
         dist.barrier()
         out["full_preflight_left"] = (read_latest(full), _listing(full))
     if ro_fs:
-        out["read_only"] = _expect_save_error(CheckpointSaver(Path(ro_fs) / "ckpts", async_save=False),
-                                              dict(step=2, **kwargs))
+        out["read_only"] = _expect_save_error(
+            CheckpointSaver(Path(ro_fs) / "ckpts", async_save=False), dict(step=2, **kwargs)
+        )
     dist.barrier()
     return out
 
@@ -203,8 +222,12 @@ def mounts(tmp_path_factory):
     for name, options in (("full", "size=6m"), ("ro", "ro,size=1m")):
         point = base / name
         point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode == 0:
             made[name] = point
         else:
@@ -262,7 +285,10 @@ def test_writer_out_of_space_is_one_clear_error_on_every_rank(results, mode):
     messages = {out[f"patched_enospc_{mode}"] for out in results}
     assert len(messages) == 1, f"ranks disagree: {messages}"
     message = messages.pop()
-    assert message.startswith("cannot save checkpoint step_0000007 in ") and "no space left on the device" in message
+    assert (
+        message.startswith("cannot save checkpoint step_0000007 in ")
+        and "no space left on the device" in message
+    )
     assert "the checkpoint needs about" in message and "free there" in message
     assert "step_0000002 is untouched and the partial save was removed" in message
     for out in results:
@@ -307,12 +333,18 @@ def _full_disk_worker(rank, world_size, full_fs):
     cfg = tiny_config("train.max_steps=5", "train.save_on_exit=false")
     trainer = Trainer(cfg, run_dir=Path(full_fs).parent / "run", quiet=True)
     trainer.train_step(0)
-    kwargs = {"cfg": cfg, "model_chunks": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
+    kwargs = {
+        "cfg": cfg,
+        "model_chunks": trainer.model,
+        "optimizer": trainer.optimizer,
+        "scheduler": trainer.scheduler,
+    }
     out = {"first": CheckpointSaver(full, async_save=False).save(step=1, **kwargs).done}
     saver_module.free_bytes = lambda path: 2**50  # the pre-flight believes there is room
     for mode in (False, True):
-        out[f"writer_{mode}"] = _expect_save_error(CheckpointSaver(full, async_save=mode), dict(step=2, **kwargs),
-                                                   finalize=mode)
+        out[f"writer_{mode}"] = _expect_save_error(
+            CheckpointSaver(full, async_save=mode), dict(step=2, **kwargs), finalize=mode
+        )
         out[f"left_{mode}"] = (read_latest(full), _listing(full))
     return out
 
@@ -321,8 +353,12 @@ def _full_disk_worker(rank, world_size, full_fs):
 def test_real_full_disk_during_the_write(tmp_path):
     point = tmp_path / "full"
     point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(point)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -385,8 +421,14 @@ def test_trainer_killed_before_finalize_keeps_previous_latest_and_no_writer(tmp_
 
     script = _KILLED.format(repo=str(REPO), root=str(tmp_path))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         line = ""
@@ -399,7 +441,9 @@ def test_trainer_killed_before_finalize_keeps_previous_latest_and_no_writer(tmp_
         proc.kill()  # the trainer only, not its process group: the writer must go by itself
         proc.wait(timeout=30)
         gone = time.monotonic() + 30
-        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in writers):
+        while any(
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in writers
+        ):
             assert time.monotonic() < gone, f"background writers {writers} outlived the killed trainer"
             time.sleep(0.1)
     finally:

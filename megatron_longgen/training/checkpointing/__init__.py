@@ -19,6 +19,7 @@ order is a pure function of (seed, step).
 Modules, one concept each:
 - `layout.py`       folder names, published checkpoints, `latest` (no torch)
 - `saver.py`        `CheckpointSaver`: background/synchronous saves, publish, rotation, save timings
+- `megatron_async.py`  Megatron-Core's async-save requests combined, cleaned up, tied to the trainer
 - `save_errors.py`  full disk / unwritable folder -> one `CheckpointSaveError`; the size estimate
 - `manifest.py`     manifests, `verify_checkpoint`, `find_resumable_checkpoint`, `select_resume_checkpoint`
 - `loading.py`      `load_training_checkpoint` (resume), `load_model_weights` (weights only)
@@ -41,7 +42,7 @@ _LAZY = {
     "published_checkpoints": "layout",
     "CheckpointSaver": "saver",
     "SaveResult": "saver",
-    "async_save_supported": "saver",
+    "async_save_supported": "megatron_async",
     "save_training_checkpoint": "saver",
     "CheckpointSaveError": "save_errors",
     "CorruptCheckpointError": "manifest",

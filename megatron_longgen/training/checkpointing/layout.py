@@ -82,7 +82,11 @@ def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     """The checkpoint `latest` names, else the newest complete one, else None (no integrity check)."""
     root = Path(checkpoints_dir)
     named = read_latest(root)
-    if named is not None and checkpoint_step(named) is not None and (root / named / TRAINER_STATE_FILE).is_file():
+    if (
+        named is not None
+        and checkpoint_step(named) is not None
+        and (root / named / TRAINER_STATE_FILE).is_file()
+    ):
         return root / named
     complete = complete_checkpoints(root)
     return complete[-1] if complete else None

@@ -49,8 +49,15 @@ def _read_part(ckpt: Path, part: str, read):
         return read()
     except CorruptCheckpointError:
         raise
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, CheckpointingException,
-            CheckpointException) as err:  # CheckpointException derives from BaseException
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        CheckpointingException,
+        CheckpointException,
+    ) as err:  # CheckpointException derives from BaseException
         raise CorruptCheckpointError(ckpt, part, f"cannot be loaded ({_one_line(err)})") from err
 
 
@@ -80,7 +87,9 @@ def load_training_checkpoint(
     except (ValueError, FileNotFoundError) as err:
         raise CorruptCheckpointError(ckpt, CONFIG_FILE, str(err)) from err
     loaded = _read_part(
-        ckpt, "model", lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt)))
+        ckpt,
+        "model",
+        lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt))),
     )
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
@@ -111,7 +120,9 @@ def load_training_checkpoint(
         request = optimizer.sharded_state_dict(
             model_sharded_state_dict(model_chunks), is_loading=True, metadata=optimizer_metadata(fmt)
         )
-        loaded_optim = _read_part(ckpt, OPTIM_SUBDIR, lambda: dist_checkpointing.load(request, str(optim_path)))
+        loaded_optim = _read_part(
+            ckpt, OPTIM_SUBDIR, lambda: dist_checkpointing.load(request, str(optim_path))
+        )
         with torch.no_grad():  # the state is copied into views of the (leaf) parameters
             optimizer.load_state_dict(loaded_optim)
     if scheduler is not None and state.get("scheduler") is not None:
@@ -131,7 +142,9 @@ def load_model_weights(checkpoint_dir: str | os.PathLike, *, model_chunks) -> Lo
     ckpt = Path(checkpoint_dir)
     ckpt_cfg = load_config(ckpt)
     loaded = _read_part(
-        ckpt, "model", lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt)))
+        ckpt,
+        "model",
+        lambda: dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(model_dir(ckpt))),
     )
     load_model_state(model_chunks, loaded)
     return ckpt_cfg

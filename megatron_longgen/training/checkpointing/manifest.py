@@ -46,7 +46,9 @@ from megatron_longgen.training.checkpointing.layout import (
 from megatron_longgen.utils.optional import has_xxhash
 
 MANIFEST_VERSION = 1
-CONFIG_FILE = "longgen_config.json"  # checkpoint.format.CONFIG_FILE (not imported: keeps this module torch-free)
+CONFIG_FILE = (
+    "longgen_config.json"  # checkpoint.format.CONFIG_FILE (not imported: keeps this module torch-free)
+)
 _CHUNK_BYTES = 16 * 2**20
 _RANK_OWNED = (re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$"), re.compile(r"^rng/rank_(\d+)\.pt$"))
 
@@ -162,7 +164,10 @@ def write_manifest(folder: str | os.PathLike, *, group=None) -> int:
     try:
         for rel in _list_files(root):
             if file_owner(rel, world) == rank:
-                mine[rel] = {"size": (root / rel).stat().st_size, "checksum": hash_file(root / rel, algorithm)}
+                mine[rel] = {
+                    "size": (root / rel).stat().st_size,
+                    "checksum": hash_file(root / rel, algorithm),
+                }
     except OSError as err:  # reported on every rank below, so no rank is left waiting in a collective
         error = f"rank {rank} could not hash {err.filename}: {err.strerror or err}"
     gathered = all_gather((mine, error), group)

@@ -135,7 +135,9 @@ def classify_save_error(
 ) -> CheckpointSaveError | None:
     """A CheckpointSaveError for a full disk or an unwritable folder, or None for anything else (a bug:
     the caller re-raises the original)."""
-    codes = [(e.errno, getattr(e, "filename", None), e.strerror) for e in _causes(err) if isinstance(e, OSError)]
+    codes = [
+        (e.errno, getattr(e, "filename", None), e.strerror) for e in _causes(err) if isinstance(e, OSError)
+    ]
     for code, filename, strerror in codes:
         if code in NOT_WRITABLE:
             where = filename or root

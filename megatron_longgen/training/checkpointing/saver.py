@@ -45,6 +45,11 @@ from megatron_longgen.training.checkpointing.layout import (
     write_text_atomic,
 )
 from megatron_longgen.training.checkpointing.manifest import all_gather, write_manifest
+from megatron_longgen.training.checkpointing.megatron_async import (
+    async_save_supported,
+    combine_requests,
+    drain_write_results,
+)
 from megatron_longgen.training.checkpointing.save_errors import (
     CheckpointSaveError,
     checkpoint_size_estimate,
@@ -58,18 +63,6 @@ from megatron_longgen.training.checkpointing.state import (
     optimizer_metadata,
     rng_state,
 )
-
-
-def async_save_supported() -> bool:
-    """Whether `CheckpointSaver` defaults to background saves: Megatron-Core's AsyncCallsQueue forks the
-    writer after a device->host copy and checks completion with an all-reduce. That works on CUDA and, in
-    a process with the CPU compatibility layer (`utils.cpu_compat`, on in every CPU process that
-    `init_distributed` started), on CPU/gloo too: the fork's copy-on-write memory is the snapshot."""
-    if torch.cuda.is_available():
-        return True
-    from megatron_longgen.utils.cpu_compat import is_cpu_compat_enabled
-
-    return is_cpu_compat_enabled()
 
 
 @dataclasses.dataclass
@@ -119,7 +112,9 @@ class CheckpointSaver:
         saver.finalize_all()                             # at exit and on preemption, before exiting
     """
 
-    def __init__(self, checkpoints_dir: str | os.PathLike, *, async_save: bool | None = None, keep_last: int = 0):
+    def __init__(
+        self, checkpoints_dir: str | os.PathLike, *, async_save: bool | None = None, keep_last: int = 0
+    ):
         self.root = Path(checkpoints_dir)
         self.async_save = async_save_supported() if async_save is None else async_save
         self.keep_last = keep_last
@@ -202,8 +197,9 @@ class CheckpointSaver:
             finished = self._queue.maybe_finalize_async_calls(blocking=blocking)
         except BaseException as err:
             self._in_flight = None
-            known = self._clean_up_failed(err, temp_dir(self.root, pending.step), step=pending.step,
-                                          need=pending._need)
+            known = self._clean_up_failed(
+                err, temp_dir(self.root, pending.step), step=pending.step, need=pending._need
+            )
             if known is None:
                 raise
             raise known from err
@@ -229,12 +225,25 @@ class CheckpointSaver:
                 free = free_bytes(tmp)
                 if free is not None and free < need:
                     shutil.rmtree(tmp, ignore_errors=True)
-                    message = (space_message(name=checkpoint_name(step), root=self.root, need=need, free=free,
-                                             previous=latest_checkpoint(self.root)), None)
+                    message = (
+                        space_message(
+                            name=checkpoint_name(step),
+                            root=self.root,
+                            need=need,
+                            free=free,
+                            previous=latest_checkpoint(self.root),
+                        ),
+                        None,
+                    )
             except OSError as err:
                 shutil.rmtree(tmp, ignore_errors=True)
-                known = classify_save_error(err, name=checkpoint_name(step), root=self.root, need=need,
-                                            previous=latest_checkpoint(self.root))
+                known = classify_save_error(
+                    err,
+                    name=checkpoint_name(step),
+                    root=self.root,
+                    need=need,
+                    previous=latest_checkpoint(self.root),
+                )
                 message = (str(known) if known else f"cannot create {tmp}: {err}", err.errno)
         verdict = all_gather(message, dist.group.WORLD)[0]
         if verdict is not None:
@@ -262,7 +271,9 @@ class CheckpointSaver:
                     "manifest": MANIFEST_FILE,
                     **(extra_state or {}),
                 }
-                write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+                write_text_atomic(
+                    tmp / TRAINER_STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n"
+                )
         except Exception as err:  # noqa: BLE001  (re-raised on every rank below: no rank is left waiting
             # in a collective that another rank skipped)
             if isinstance(err, OSError) and err.errno is not None:
@@ -285,8 +296,10 @@ class CheckpointSaver:
 
         requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
         if optim_sd is not None:
-            requests.append(dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True))
-        request = _combine_requests(requests, finalize=finalize)
+            requests.append(
+                dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True)
+            )
+        request = combine_requests(requests, finalize=finalize)
         if not self.async_save:
             request.execute_sync()
             return
@@ -325,8 +338,16 @@ class CheckpointSaver:
         an unwritable folder, or None for anything else (a bug: the caller re-raises it)."""
         from torch.distributed.checkpoint.api import CheckpointException
 
-        known = err if isinstance(err, CheckpointSaveError) else classify_save_error(
-            err, name=checkpoint_name(step), root=self.root, need=need, previous=latest_checkpoint(self.root)
+        known = (
+            err
+            if isinstance(err, CheckpointSaveError)
+            else classify_save_error(
+                err,
+                name=checkpoint_name(step),
+                root=self.root,
+                need=need,
+                previous=latest_checkpoint(self.root),
+            )
         )
         if isinstance(err, CheckpointException):
             # Raised on every rank (dist checkpointing broadcasts write failures), with the details on the
@@ -335,82 +356,14 @@ class CheckpointSaver:
             verdicts = all_gather(None if known is None else (known.message, known.errno), dist.group.WORLD)
             first = next((v for v in verdicts if v is not None), None)
             known = None if first is None else CheckpointSaveError(first[0], code=first[1], path=self.root)
-        _drain_write_results()
+        drain_write_results()
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         return known
 
 
-def _drain_write_results() -> None:
-    """Drop write results a failed save left in Megatron-Core's process-wide results queue.
-
-    Each writer of a combined request reports into one shared queue (`filesystem_async._results_queue`,
-    0.16.1), and each request's finalizer takes one report; when an earlier finalizer raises, the later
-    reports stay queued and the next save would read them as its own (a stale "Worker failure"). The
-    writers have all finished when a failure surfaces (finalizers run after them), so this drains only
-    the failed save's reports.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    results = getattr(filesystem_async, "_results_queue", None)
-    while results is not None:
-        try:
-            results.get_nowait()
-        except queue.Empty:
-            return
-        except (OSError, EOFError):  # the manager process is gone: nothing left to drain
-            return
-
-
 def _sum_over_ranks(value: int) -> int:
     return sum(all_gather(int(value), dist.group.WORLD))
-
-
-def _combine_requests(requests: list, *, finalize) -> object:
-    """One Megatron AsyncRequest for several `dist_checkpointing.save(..., async_sharded_save=True)`
-    results: one preload (device->host copy, in the trainer), one writer process running each request's
-    writer in turn, then every request's finalizers in order and `finalize` last."""
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-
-    trainer_pid = os.getpid()
-
-    def preload():
-        return [r.preload_fn() if r.preload_fn is not None else None for r in requests]
-
-    def write(_rank, staged, _unused):
-        if os.getpid() != trainer_pid:  # a background writer (not execute_sync in the trainer)
-            _die_with_parent(trainer_pid)
-        for request, buckets in zip(requests, staged):
-            if request.async_fn is None:  # nothing to write on this rank
-                continue
-            args = list(request.async_fn_args)
-            if buckets is not None:
-                args[1] = buckets
-            request.async_fn(*args, **request.async_fn_kwargs)
-
-    finalize_fns = [fn for r in requests for fn in r.finalize_fns] + [finalize]
-    # AsyncRequest.execute_sync and the async callers replace argument 1 with preload()'s result.
-    return AsyncRequest(write, (None, None, None), finalize_fns, preload_fn=preload)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In a background writer: ask Linux to kill this process when the trainer dies, so no writer
-    outlives a killed trainer (its checkpoint could never be published anyway)."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
-        os._exit(1)
 
 
 def save_training_checkpoint(
@@ -428,7 +381,11 @@ def save_training_checkpoint(
     the published folder `checkpoints_dir/step_N`. (`CheckpointSaver` for background saves and timings.)"""
     saver = CheckpointSaver(checkpoints_dir, async_save=False, keep_last=keep_last)
     result = saver.save(
-        step=step, cfg=cfg, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+        step=step,
+        cfg=cfg,
+        model_chunks=model_chunks,
+        optimizer=optimizer,
+        scheduler=scheduler,
         extra_state=extra_state,
     )
     return result.path
