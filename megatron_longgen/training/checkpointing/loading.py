@@ -47,7 +47,7 @@ def _read_part(ckpt: Path, part: str, read):
 
     try:
         return read()
-    except CorruptCheckpointError:
+    except (CorruptCheckpointError, torch.OutOfMemoryError):  # not the checkpoint's fault
         raise
     except (
         OSError,

@@ -151,6 +151,17 @@ def all_gather(obj, group) -> list:
     return out
 
 
+def broadcast(obj, group):
+    """Rank 0's `obj` on every rank of `group` (`obj` itself without a group)."""
+    if group is None:
+        return obj
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+    return holder[0]
+
+
 # ---------------------------------------------------------------------------------------- writing
 
 
@@ -160,9 +171,11 @@ def write_manifest(folder: str | os.PathLike, *, group=None) -> int:
     root = Path(folder)
     rank, world = _rank_world(group)
     algorithm = checksum_algorithm()
+    # Rank 0 lists the folder once (not every rank: thousands of stat calls each on a parallel file system).
+    listing = broadcast(_list_files(root) if rank == 0 else None, group)
     mine, error = {}, None
     try:
-        for rel in _list_files(root):
+        for rel in listing:
             if file_owner(rel, world) == rank:
                 mine[rel] = {
                     "size": (root / rel).stat().st_size,
@@ -336,7 +349,12 @@ def find_resumable_checkpoint(
     rewrite). The candidate list is rank 0's view, so every rank walks the same list.
     """
     root = Path(checkpoints_dir)
-    names, latest = all_gather(([p.name for p in published_checkpoints(root)], read_latest(root)), group)[0]
+    view = (
+        ([p.name for p in published_checkpoints(root)], read_latest(root))
+        if _rank_world(group)[0] == 0
+        else None
+    )
+    names, latest = broadcast(view, group)
     skipped: list[tuple[Path, str]] = []
     if latest is not None and latest not in names:
         reason = (
