@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_longgen.utils.atomic_output import remove_stale_dirs
 from megatron_longgen.utils.cli import UserError, add_debug_flag, add_override_argument, run_cli
 
 
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_length is not None and args.seq_length < 1:
         raise UserError(f"--seq-length must be >= 1, got {args.seq_length}")
     from megatron_longgen.checkpoint.convert import hf_to_mcore
+
+    for path in remove_stale_dirs(args.out)[0]:
+        print(f"convert_hf_to_mcore: removed {path} (left by a killed run)", file=sys.stderr)
 
     cfg = hf_to_mcore(
         hf_dir=args.hf_dir,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_longgen.utils.atomic_output import remove_stale_dirs
 from megatron_longgen.utils.cli import UserError, add_debug_flag, run_cli
 
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.max_shard_gb > 0:
         raise UserError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     from megatron_longgen.checkpoint.convert import mcore_to_hf
+
+    for path in remove_stale_dirs(args.out)[0]:
+        print(f"convert_mcore_to_hf: removed {path} (left by a killed run)", file=sys.stderr)
 
     hf_config = mcore_to_hf(
         mcore_dir=args.mcore_dir,

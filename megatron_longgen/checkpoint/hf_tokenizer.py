@@ -143,11 +143,16 @@ def _sentencepiece_ids(model: Path, text: str) -> list[int]:
 def _hf_ids(folder: Path, text: str) -> list[int] | str:
     """Token ids of `text` from `AutoTokenizer.from_pretrained(folder)`, or why it did not load."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the folder's config.json names a model type transformers does not know
     try:
         return list(AutoTokenizer.from_pretrained(str(folder), local_files_only=True).encode(text))
     except Exception as err:  # noqa: BLE001  (any failure to load is reported, not raised: the weights are fine)
         return f"{type(err).__name__}: {err}"
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _check_fidelity(model: Path, out: Path) -> list[str]:

@@ -22,8 +22,9 @@ What `run_cli` prints as `PROG: error: MESSAGE` (one line, no traceback) and the
 
 2 is also what argparse uses for a bad command line, so "fix your command" is always 2. `--debug` on the
 command line (declare it with `add_debug_flag`) or `LONGGEN_DEBUG=1` in the environment re-raises user
-errors with their traceback. Under torchrun/srun each failing rank prints its own line, prefixed with
-its rank when the world has more than one.
+errors with their traceback (and Megatron-Core's import-time "Transformer Engine and Apex are not installed"
+notices, otherwise hidden). Under torchrun/srun each failing rank prints its own line, prefixed with its
+rank when the world has more than one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 DEBUG_ENV = "LONGGEN_DEBUG"
@@ -95,6 +97,10 @@ def run_cli(main: Callable[[list[str]], int | None], *, prog: str, argv: Sequenc
     """Call `main(argv)` (default: sys.argv[1:]) and turn user errors into `PROG: error: ...` + a status.
     Returns the exit status (main's return value, 0 for None)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not debug_requested(args):
+        # Megatron-Core announces at import, in every process, that optional fused kernels are missing: on a
+        # CPU box that is expected, and eight lines of it would bury the one line that matters.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         status = main(args)
     except KeyboardInterrupt:

@@ -130,6 +130,8 @@ def test_killed_conversion_leftovers_are_removed_and_live_ones_kept(tiny_hf, tmp
         (folder / "model" / "part.distcp").write_bytes(b"\0" * 100)
     result = run_tool("convert_hf_to_mcore.py", "--hf-dir", str(tiny_hf), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
+    assert f"convert_hf_to_mcore: removed {stale} (left by a killed run)" in result.stderr
+    assert "Transformer Engine and Apex are not installed" not in result.stderr  # import noise hidden
     assert not stale.exists()
     assert live.is_dir() and other_host.is_dir()
     assert (out / "model" / "metadata.json").is_file()
