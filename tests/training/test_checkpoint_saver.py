@@ -35,17 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _state(trainer) -> dict:
-    """Parameters and optimizer state as numpy arrays (comparable across processes)."""
+    """Parameters and optimizer state as numpy arrays (comparable across processes; on CPU for CUDA runs)."""
     import torch
 
-    out = {
-        f"param/{n}": p.detach().float().numpy().copy() for n, p in trainer.model[0].module.named_parameters()
-    }
+    out = {}
+    for name, p in trainer.model[0].module.named_parameters():
+        out[f"param/{name}"] = p.detach().float().cpu().numpy().copy()
     for i, group in enumerate(trainer.optimizer.optimizer.param_groups):
         for j, param in enumerate(group["params"]):
             for key, value in trainer.optimizer.optimizer.state[param].items():
                 if isinstance(value, torch.Tensor):
-                    out[f"optim/{i}/{j}/{key}"] = value.detach().float().numpy().copy()
+                    out[f"optim/{i}/{j}/{key}"] = value.detach().float().cpu().numpy().copy()
     return out
 
 
@@ -457,3 +457,63 @@ def test_trainer_killed_before_finalize_keeps_previous_latest_and_no_writer(tmp_
     path, skipped = find_resumable_checkpoint(ckpts)
     assert path == ckpts / "step_0000001" and skipped == []
     assert json.loads((path / "trainer_state.json").read_text())["step"] == 1
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_worker(rank, world_size, root):
+    """On CUDA: the background save copies the tensors to host memory before forking the writer, so
+    training that continues on the GPU meanwhile does not leak into the checkpoint."""
+    import torch
+
+    from megatron_longgen.training.checkpointing import CheckpointSaver, load_training_checkpoint
+    from megatron_longgen.training.trainer import Trainer
+
+    assert torch.cuda.is_available()
+    root = Path(root)
+    cfg = tiny_config("train.max_steps=10", "train.save_on_exit=false")
+    trainer = Trainer(cfg, run_dir=root / "run", quiet=True)
+    kwargs = {
+        "cfg": cfg,
+        "model_chunks": trainer.model,
+        "optimizer": trainer.optimizer,
+        "scheduler": trainer.scheduler,
+    }
+    for step in range(2):
+        trainer.train_step(step)
+    at_step_2 = _state(trainer)
+    CheckpointSaver(root / "sync", async_save=False).save(step=2, **kwargs)
+    gate = root / "gate"
+    restore = _gated_writer(gate)
+    saver = CheckpointSaver(root / "async")
+    assert saver.async_save, "background saves are the default on CUDA"
+    pending = saver.save(step=2, **kwargs)
+    for step in range(2, 4):
+        trainer.train_step(step)
+    in_flight = (pending.done, read_latest(root / "async"))
+    gate.touch()
+    saver.close()
+    restore()
+    moved = not _same(_state(trainer), at_step_2)
+    load_training_checkpoint(
+        root / "async" / "step_0000002", **{k: v for k, v in kwargs.items() if k != "cfg"}
+    )
+    from_async = _state(trainer)
+    load_training_checkpoint(
+        root / "sync" / "step_0000002", **{k: v for k, v in kwargs.items() if k != "cfg"}
+    )
+    return {
+        "in_flight": in_flight,
+        "moved": moved,
+        "async_equals_step_2": _same(from_async, at_step_2),
+        "sync_equals_step_2": _same(_state(trainer), at_step_2),
+        "blocking_s": pending.blocking_s,
+    }
+
+
+@pytest.mark.gpu
+def test_gpu_background_save_is_the_saved_step(tmp_path):
+    (out,) = run_distributed(_gpu_worker, world_size=1, args=(str(tmp_path),), timeout_s=600)
+    assert out["in_flight"] == (False, None)
+    assert out["moved"] and out["async_equals_step_2"] and out["sync_equals_step_2"]
