@@ -4,11 +4,12 @@ The tokenizer is the training config's `data.tokenizer` (or the exporter's `--to
 - a SentencePiece `.model` (Llama-2's format, `builtin:tiny_sp`): copied as `tokenizer.model`, with a
   `LlamaTokenizer` `tokenizer_config.json` + `special_tokens_map.json` (BOS added, no EOS: how the
   training data was tokenized). Needs nothing beyond sentencepiece at export time. Where transformers is
-  installed the result is loaded back and compared with SentencePiece on a probe text; HF's Llama
-  conversion hard-codes Llama-2's normalizer (no whitespace folding), so for a SentencePiece model with
-  another normalizer (e.g. NFKC + extra-whitespace removal, as `tiny_sp` has) a `tokenizer.json` built
-  from the model's own settings (transformers' `SpmConverter.build_tokenizer_from_spm_proto`) replaces
-  the Llama config, and is checked the same way;
+  installed the result is loaded back and compared with SentencePiece on a probe text. HF's Llama
+  conversion hard-codes Llama-2's normalizer and, in transformers 5, drops the dummy prefix of a text
+  that starts with a space; when the ids differ (that, or another normalizer such as `tiny_sp`'s NFKC +
+  whitespace folding), a `tokenizer.json` built from the model's own settings (transformers'
+  `SpmConverter.build_tokenizer_from_spm_proto`, BOS added by its post-processor, class
+  `PreTrainedTokenizerFast`) replaces the Llama config, and is checked the same way;
 - a Hugging Face tokenizer folder: its tokenizer files are copied.
 
 A tokenizer whose vocabulary does not fit the model is not written (a warning says why): more tokens
@@ -37,7 +38,7 @@ HF_TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_PROBE = "Once upon a time,  there was\ta little dog.\nHello world 1234! Über café, 日本語.  "
+_PROBE = " Once upon a time,  there was\ta little dog.\nHello world 1234! Über café, 日本語.  "
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _write_sentencepiece(model: Path, out: Path, *, max_length: int) -> None:
         **special,
         "add_bos_token": True,  # every training document starts with <bos> (data/preprocess.py)
         "add_eos_token": False,
-        "legacy": False,
+        "legacy": True,  # Llama-2 normalization (dummy prefix, spaces to U+2581), as SentencePiece does
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "sp_model_kwargs": {},
@@ -209,4 +210,9 @@ def _write_tokenizer_json(model: Path, out: Path) -> bool:
         (out / name).unlink()
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_length, **special)
     fast.save_pretrained(str(out))
+    # transformers 5 records its new class name; the old one loads the same file in 4.x and 5.x alike.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return True
