@@ -123,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     warm = CheckpointSaver(root / "warm", async_save=False).save(step=step, **kwargs)
     rows: dict = {"checkpoint_bytes": warm.num_bytes, "warmup_save_s": warm.blocking_s}
 
+    def drop(folder: Path) -> None:  # keep at most ~2 checkpoints on disk (a GPU box's disk is small)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
+
+    drop(root / "warm")
+
     sync_times, manifest_times = [], []
     saver = CheckpointSaver(root / "sync", async_save=False, keep_last=1)
     for _ in range(args.repeats):
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
     rows["sync_save_s"] = statistics.median(sync_times)
     rows["manifest_s"] = statistics.median(manifest_times)
+    drop(root / "sync")
 
     blocking, total, busy = [], [], []
     saver = CheckpointSaver(root / "async", async_save=True, keep_last=1)
