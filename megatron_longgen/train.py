@@ -35,9 +35,11 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 from megatron_longgen.config import SPARSE_VARIANTS, apply_overrides
 from megatron_longgen.recipes import RECIPES, get_recipe, with_full_attention, with_sparse_variant
+from megatron_longgen.utils.cli import add_debug_flag, add_override_argument
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -69,10 +71,9 @@ def build_parser(*, run_dir_required: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=("hybrid", "full"), default="hybrid",
                         help="'full' turns every layer into full attention (the baseline)")
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline unless WANDB_MODE=online)")
-    parser.add_argument("--override", nargs="*", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="e.g. train.lr=1e-4 model.layer_pattern=SSFFSS (repeatable; later items win)")
+    add_override_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no console lines (metrics.jsonl is still written)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    add_debug_flag(parser)
     return parser
 
 
@@ -129,50 +130,51 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def _report(exc: BaseException, *, debug: bool, user_error: bool) -> None:
-    """One line on stderr (rank 0 always; other ranks for rank-local errors), plus the traceback for bugs
-    or with --debug."""
+def _report(exc: BaseException, *, debug: bool, status: int | None) -> int:
+    """One line on stderr for a user or environment error (`utils/cli.py` decides which is which), plus the
+    traceback for bugs (`status` None) or with --debug; returns the exit status. Input errors are the same
+    on every rank, so only rank 0 says them; rank-local failures (a full disk, a NaN) are said by each rank
+    that hit them, with its rank."""
+    from megatron_longgen.utils import cli
+
     rank = _rank()
-    if rank != 0 and user_error and isinstance(exc, ValueError):
-        return  # validation errors are the same on every rank: say it once
+    if status == cli.EXIT_USER_ERROR and rank != 0 and not debug:
+        return status
     prefix = "longgen-train: error: " if rank == 0 else f"longgen-train: rank {rank}: error: "
-    if debug or not user_error:
+    if debug or status is None:
         traceback.print_exception(exc, file=sys.stderr)
-    message = str(exc) or type(exc).__name__
-    if not user_error:
-        message = f"{type(exc).__name__}: {message}"
-    hint = "" if debug or not user_error else " (--debug shows the traceback)"
+    message = cli.describe(exc) if status is not None else f"{type(exc).__name__}: {exc}"
+    hint = "" if debug or status is None else " (--debug shows the traceback)"
     print(prefix + message + hint, file=sys.stderr, flush=True)
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
+    return EXIT_FAILURE if status is None else status
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longgen.utils import cli
+
     started_unix = time.time()
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("LONGGEN_DEBUG", "") not in ("", "0")
+    debug = args.debug or cli.debug_requested([])
+    if not debug:  # Megatron-Core's import-time notice, in every process; expected without TE/apex
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         cfg = config_from_args(args)
         preflight(cfg, args, quiet=args.quiet)
     except ValueError as exc:
-        _report(exc, debug=debug, user_error=True)
-        return EXIT_USAGE
+        return _report(exc, debug=debug, status=cli.EXIT_USER_ERROR)
     from megatron_longgen.training.trainer import train
     from megatron_longgen.utils.distributed import destroy
 
     try:
         result = train(cfg, run_dir=args.run_dir, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite,
                        allow_changes=tuple(args.allow_change), started_unix=started_unix)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a clean stop (training/guards.py)
+        print("longgen-train: interrupted", file=sys.stderr, flush=True)
+        return cli.EXIT_INTERRUPTED
     except FloatingPointError as exc:  # the NaN policy stopped the run: a failure, but no bug
-        _report(exc, debug=debug, user_error=True)
-        return EXIT_FAILURE
-    except USER_ERRORS as exc:
-        _report(exc, debug=debug, user_error=True)
-        return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - a bug: the traceback, and a non-zero status
-        _report(exc, debug=debug, user_error=False)
-        return EXIT_FAILURE
+        return _report(exc, debug=debug, status=EXIT_FAILURE)
+    except Exception as exc:  # noqa: BLE001 - user errors get one line, bugs their traceback
+        return _report(exc, debug=debug, status=cli.exit_status(exc))
     finally:
         destroy()
     if result.is_metrics_rank and not args.quiet:
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             first, last = result.losses[0], result.losses[-1]
             change = f"loss {first:.4f} -> {last:.4f}"
             if first > 0:
-                change += f" ({(1 - last / first) * 100:.1f}% lower)"
+                drop = (1 - last / first) * 100
+                change += f" ({abs(drop):.1f}% {'lower' if drop >= 0 else 'higher'})"
         else:
             change = "no steps to run"
         print(f"[longgen] {how}: steps {result.start_step}->{result.final_step}, {change} in "

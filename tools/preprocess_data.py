@@ -12,16 +12,21 @@ Inputs: `.jsonl` (text under `--text-key`), `.txt` (blank-line separated documen
 `.gz` or `.zst` (needs zstandard) compressed, and `.parquet` (needs pyarrow). Writes PREFIX.bin and
 PREFIX.idx (atomically: temporary names renamed at the end) and PREFIX.stats.json (per-source documents,
 tokens, long-token fractions and shares, before and after). Each document starts with <bos>. Train on the
-result with `DataConfig(blend="PREFIX")`. Exits with status 2 and a one-line message on bad input.
+result with `DataConfig(blend="PREFIX")`. An existing PREFIX.bin/.idx needs --force (as for the converters);
+the temporary files of a killed earlier run into the same prefix are removed first. Exits with status 2
+and a one-line message on bad input (`--debug` or LONGGEN_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_longgen.data.length_sampling import LengthSampling
 from megatron_longgen.data.preprocess import preprocess
+from megatron_longgen.utils.atomic_output import remove_stale_dataset_temps
+from megatron_longgen.utils.cli import add_debug_flag, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-tokens", type=int, default=None, help="expected total output tokens")
     p.add_argument("--seed", type=int, default=1234, help="seed of the length-sampling draw")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    add_debug_flag(p)
     return p.parse_args(argv)
+
+
+def check_output(prefix: str, *, force: bool) -> None:
+    """Refuse to replace an existing dataset without --force; remove what killed runs left behind."""
+    existing = [prefix + ext for ext in (".bin", ".idx") if os.path.exists(prefix + ext)]
+    if existing and not force:
+        raise FileExistsError(f"output {' and '.join(existing)} already exists; pass --force to replace it")
+    for path in remove_stale_dataset_temps(prefix):
+        print(f"preprocess_data.py: removed {path} (left by a killed run)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; returns the stats dict written to PREFIX.stats.json. Raises ValueError on bad input."""
     args = parse_args(argv)
+    check_output(args.output_prefix, force=args.force)
     sampling = LengthSampling(
         long_threshold=args.long_threshold,
         long_weight=args.long_weight,
@@ -83,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     return stats
 
 
+def cli(argv: list[str]) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(cli, prog="preprocess_data.py"))

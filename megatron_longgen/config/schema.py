@@ -251,6 +251,9 @@ class TrainingConfig:
     pipeline_layout: str = "balanced"
     """Layers per pipeline stage: `balanced` (contiguous stages of equal estimated cost; full-attention
     layers cost more at long context) or `even` (Megatron's equal layer counts)."""
+    async_save: bool | None = None
+    """Write checkpoints in the background (Megatron-Core's asynchronous distributed save; `latest` moves only
+    once a save is complete): None = wherever it is supported (`checkpointing.async_save_supported`)."""
     optimizer_checkpoint_format: str = "dp_reshardable"
     """How the distributed optimizer's state is saved: `dp_reshardable` (every rank writes its own shard in
     parallel; resumes at another DP size, but not at another TP/PP) or `fully_reshardable` (gathered per

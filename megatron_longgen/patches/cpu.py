@@ -67,6 +67,8 @@ _TORCH_VIEW_MODULES = {
     "megatron.core.pipeline_parallel.p2p_communication": "_communicate (receive buffers on "
     "current_device(), synchronize())",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "preload_tensors (synchronize())",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "TemporalAsyncCaller.schedule_async_call "
+    "(synchronize()), is_current_async_call_done / AsyncCallsQueue completion flags (current_device())",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save_state_dict_async_finalize "
     "(failure flag on current_device())",
 }

@@ -54,6 +54,9 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
     saved_at, ckpt, stopped_by = None, None, None
     start = time.perf_counter()
     done = start_step
+    saver = tr.saver()
+    save_metrics: dict = {}
+    failed = True
     try:
         for step in range(start_step, end_step):
             metrics = tr.train_step(step)
@@ -61,6 +64,12 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
             timer.step_done()
             losses.append(metrics["loss"])
             done = step + 1
+            with timer.excluded("checkpoint"):  # publishes a background save whose writers are done
+                for published in saver.maybe_finalize():
+                    ckpt = published.path
+                    # The loop's own blocked time is `checkpoint_time_s` (timed here); add the save's total
+                    # time (writers included) and size.
+                    save_metrics.update({k: v for k, v in published.metrics().items() if k != "checkpoint_time_s"})
             evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
             # Every line carries the training metrics; evaluation steps are always logged.
             if done % t.log_interval == 0 or done == end_step or evaluating:
@@ -79,11 +88,13 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                     tokens=done * tokens_per_step,
                     peak_mem_gib=tr._peak_memory_gib(),
                     nan_skips=tr.nan_guard.skipped,
+                    **save_metrics,
                     eval_time_s=excluded.get("eval", 0.0),
                     checkpoint_time_s=excluded.get("checkpoint", 0.0),
                     **clock.metrics(),
                     **throughput_metrics(cfg=cfg, step_time_s=step_time, num_gpus=tr.world_size, peak_tflops=peak),
                 )
+                save_metrics = {}
                 logger.log(metrics, done)
             if preempt.should_stop(device=tr.device):
                 stopped_by = (f"preemption signal {signal.Signals(preempt.received).name}" if preempt.received is not None
@@ -91,14 +102,21 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                 break
             if t.save_interval and done % t.save_interval == 0:
                 with timer.excluded("checkpoint"):
-                    ckpt, saved_at = tr.save(done, clock=clock), done
+                    saved_at = done
+                    tr.start_save(done, clock=clock)
         if (t.save_on_exit or stopped_by) and saved_at != done and done > start_step:
             seconds, _ = timer.window()
             clock.add_productive(seconds)
-            ckpt, saved_at = tr.save(done, clock=clock), done
+            saved_at = done
+            tr.start_save(done, clock=clock)
+        for published in saver.finalize_all():  # the exit save, and a periodic one still being written
+            ckpt = published.path
+        failed = False
     finally:
         preempt.restore()
         logger.close()
+        if not failed:
+            saver.close()
     if stopped_by:
         tr._say(f"{stopped_by}: saved {ckpt} at step {done}; exiting")
     return TrainResult(losses=losses if tr.is_logging_rank else [], final_step=done,

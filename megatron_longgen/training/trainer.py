@@ -253,18 +253,29 @@ class Trainer:
             self._signatures = {"tokenizer": tokenizer_signature(self.tokenizer), "data": data_signature(self.cfg)}
         return self._signatures
 
-    def save(self, step: int, *, clock=None) -> Path:
-        """Collective: publish a resumable checkpoint after `step` completed steps."""
-        from megatron_longgen.training.checkpointing import save_training_checkpoint
+    def saver(self):
+        """The run's CheckpointSaver (background saves where supported, `train.async_save`)."""
+        from megatron_longgen.training.checkpointing import CheckpointSaver
 
+        if getattr(self, "_saver", None) is None:
+            self._saver = CheckpointSaver(self.checkpoints_dir, async_save=self.cfg.train.async_save,
+                                          keep_last=self.cfg.train.keep_last_checkpoints)
+        return self._saver
+
+    def start_save(self, step: int, *, clock=None):
+        """Collective: start publishing a resumable checkpoint after `step` completed steps (in the
+        background where supported); returns its SaveResult (`path`, timings; `done` once published)."""
         extra = {"nan_skips": self.nan_guard.skipped, "signatures": self.signatures()}
         if clock is not None:
             extra["clock"] = clock.state_dict()
-        return save_training_checkpoint(
-            checkpoints_dir=self.checkpoints_dir, step=step, cfg=self.cfg, model_chunks=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, extra_state=extra,
-            keep_last=self.cfg.train.keep_last_checkpoints,
-        )
+        return self.saver().save(step=step, cfg=self.cfg, model_chunks=self.model, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, extra_state=extra)
+
+    def save(self, step: int, *, clock=None) -> Path:
+        """Collective: publish a resumable checkpoint after `step` completed steps and wait for it."""
+        result = self.start_save(step, clock=clock)
+        self.saver().finalize_all()
+        return result.path
 
     def restore(self, *, resume: bool, allow_changes: tuple[str, ...] = ()) -> tuple[int, dict]:
         """Collective: (step to start from, the checkpoint's trainer state or {}). With `resume`, the latest
@@ -272,14 +283,15 @@ class Trainer:
         otherwise, or when there is none, `train.init_checkpoint`'s weights when set; else step 0."""
         from megatron_longgen.checkpoint.format import load_config
         from megatron_longgen.training.checkpointing import (
-            latest_checkpoint,
             load_model_weights,
             load_training_checkpoint,
             read_trainer_state,
+            select_resume_checkpoint,
         )
         from megatron_longgen.training.resume_check import compare_for_resume, enforce
 
-        latest = latest_checkpoint(self.checkpoints_dir) if resume else None
+        # The newest checkpoint that passes its manifest (a damaged newer one is skipped with a warning).
+        latest = select_resume_checkpoint(self.checkpoints_dir, group=dist.group.WORLD, warn=self._say) if resume else None
         if latest is not None:
             saved_state = read_trainer_state(latest)
             diff = compare_for_resume(load_config(latest), self.cfg, saved_signatures=saved_state.get("signatures"),

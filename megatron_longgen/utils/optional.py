@@ -42,6 +42,11 @@ def has_transformers() -> bool:
     return _has("transformers") and _has("safetensors")
 
 
+def has_xxhash() -> bool:
+    """xxHash (fast checkpoint checksums; zlib's CRC-32 otherwise)."""
+    return _has("xxhash")
+
+
 def has_triton() -> bool:
     return _has("triton")
 

@@ -1,4 +1,4 @@
-"""Bad input: a clear error naming the file or numbers, a non-zero exit from the CLIs, no partial output."""
+"""Bad input: a clear error naming the file or numbers, exit status 2 from the CLIs, no partial output."""
 
 import json
 import shutil
@@ -112,7 +112,7 @@ def test_cli_heads_not_divisible_by_tp(hf_models, tmp_path):
         "--tp",
         "3",
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "num_attention_heads 4 must be divisible by tensor_parallel 3" in result.stderr
     _assert_no_output(tmp_path / "out")
 
@@ -122,7 +122,7 @@ def test_cli_existing_output_needs_force(hf_models, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     result = _cli("convert_hf_to_mcore.py", "--hf-dir", str(hf_models["mha_untied"][0]), "--out", str(out))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "already exists; pass --force" in result.stderr
     assert (out / "keep.txt").read_text() == "user data"
     assert not list(tmp_path.glob("out.tmp-*"))
