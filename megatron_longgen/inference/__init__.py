@@ -17,7 +17,7 @@ _LAZY = {
     "KV_POLICIES": "loading",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["KV_POLICIES", "LongGenCache", "load_model", "load_tokenizer_for"]
 
 
 def __getattr__(name: str):

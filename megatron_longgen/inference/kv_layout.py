@@ -24,7 +24,6 @@ and the keep rule (`keep_mask`) excludes the stale ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -118,7 +117,7 @@ class BlockStridedLayout:
         return pos[(kb % p.stride_blocks == 0) | local]
 
 
-KVLayout = Union[FullLayout, SinkWindowLayout, BlockStridedLayout]
+KVLayout = FullLayout | SinkWindowLayout | BlockStridedLayout
 
 
 def layout_for(pattern: SparsePattern | None) -> KVLayout:

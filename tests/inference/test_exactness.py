@@ -160,7 +160,7 @@ def test_beam_search_cache_matches_no_cache(pair):
     """Beam search reorders the cache rows every step; without a cache every step is a full forward."""
     model, _ = pair
     prompt = torch.randint(0, model.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(10))
-    kwargs = dict(max_new_tokens=20, do_sample=False, num_beams=3, pad_token_id=0)
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "num_beams": 3, "pad_token_id": 0}
     with_cache = model.generate(prompt, use_cache=True, **kwargs)
     without = model.generate(prompt, use_cache=False, **kwargs)
     assert with_cache.tolist() == without.tolist()
