@@ -32,7 +32,10 @@ MANUALS = (
     "coreutils", "gettext", "sed", "grep", "diffutils", "wget", "find", "gzip", "ed", "time", "rluserman",
     "libtasn1", "gnupg", "nettle",
 )  # fmt: skip
-SKIP_NODES = re.compile(r"(licen[cs]e|copying|index|^top$|history|tag table|indirect|acknowledg|thanks)", re.IGNORECASE)
+SKIP_NODES = re.compile(
+    r"(licen[cs]e|copying|\bgpl\b|\blgpl\b|\bfdl\b|public license|index|^top$|history|tag table|indirect|acknowledg|thanks)",
+    re.IGNORECASE,
+)
 # Copyright lines of the licence templates quoted inside manuals ("Copyright (C) YEAR YOUR NAME").
 TEMPLATE_NAMES = re.compile(r"(YEAR|YOUR NAME|NAME OF AUTHOR|FOO BAR|YYYY)")
 GFDL = "GNU Free Documentation License"

@@ -51,11 +51,10 @@ from megatron_longgen.attention.masks import SparsePattern, pattern_from_config
 from megatron_longgen.config import SparseAttentionConfig
 from megatron_longgen.inference.attention import LongGenAttention
 from megatron_longgen.inference.kv_cache import LongGenCache
-from megatron_longgen.inference.kv_layout import KVLayout, layout_for
+from megatron_longgen.inference.kv_layout import KV_POLICIES, KVLayout, layout_for
 from megatron_longgen.inference.step_plan import finish_forward, plan_forward
 
 MLP_CHUNK = 16384  # tokens per MLP call on long prompts (bounds the [T, ffn] intermediates)
-KV_POLICIES = ("model", "full", "sink_window", "block_strided")
 # transformers >= 5.20 names the outputs' cache field `cache` (older: `past_key_values`, now a warning alias).
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

@@ -14,7 +14,7 @@ _LAZY = {
     "LongGenCache": "kv_cache",
     "load_model": "loading",
     "load_tokenizer_for": "loading",
-    "KV_POLICIES": "loading",
+    "KV_POLICIES": "kv_layout",
 }
 
 __all__ = ["KV_POLICIES", "LongGenCache", "load_model", "load_tokenizer_for"]

@@ -29,6 +29,9 @@ import torch
 
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern, SparsePattern, num_blocks
 
+KV_POLICIES = ("model", "full", "sink_window", "block_strided")
+"""Per-layer attention + cache choices: as trained, all full, or one sparse pattern on every layer."""
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
