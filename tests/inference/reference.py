@@ -31,15 +31,16 @@ SPARSE = {
 
 
 def tiny_config(*, layer_pattern: str = "SFFS", variant: str = "sink_window", kv_heads: int = 2, vocab: int = 97,
-                **sparse) -> LongGenLlamaConfig:
+                hidden: int = 64, heads: int = 4, intermediate: int = 96, max_positions: int = 512,
+                **sparse) -> LongGenLlamaConfig:  # fmt: skip
     return LongGenLlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=len(layer_pattern),
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
@@ -81,7 +82,7 @@ def oracle_model(model: LongGenLlamaForCausalLM) -> LlamaForCausalLM:
         fields.pop(key, None)
     config = LlamaConfig(**fields)
     config._attn_implementation = ORACLE_ATTENTION
-    ref = LlamaForCausalLM(config).eval().to(model.dtype)
+    ref = LlamaForCausalLM(config).eval().to(device=next(model.parameters()).device, dtype=model.dtype)
     missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     ref.patterns = [layer.self_attn.longgen_pattern for layer in model.model.layers]
@@ -100,7 +101,7 @@ def dense_masks(patterns, positions: torch.Tensor) -> list[torch.Tensor]:
             b = pattern.block_size
             keep = keep & pattern.block_rule(q.clamp(min=0) // b, k.clamp(min=0) // b)
         # Padding queries attend to themselves only (their outputs are never compared): no NaN rows.
-        eye = torch.eye(positions.shape[1], dtype=torch.bool)[None]
+        eye = torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)[None]
         keep = keep | (eye & (q < 0))
         masks.append(keep[:, None])
     return masks
