@@ -10,8 +10,9 @@ download); LongGen = the middle 11 layers full, the other 21 sink_window (64-tok
 the same process. Both run `LongGenLlamaForCausalLM` as users do: prefill of one sequence (S layers
 through the fastest sparse kernel, F layers through SDPA with `--sdpa-prefill` priority), then greedy
 decoding of `--decode-tokens` tokens over the reduced (or full) cache, preallocated for prompt + new
-tokens. Per (model, length): KV-cache bytes (allocated), prefill seconds, decode ms/token (after
-`--warmup-decode` untimed steps), peak memory. Writes benchmarks/results/inference_<device>.json (device,
+tokens, first eagerly, then replaying a CUDA graph per step (`inference/cuda_graphs.py`; full layers then
+use the split-KV Triton kernel). Per (model, length): KV-cache bytes (allocated), prefill seconds, decode
+ms/token (the faster mode, both recorded; after `--warmup-decode` untimed steps), peak memory. Writes benchmarks/results/inference_<device>.json (device,
 date, versions, `rows`, ratios and the 128K targets) after every row and prints a table.
 """
 
@@ -65,11 +66,27 @@ def _backends(spec: str):
     return chosen + [b for b in names.values() if b not in chosen]  # unsupported inputs fall through
 
 
+def _time_decode(step, token, *, warmup: int, steps: int):
+    """(ms per token, last token) of `steps` greedy steps after `warmup` untimed ones."""
+    import torch
+
+    for _ in range(warmup):
+        token = step(token).argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = step(token).argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / steps, token
+
+
 def run_one(model, *, kind: str, seq_len: int, decode_tokens: int, warmup_decode: int, prefill_sdpa: str,
-            decode_sdpa: str, profile: bool = False) -> dict:  # fmt: skip
-    """Prefill `seq_len` random tokens, then greedy-decode; returns one row of the JSON."""
+            decode_sdpa: str, graphs: bool = True, profile: bool = False) -> dict:  # fmt: skip
+    """Prefill `seq_len` random tokens, then greedy-decode eagerly and from a CUDA graph; one JSON row."""
     import torch
     from torch.nn.attention import sdpa_kernel
+
+    from megatron_longgen.inference.cuda_graphs import CudaGraphDecoder
 
     model.set_kv_policy("model" if kind == "longgen" else "full")
     gc.collect()
@@ -77,52 +94,55 @@ def run_one(model, *, kind: str, seq_len: int, decode_tokens: int, warmup_decode
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator(device="cuda").manual_seed(seq_len)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda", generator=generator)
-    cache = model.new_cache(max_cache_len=seq_len + warmup_decode + decode_tokens)
+    cache = model.new_cache(max_cache_len=seq_len + 2 * (warmup_decode + decode_tokens) + 1)
+    row = {"model": kind, "seq_len": seq_len, "layer_kinds": model.layer_kinds()}
     with torch.no_grad():
         with sdpa_kernel(_backends(prefill_sdpa), set_priority=True):
             torch.cuda.synchronize()
             start = time.perf_counter()
             out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
-            prefill_s = time.perf_counter() - start
+            row["prefill_s"] = time.perf_counter() - start
+        row["prefill_tokens_per_s"] = seq_len / row["prefill_s"]
+        row["kv_cache_bytes"] = cache.nbytes()
+        row["kv_cache_bytes_by_kind"] = cache.nbytes_by_kind()
         token = out.logits[:, -1:].argmax(-1)
+        del out
         with sdpa_kernel(_backends(decode_sdpa), set_priority=True):
-            for _ in range(warmup_decode):
-                token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(decode_tokens):
-                token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            decode_s = time.perf_counter() - start
+
+            def eager(tok):
+                return model(tok, cache=cache, logits_to_keep=1).logits[:, -1]
+
+            row["decode_ms_per_token_eager"], token = _time_decode(eager, token, warmup=warmup_decode,
+                                                                   steps=decode_tokens)  # fmt: skip
+            row["decode_ms_per_token"] = row["decode_ms_per_token_eager"]
+            row["decode_mode"] = "eager"
+            if graphs:
+                try:
+                    decoder = CudaGraphDecoder(model, cache)
+                    row["decode_ms_per_token_graph"], token = _time_decode(decoder, token, warmup=warmup_decode,
+                                                                           steps=decode_tokens)  # fmt: skip
+                    if row["decode_ms_per_token_graph"] < row["decode_ms_per_token"]:
+                        row["decode_ms_per_token"] = row["decode_ms_per_token_graph"]
+                        row["decode_mode"] = "cuda_graph"
+                except Exception as exc:  # noqa: BLE001 - any failure of the optional graph path: keep the eager row
+                    row["decode_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
             if profile:
-                _profile_decode(model, cache, token, label=f"{kind} {seq_len}")
-    row = {
-        "model": kind,
-        "seq_len": seq_len,
-        "layer_kinds": model.layer_kinds(),
-        "kv_cache_bytes": cache.nbytes(),
-        "kv_cache_bytes_by_kind": cache.nbytes_by_kind(),
-        "prefill_s": prefill_s,
-        "prefill_tokens_per_s": seq_len / prefill_s,
-        "decode_ms_per_token": 1000 * decode_s / decode_tokens,
-        "decode_tokens": decode_tokens,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(),
-    }
-    del cache, out, ids
-    gc.collect()
-    torch.cuda.empty_cache()
-    return row
+                _profile_decode(eager, token, label=f"{kind} {seq_len}, eager")
+    row["decode_tokens"] = decode_tokens
+    row["context_after_decode"] = cache.lengths[0]
+    row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    return row  # the cache is freed by the next run_one's gc.collect() / empty_cache()
 
 
-def _profile_decode(model, cache, token, *, label: str) -> None:
-    """Print where one decode step spends GPU and CPU time (for a missed target: measured, not guessed)."""
+def _profile_decode(step, token, *, label: str) -> None:
+    """Print where decode steps spend GPU and CPU time (for a missed target: measured, not guessed)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            token = model(token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            token = step(token).argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     print(f"\n--- decode profile ({label}, 3 steps) ---")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
@@ -181,13 +201,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def print_table(rows: list[dict], comparison: list[dict]) -> None:
-    print(f"\n{'model':<9}{'seq':>8}{'KV GiB':>9}{'prefill s':>11}{'decode ms/tok':>15}{'peak GiB':>10}")
+    print(f"\n{'model':<9}{'seq':>8}{'KV GiB':>9}{'prefill s':>11}{'decode ms/tok':>15}{'(eager)':>9}"
+          f"{'peak GiB':>10}")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<9}{r['seq_len']:>8}  {r['error'][:70]}")
             continue
         print(f"{r['model']:<9}{r['seq_len']:>8}{r['kv_cache_bytes'] / 2**30:>9.2f}{r['prefill_s']:>11.2f}"
-              f"{r['decode_ms_per_token']:>15.2f}{r['peak_mem_bytes'] / 2**30:>10.1f}")  # fmt: skip
+              f"{r['decode_ms_per_token']:>15.2f}{r['decode_ms_per_token_eager']:>9.2f}"
+              f"{r['peak_mem_bytes'] / 2**30:>10.1f}")  # fmt: skip
     print(f"\n{'seq':>8}{'KV longgen/full':>17}{'prefill speedup':>17}{'decode speedup':>16}")
     for c in comparison:
         print(f"{c['seq_len']:>8}{c['kv_ratio']:>17.3f}{c['prefill_speedup']:>17.2f}{c['decode_speedup']:>16.2f}")
@@ -204,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdpa-prefill", default="cudnn,flash", help="SDPA backend priority for prefill")
     parser.add_argument("--sdpa-decode", default="flash,cudnn,efficient", help="SDPA backend priority for decode")
     parser.add_argument("--profile", action="store_true", help="print a profile of decode steps per row")
+    parser.add_argument("--no-graphs", action="store_true", help="eager decode only (no CUDA graph timing)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/inference_<device>.json)")
     args = parser.parse_args(argv)
 
@@ -225,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compile / autotune every kernel once, outside the timings.
     for kind in ("longgen", "full"):
         run_one(model, kind=kind, seq_len=4096, decode_tokens=4, warmup_decode=2, prefill_sdpa=args.sdpa_prefill,
-                decode_sdpa=args.sdpa_decode)  # fmt: skip
+                decode_sdpa=args.sdpa_decode, graphs=not args.no_graphs)  # fmt: skip
     rows: list[dict] = []
     meta = {
         "device": device,
@@ -246,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = run_one(model, kind=kind, seq_len=seq, decode_tokens=args.decode_tokens,
                               warmup_decode=args.warmup_decode, prefill_sdpa=args.sdpa_prefill,
-                              decode_sdpa=args.sdpa_decode, profile=args.profile)  # fmt: skip
+                              decode_sdpa=args.sdpa_decode, graphs=not args.no_graphs,
+                              profile=args.profile)  # fmt: skip
             except torch.OutOfMemoryError as exc:
                 row = {"model": kind, "seq_len": seq, "error": f"out of memory: {exc}"[:300]}
                 gc.collect()

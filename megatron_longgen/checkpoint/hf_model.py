@@ -26,6 +26,8 @@ Design:
 - Positions are document positions (RoPE and the masks): the first real token of each row is 0. Pad on
   the left for batched generation (transformers' convention); right padding is exact too (scoring). Each
   row's real tokens must be one contiguous span (see `inference/step_plan.py`).
+- Decode on CUDA can replay one captured graph per step (`model.use_cuda_graphs = True`; full layers
+  then attend through the split-KV Triton kernel): far fewer kernel launches at batch 1.
 - Long prompts: the MLP runs in chunks of `MLP_CHUNK` tokens; logits are computed only for
   `logits_to_keep` positions (generate() asks for 1).
 """
@@ -50,6 +52,7 @@ from transformers.models.llama.modeling_llama import (
 from megatron_longgen.attention.masks import SparsePattern, pattern_from_config
 from megatron_longgen.config import SparseAttentionConfig
 from megatron_longgen.inference.attention import LongGenAttention
+from megatron_longgen.inference.cuda_graphs import CudaGraphDecoder
 from megatron_longgen.inference.kv_cache import LongGenCache
 from megatron_longgen.inference.kv_layout import KV_POLICIES, KVLayout, layout_for
 from megatron_longgen.inference.step_plan import finish_forward, plan_forward
@@ -184,6 +187,7 @@ class LongGenLlamaModel(LlamaModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         cache: Cache | None = None,
+        static_decode: bool = False,
         **unused,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -204,6 +208,7 @@ class LongGenLlamaModel(LlamaModel):
             batch=batch,
             q_len=tokens,
             device=inputs_embeds.device,
+            static_decode=static_decode,
         )
         if position_ids is None:
             position_ids = plan.positions.clamp(min=0)
@@ -240,6 +245,8 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
         self.model = LongGenLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.use_cuda_graphs = False
+        """Decode steps on CUDA replay a captured graph (`inference/cuda_graphs.py`); off by default."""
         self.post_init()
 
     @classmethod
@@ -269,6 +276,16 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
         """Sparse kernel for prefill: `auto` (default), `torch`, `triton`, `cudnn_bsa`, `flex`, ..."""
         self.model.sparse_backend = name
 
+    def _graphed_decode(self, input_ids, cache) -> torch.Tensor | None:
+        """Logits [B, 1, V] of a decode step replayed from the cache's CUDA graph, when enabled and possible."""
+        if not (self.use_cuda_graphs and isinstance(cache, LongGenCache) and not cache.is_empty):
+            return None
+        if input_ids is None or input_ids.shape[1] != 1 or not input_ids.is_cuda or self.training:
+            return None
+        if cache.graph_decoder is None:
+            cache.graph_decoder = CudaGraphDecoder(self, cache)
+        return cache.graph_decoder(input_ids)[:, None].clone()
+
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ):
@@ -295,8 +312,13 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
         return_dict: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        static_decode: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        graphed = None if static_decode else self._graphed_decode(input_ids, cache or past_key_values)
+        if graphed is not None and labels is None and not output_hidden_states:
+            result = CausalLMOutputWithPast(logits=graphed, **{_CACHE_FIELD: cache or past_key_values})
+            return result if return_dict is not False else result.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -307,6 +329,7 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            static_decode=static_decode,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):

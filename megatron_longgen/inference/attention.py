@@ -13,7 +13,8 @@ Design:
   rows are sliced to their real tokens and run one by one, so no padding mask exists either.
 - decode: SDPA of one query per row over the layer's cache. Full layers read slots [0, length] with no mask
   unless rows differ in length ([B, 1, 1, C] then); sparse layers read their ~(sink + window) slots with a
-  [B, 1, 1, C] mask that drops empty and stale slots.
+  [B, 1, 1, C] mask that drops empty and stale slots. In a static decode step (CUDA graphs) full layers
+  use the split-KV Triton kernel instead, whose key count is a device tensor.
 - extend: see `step_plan.py`.
 """
 
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from megatron_longgen.attention.kernels import SparseAttentionKernel
 from megatron_longgen.attention.masks import SparsePattern
+from megatron_longgen.inference.decode_kernel import split_kv_decode
 from megatron_longgen.inference.kv_cache import LongGenCache
 from megatron_longgen.inference.kv_layout import keep_mask
 from megatron_longgen.inference.step_plan import StepPlan, store_tokens, write_decode
@@ -134,7 +136,11 @@ class LongGenAttention(LlamaAttention):
                 store_tokens(cache, self.layer_idx, k_BGTH, v_BGTH, plan)
         elif plan.mode == "decode":
             keys, values, mask = write_decode(cache, self.layer_idx, k_BGTH, v_BGTH, plan)
-            out = sdpa(q_BNTH, keys, values, mask=mask, scale=self.scaling)
+            kv_len = plan.kinds[cache.kind_of(self.layer_idx).layout].kv_len_t
+            if kv_len is not None:  # static decode: the split-KV kernel reads [0, kv_len) of the buffer
+                out = split_kv_decode(q_BNTH[:, :, 0], keys, values, kv_len, scale=self.scaling).unsqueeze(2)
+            else:
+                out = sdpa(q_BNTH, keys, values, mask=mask, scale=self.scaling)
         else:
             out = extend_attention(
                 q_BNTH, k_BGTH, v_BGTH, pattern=pattern, cache=cache, layer_idx=self.layer_idx, plan=plan,

@@ -121,9 +121,12 @@ class LongGenCache(Cache):
             layers.append(layer)
         super().__init__(layers=layers)
         self.reserve_len = max_cache_len
+        self.version = 0  # bumped whenever a buffer is replaced (captured CUDA graphs hold their addresses)
         self._clear_state()
 
     def _clear_state(self) -> None:
+        self.version = getattr(self, "version", 0) + 1
+        self.graph_decoder = None  # a CudaGraphDecoder bound to these buffers, if any
         self.seen_tokens = 0  # columns of input consumed (padding included): what transformers calls length
         self.lengths: list[int] = []  # real tokens per row (host)
         self.lengths_t: torch.Tensor | None = None  # same, on the device
@@ -148,6 +151,7 @@ class LongGenCache(Cache):
         if self.lengths_t is None:
             return
         idx = indices.to(self.lengths_t.device)
+        self.version += 1
         self.lengths = [self.lengths[i] for i in indices.tolist()]
         self.lengths_t = self.lengths_t.index_select(0, idx)
         for kind in self._kinds.values():
@@ -205,6 +209,7 @@ class LongGenCache(Cache):
                 kind.capacity = need
                 continue
             target = kind.layout.capacity(max_len + max(_MIN_GROWTH, max_len // 8))
+            self.version += 1
             for layer in kind.layers:
                 layer.grow(target)
             if kind.positions is not None:
@@ -224,12 +229,27 @@ class LongGenCache(Cache):
                 kind.positions = torch.full((len(lengths), kind.capacity), -1, dtype=torch.int64, device=device)
         for layer in self.layers:
             layer.batch_size = len(lengths)
+        self.version += 1
 
-    def advance(self, *, num_new: int, seen_columns: int) -> None:
-        """After a forward that added `num_new` real tokens to every row (after the first one)."""
+    def advance(self, num_new: int) -> None:
+        """After a forward that added `num_new` tokens to every row (after the first forward)."""
+        self.lengths_t += num_new  # in place: a captured graph keeps reading this tensor
+        self.advance_host(num_new)
+
+    def advance_host(self, num_new: int) -> None:
+        """The host-side counters of `advance` (a CUDA graph replay advances `lengths_t` itself)."""
         self.lengths = [n + num_new for n in self.lengths]
-        self.lengths_t += num_new
-        self.seen_tokens += seen_columns
+        self.seen_tokens += num_new
+
+    def host_state(self) -> tuple[list[int], int]:
+        return list(self.lengths), self.seen_tokens
+
+    def restore_host_state(self, state: tuple[list[int], int]) -> None:
+        self.lengths, self.seen_tokens = list(state[0]), state[1]
+
+    def fits(self, max_len: int) -> bool:
+        """Whether every kind's buffers already hold `max_len` tokens per row (no growth needed)."""
+        return all(kind.layout.capacity(max_len) <= kind.capacity for kind in self._kinds.values())
 
     def layer_buffers(self, layer_idx: int, *, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V buffers of a layer, allocated on first use with `like`'s heads, dim, dtype and device."""

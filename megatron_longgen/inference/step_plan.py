@@ -39,6 +39,8 @@ class KindStep:
     """decode: [B] slot of each row's new token (device)."""
     mask: torch.Tensor | None = None
     """decode: [B, 1, 1, key_len] booleans, or None when every slot < key_len is visible to every row."""
+    kv_len_t: torch.Tensor | None = None
+    """static decode, full kind: [B] keys per row (device); the split-KV kernel reads slots [0, kv_len)."""
     writes: list[tuple[slice, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """prefill / extend, sparse kinds: (rows, indices of the kept tokens in this forward, their slots)."""
     spans: list[tuple[slice, int, int, int]] = field(default_factory=list)
@@ -92,14 +94,17 @@ def plan_forward(
     batch: int,
     q_len: int,
     device: torch.device,
+    static_decode: bool = False,
 ) -> StepPlan:
-    """Plan a forward of `q_len` tokens for `batch` rows (see the module docstring)."""
+    """Plan a forward of `q_len` tokens for `batch` rows (see the module docstring). `static_decode`: a
+    decode step whose shapes do not depend on the lengths (full layers read their whole buffer through
+    the split-KV kernel), so a CUDA graph can replay it (`cuda_graphs.py`)."""
     if cache is None or cache.is_empty:
         return _plan_prefill(cache, attention_mask=attention_mask, batch=batch, q_len=q_len, device=device)
     if batch != len(cache.lengths):
         raise ValueError(f"the cache holds {len(cache.lengths)} rows but this forward has {batch}")
     if q_len == 1:
-        return _plan_decode(cache, device=device)
+        return _plan_decode(cache, device=device, static=static_decode)
     return _plan_extend(cache, q_len=q_len, device=device)
 
 
@@ -133,12 +138,15 @@ def _plan_prefill(cache, *, attention_mask, batch, q_len, device) -> StepPlan:
     return StepPlan("prefill", q_len, positions.to(device), spans, list(lengths), kinds)
 
 
-def _plan_decode(cache: LongGenCache, *, device) -> StepPlan:
+def _plan_decode(cache: LongGenCache, *, device, static: bool = False) -> StepPlan:
     lengths = cache.lengths
     cache.ensure_capacity(max(lengths) + 1)
     pos_t = cache.lengths_t  # position of each row's new token
     kinds: dict[KVLayout, KindStep] = {}
     for layout, kind in cache._kinds.items():
+        if kind.is_full and static:
+            kinds[layout] = KindStep(key_len=kind.capacity, slots_t=pos_t, kv_len_t=pos_t + 1)
+            continue
         if kind.is_full:
             key_len = max(lengths) + 1
             mask = None
@@ -188,7 +196,7 @@ def finish_forward(cache: LongGenCache | None, plan: StepPlan) -> None:
     for layout, step in plan.kinds.items():
         for rows, slots, kept in step.new_positions:
             cache._kinds[layout].positions[rows, slots] = kept
-    cache.advance(num_new=plan.q_len, seen_columns=plan.q_len)
+    cache.advance(plan.q_len)
 
 
 # ----- per-layer writes -------------------------------------------------------------------------------
