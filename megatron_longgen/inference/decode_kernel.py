@@ -74,9 +74,10 @@ def _kernel():
     return split_kv_decode
 
 
-def num_splits_for(capacity: int, *, rows_x_heads: int, sm_count: int = 132, min_split: int = 256) -> int:
-    """Enough splits for ~2 programs per SM, none shorter than `min_split` keys."""
-    want = max(1, -(-2 * sm_count // max(rows_x_heads, 1)))
+def num_splits_for(capacity: int, *, rows_x_heads: int, sm_count: int = 132, min_split: int = 512) -> int:
+    """Enough splits for ~4 programs per SM (loads in flight hide the memory latency), none shorter than
+    `min_split` keys (each split costs a partial result and its share of the merge)."""
+    want = max(1, -(-4 * sm_count // max(rows_x_heads, 1)))
     return max(1, min(want, capacity // min_split))
 
 
