@@ -35,10 +35,11 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
@@ -60,6 +61,10 @@ from megatron_longgen.inference.step_plan import finish_forward, plan_forward
 MLP_CHUNK = 16384  # tokens per MLP call on long prompts (bounds the [T, ffn] intermediates)
 # transformers >= 5.20 names the outputs' cache field `cache` (older: `past_key_values`, now a warning alias).
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_GENERATE_CACHE_KEY = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)  # fmt: skip
 
 
 class LongGenLlamaConfig(LlamaConfig):
@@ -289,14 +294,16 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ):
-        """generate(): our reduced cache, sized for prompt + max_new_tokens, instead of a DynamicCache."""
+        """generate(): our reduced cache, sized for prompt + max_new_tokens, unless the caller passed one."""
+        user_cache = model_kwargs.get(_GENERATE_CACHE_KEY)
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
-        for key in ("cache", "past_key_values"):  # transformers >= 5.20 calls it `cache`
-            current = model_kwargs.get(key)
-            if isinstance(current, DynamicCache) and not getattr(current, "_is_user_defined", False):
-                model_kwargs[key] = self.new_cache(max_cache_len=max_cache_length)
+        if user_cache is not None or generation_config.use_cache is False:
+            return
+        current = model_kwargs.get(_GENERATE_CACHE_KEY)
+        if current is None or isinstance(current, DynamicCache):  # transformers' default: use ours instead
+            model_kwargs[_GENERATE_CACHE_KEY] = self.new_cache(max_cache_len=max_cache_length)
 
     def forward(  # type: ignore[override]
         self,
@@ -315,10 +322,11 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
         static_decode: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        graphed = None if static_decode else self._graphed_decode(input_ids, cache or past_key_values)
-        if graphed is not None and labels is None and not output_hidden_states:
-            result = CausalLMOutputWithPast(logits=graphed, **{_CACHE_FIELD: cache or past_key_values})
-            return result if return_dict is not False else result.to_tuple()
+        if not static_decode and labels is None and not output_hidden_states:
+            graphed = self._graphed_decode(input_ids, cache or past_key_values)
+            if graphed is not None:
+                result = CausalLMOutputWithPast(logits=graphed, **{_CACHE_FIELD: cache or past_key_values})
+                return result if return_dict is not False else result.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -80,6 +80,9 @@ class LongGenCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.16
+        return -1
+
     @property
     def nbytes(self) -> int:
         if self.keys is None:
