@@ -25,7 +25,7 @@ def _backends():
         return []
     reg = available_kernels()
     dev = torch.device("cuda")
-    names = ("triton", "cudnn_bsa", "cudnn_bsa_fwd", "flex")
+    names = ("triton", "cudnn_bsa", "cudnn_bsa_fwd")  # what `auto` picks for inference (flex: training only)
     return [n for n in names if reg[n].is_available(device=dev, dtype=torch.bfloat16)]
 
 
