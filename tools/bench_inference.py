@@ -66,17 +66,22 @@ def _backends(spec: str):
     return chosen + [b for b in names.values() if b not in chosen]  # unsupported inputs fall through
 
 
-def _time_decode(step, token, *, warmup: int, steps: int):
-    """(ms per token, last token) of `steps` greedy steps after `warmup` untimed ones."""
+def _sync(device) -> None:
     import torch
 
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_decode(step, token, *, warmup: int, steps: int):
+    """(ms per token, last token) of `steps` greedy steps after `warmup` untimed ones."""
     for _ in range(warmup):
         token = step(token).argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    _sync(token.device)
     start = time.perf_counter()
     for _ in range(steps):
         token = step(token).argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    _sync(token.device)
     return 1000 * (time.perf_counter() - start) / steps, token
 
 
@@ -89,19 +94,22 @@ def run_one(model, *, kind: str, seq_len: int, decode_tokens: int, warmup_decode
     from megatron_longgen.inference.cuda_graphs import CudaGraphDecoder
 
     model.set_kv_policy("model" if kind == "longgen" else "full")
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    generator = torch.Generator(device="cuda").manual_seed(seq_len)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda", generator=generator)
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    generator = torch.Generator(device=device).manual_seed(seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device, generator=generator)
     cache = model.new_cache(max_cache_len=seq_len + 2 * (warmup_decode + decode_tokens) + 1)
     row = {"model": kind, "seq_len": seq_len, "layer_kinds": model.layer_kinds()}
     with torch.no_grad():
         with sdpa_kernel(_backends(prefill_sdpa), set_priority=True):
-            torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
+            _sync(device)
             row["prefill_s"] = time.perf_counter() - start
         row["prefill_tokens_per_s"] = seq_len / row["prefill_s"]
         row["kv_cache_bytes"] = cache.nbytes()
@@ -117,7 +125,7 @@ def run_one(model, *, kind: str, seq_len: int, decode_tokens: int, warmup_decode
                                                                    steps=decode_tokens)  # fmt: skip
             row["decode_ms_per_token"] = row["decode_ms_per_token_eager"]
             row["decode_mode"] = "eager"
-            if graphs:
+            if graphs and on_gpu:
                 try:
                     decoder = CudaGraphDecoder(model, cache)
                     row["decode_ms_per_token_graph"], token = _time_decode(decoder, token, warmup=warmup_decode,
@@ -131,7 +139,7 @@ def run_one(model, *, kind: str, seq_len: int, decode_tokens: int, warmup_decode
                 _profile_decode(eager, token, label=f"{kind} {seq_len}, eager")
     row["decode_tokens"] = decode_tokens
     row["context_after_decode"] = cache.lengths[0]
-    row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if on_gpu else None
     return row  # the cache is freed by the next run_one's gc.collect() / empty_cache()
 
 
@@ -159,7 +167,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 "kv_ratio": lg["kv_cache_bytes"] / full["kv_cache_bytes"],
                 "prefill_speedup": full["prefill_s"] / lg["prefill_s"],
                 "decode_speedup": full["decode_ms_per_token"] / lg["decode_ms_per_token"],
-                "peak_mem_ratio": lg["peak_mem_bytes"] / full["peak_mem_bytes"],
+                "peak_mem_ratio": lg["peak_mem_bytes"] / full["peak_mem_bytes"] if full["peak_mem_bytes"] else None,
             })  # fmt: skip
     return out
 
