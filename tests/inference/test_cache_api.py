@@ -106,3 +106,12 @@ def test_empty_dynamic_cache_is_replaced(model):
     out = model(ids, past_key_values=DynamicCache(), use_cache=True)
     assert isinstance(_cache_of(out), LongGenCache)
     assert isinstance(LongGenCache(layouts=model.model.kv_layouts()), Cache)
+
+
+@torch.no_grad()
+def test_chunked_prefill_generation_matches(model):
+    """transformers' `prefill_chunk_size` feeds the prompt in chunks: the extend path, same tokens."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 45), generator=torch.Generator().manual_seed(7))
+    whole = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    chunked = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, prefill_chunk_size=8)
+    assert chunked.tolist() == whole.tolist()
