@@ -208,7 +208,6 @@ class LongGenLlamaModel(LlamaModel):
             cache = LongGenCache(layouts=self.kv_layouts())
         plan = plan_forward(
             cache,
-            layouts=self.kv_layouts(),
             attention_mask=attention_mask,
             batch=batch,
             q_len=tokens,

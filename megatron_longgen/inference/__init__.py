@@ -6,6 +6,8 @@ Public API (imported lazily: `import megatron_longgen.inference` loads neither t
 - `load_model(model_dir, ...)`: an exported folder (or plain HF Llama folder) as a
   `LongGenLlamaForCausalLM` with a KV policy, device and dtype (`loading.py`).
 - `KV_POLICIES`: `model`, `full`, `sink_window`, `block_strided`.
+- `CudaGraphDecoder`: decode steps replayed from a CUDA graph (`cuda_graphs.py`; `split_kv_decode` in
+  `decode_kernel.py` is the Triton kernel it relies on).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ _LAZY = {
     "load_model": "loading",
     "load_tokenizer_for": "loading",
     "KV_POLICIES": "kv_layout",
+    "CudaGraphDecoder": "cuda_graphs",
 }
 
-__all__ = ["KV_POLICIES", "LongGenCache", "load_model", "load_tokenizer_for"]
+__all__ = ["KV_POLICIES", "CudaGraphDecoder", "LongGenCache", "load_model", "load_tokenizer_for"]
 
 
 def __getattr__(name: str):

@@ -89,7 +89,6 @@ def padding_spans(attention_mask: torch.Tensor | None, *, batch: int, q_len: int
 def plan_forward(
     cache: LongGenCache | None,
     *,
-    layouts: list[KVLayout],
     attention_mask: torch.Tensor | None,
     batch: int,
     q_len: int,
