@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(num_layers=args.layers, max_len=max(args.lengths) + 1024, sparse_backend=args.sparse_backend)
     print(f"{device}: 7B-shaped model built in {time.perf_counter() - begin:.1f} s; layers "
           f"{model.layer_kinds()}", flush=True)  # fmt: skip
-    kernel = model.model.sparse_kernel(torch.device("cuda"), torch.bfloat16)
+    pattern = next(layer.self_attn.longgen_pattern for layer in model.model.layers if layer.self_attn.longgen_pattern)
+    kernel = model.model.sparse_kernel(pattern, device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=128)
     # Compile / autotune every kernel once, outside the timings.
     for kind in ("longgen", "full"):
         run_one(model, kind=kind, seq_len=4096, decode_tokens=4, warmup_decode=2, prefill_sdpa=args.sdpa_prefill,

@@ -172,13 +172,18 @@ class LongGenLlamaModel(LlamaModel):
     def kv_layouts(self) -> list[KVLayout]:
         return [layout_for(layer.self_attn.longgen_pattern) for layer in self.layers]
 
-    def sparse_kernel(self, device: torch.device, dtype: torch.dtype):
-        """The sparse attention kernel for prefill on this device/dtype (chosen once, logged once)."""
-        key = (self.sparse_backend, device, dtype)
+    def sparse_kernel(self, pattern: SparsePattern, *, device: torch.device, dtype: torch.dtype, head_dim: int):
+        """The whole-sequence sparse kernel for prefill of `pattern` (resolved once per inputs, logged once)."""
+        key = (self.sparse_backend, device, dtype, pattern, head_dim)
         if key not in self._kernels:
-            from megatron_longgen.attention.kernels import select_sparse_kernel
+            from megatron_longgen.attention.backends import resolve_backend
+            from megatron_longgen.attention.kernels import available_kernels
 
-            self._kernels[key] = select_sparse_kernel(self.sparse_backend, device=device, dtype=dtype)
+            resolved = resolve_backend(
+                kind="sparse", requested=self.sparse_backend, device=device, dtype=dtype, pattern=pattern,
+                head_dim=head_dim,
+            )  # fmt: skip
+            self._kernels[key] = available_kernels()[resolved.name]()
         return self._kernels[key]
 
     def forward(  # type: ignore[override]
@@ -217,11 +222,17 @@ class LongGenLlamaModel(LlamaModel):
         if position_ids is None:
             position_ids = plan.positions.clamp(min=0)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        needs_kernel = plan.mode == "prefill" and any(layer.self_attn.longgen_pattern for layer in self.layers)
-        kernel = self.sparse_kernel(inputs_embeds.device, inputs_embeds.dtype) if needs_kernel else None
+        kernels = {}  # prefill: one sparse kernel per distinct pattern
+        if plan.mode == "prefill":
+            head_dim = self.layers[0].self_attn.head_dim
+            for pattern in {layer.self_attn.longgen_pattern for layer in self.layers} - {None}:
+                kernels[pattern] = self.sparse_kernel(
+                    pattern, device=inputs_embeds.device, dtype=inputs_embeds.dtype, head_dim=head_dim
+                )
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
+            kernel = kernels.get(layer.self_attn.longgen_pattern)
             hidden = hidden + layer.self_attn(
                 layer.input_layernorm(hidden), position_embeddings, plan=plan, cache=cache, kernel=kernel
             )
