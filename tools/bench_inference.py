@@ -220,22 +220,34 @@ def print_table(rows: list[dict], comparison: list[dict]) -> None:
               f"{r['peak_mem_bytes'] / 2**30:>10.1f}")  # fmt: skip
     print(f"\n{'seq':>8}{'KV longgen/full':>17}{'prefill speedup':>17}{'decode speedup':>16}")
     for c in comparison:
-        print(f"{c['seq_len']:>8}{c['kv_ratio']:>17.3f}{c['prefill_speedup']:>17.2f}{c['decode_speedup']:>16.2f}")
+        print(
+            f"{c['seq_len']:>8}{c['kv_ratio']:>17.3f}{c['prefill_speedup']:>17.2f}{c['decode_speedup']:>16.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 65536, 131072])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 65536, 131072]
+    )
     parser.add_argument("--quick", action="store_true", help="4K and 8K, 32 decode tokens (smoke test)")
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--warmup-decode", type=int, default=8, help="untimed decode steps before timing")
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for debugging (pattern scales)")
-    parser.add_argument("--sparse-backend", default="auto", help="sparse prefill kernel (auto: cudnn_bsa/triton)")
+    parser.add_argument(
+        "--sparse-backend", default="auto", help="sparse prefill kernel (auto: cudnn_bsa/triton)"
+    )
     parser.add_argument("--sdpa-prefill", default="cudnn,flash", help="SDPA backend priority for prefill")
-    parser.add_argument("--sdpa-decode", default="flash,cudnn,efficient", help="SDPA backend priority for decode")
+    parser.add_argument(
+        "--sdpa-decode", default="flash,cudnn,efficient", help="SDPA backend priority for decode"
+    )
     parser.add_argument("--profile", action="store_true", help="print a profile of decode steps per row")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode only (no CUDA graph timing)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/inference_<device>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/inference_<device>.json)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -249,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     slug = device.split()[-1].lower()
     out = Path(args.out or f"benchmarks/results/inference_{slug}.json")
     begin = time.perf_counter()
-    model = build_model(num_layers=args.layers, max_len=max(args.lengths) + 1024, sparse_backend=args.sparse_backend)
+    model = build_model(
+        num_layers=args.layers, max_len=max(args.lengths) + 1024, sparse_backend=args.sparse_backend
+    )
     print(f"{device}: 7B-shaped model built in {time.perf_counter() - begin:.1f} s; layers "
           f"{model.layer_kinds()}", flush=True)  # fmt: skip
-    pattern = next(layer.self_attn.longgen_pattern for layer in model.model.layers if layer.self_attn.longgen_pattern)
-    kernel = model.model.sparse_kernel(pattern, device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=128)
+    pattern = next(
+        layer.self_attn.longgen_pattern for layer in model.model.layers if layer.self_attn.longgen_pattern
+    )
+    kernel = model.model.sparse_kernel(
+        pattern, device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=128
+    )
     # Compile / autotune every kernel once, outside the timings.
     for kind in ("longgen", "full"):
         run_one(model, kind=kind, seq_len=4096, decode_tokens=4, warmup_decode=2, prefill_sdpa=args.sdpa_prefill,

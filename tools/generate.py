@@ -21,7 +21,9 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from megatron_longgen.inference.loading import add_model_args
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-file", help="text file with the prompt ('-' = stdin)")
@@ -72,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     stop_ids = [t for t in [tokenizer.eos_id, *args.stop_token_id] if t is not None and t >= 0]
     sampling = {"do_sample": False}
     if args.temperature > 0:
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+        sampling = {
+            "do_sample": True,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+        }
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, stops=args.stop)
-    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, args.stop, prompt_len=ids.shape[1])] if args.stop else [])
+    criteria = StoppingCriteriaList(
+        [StopOnStrings(tokenizer, args.stop, prompt_len=ids.shape[1])] if args.stop else []
+    )
     start = time.perf_counter()
     out = model.generate(
         ids,
@@ -91,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     new = out.sequences.shape[1] - ids.shape[1]
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    kv = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in cache.nbytes_by_kind().items()) if cache else "-"
+    kv = (
+        ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in cache.nbytes_by_kind().items())
+        if cache
+        else "-"
+    )
     print(
         f"[{ids.shape[1]} prompt tokens, {new} generated in {seconds:.2f} s ({new / seconds:.1f} tok/s); "
         f"layers {model.layer_kinds()}; KV cache {kv}]",

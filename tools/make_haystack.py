@@ -39,12 +39,22 @@ SKIP_NODES = re.compile(
 # Copyright lines of the licence templates quoted inside manuals ("Copyright (C) YEAR YOUR NAME").
 TEMPLATE_NAMES = re.compile(r"(YEAR|YOUR NAME|NAME OF AUTHOR|FOO BAR|YYYY)")
 GFDL = "GNU Free Documentation License"
-ASCII = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u2026": "..."}
+ASCII = {
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2026": "...",
+}
 
 
 def manual_files(info_dir: Path, name: str) -> list[Path]:
     """The info file(s) of a manual: split manuals (`find.info-1.gz`, ...) in order, else `name.info.gz`."""
-    parts = sorted(info_dir.glob(f"{name}.info-*.gz"), key=lambda p: int(re.findall(r"-(\d+)\.gz$", p.name)[0]))
+    parts = sorted(
+        info_dir.glob(f"{name}.info-*.gz"), key=lambda p: int(re.findall(r"-(\d+)\.gz$", p.name)[0])
+    )
     if parts:
         return parts
     single = info_dir / f"{name}.info.gz"
@@ -118,7 +128,9 @@ def build(info_dir: Path, max_chars: int) -> tuple[str, list[str]]:
                     break
                 kept.append(paragraph)
                 total += len(paragraph) + 2
-        notice.append(f"{name} manual ({', '.join(p.name for p in files)}): " + "; ".join(dict.fromkeys(lines)))
+        notice.append(
+            f"{name} manual ({', '.join(p.name for p in files)}): " + "; ".join(dict.fromkeys(lines))
+        )
         if total >= max_chars:
             break
     return "\n\n".join(kept) + "\n", notice
@@ -132,7 +144,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--info-dir", default="/usr/share/info", help="where the *.info.gz manuals are")
     parser.add_argument("--chars", type=int, default=1_200_000, help="stop after this many characters")
     parser.add_argument("--out-dir", default=str(ASSET_DIR), help="folder for the asset and its NOTICE")
@@ -140,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     info_dir, out_dir = Path(args.info_dir), Path(args.out_dir)
     text, notice = build(info_dir, args.chars)
     if len(text) < args.chars // 2:
-        print(f"make_haystack: error: only {len(text)} characters of prose found under {info_dir}", file=sys.stderr)
+        print(
+            f"make_haystack: error: only {len(text)} characters of prose found under {info_dir}",
+            file=sys.stderr,
+        )
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
     data = lzma.compress(text.encode("ascii"), preset=9 | lzma.PRESET_EXTREME)
@@ -152,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "https://www.gnu.org/licenses/fdl-1.3.txt), with these copyright notices:\n\n"
     )
     write_atomic(out_dir / NOTICE, (header + "\n".join(notice) + "\n").encode("utf-8"))
-    print(f"wrote {out_dir / ASSET}: {len(text)} characters, {len(data)} bytes compressed, {len(notice)} manuals")
+    print(
+        f"wrote {out_dir / ASSET}: {len(text)} characters, {len(data)} bytes compressed, {len(notice)} manuals"
+    )
     return 0
 
 

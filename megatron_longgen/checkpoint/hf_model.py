@@ -78,7 +78,9 @@ def _sparse_section(config: LlamaConfig) -> dict | None:
     if section is None:
         return None
     if not isinstance(section, dict) or "layer_pattern" not in section:
-        raise ValueError("config.longgen must be a dict with a layer_pattern (written by convert_mcore_to_hf)")
+        raise ValueError(
+            "config.longgen must be a dict with a layer_pattern (written by convert_mcore_to_hf)"
+        )
     return section
 
 
@@ -172,7 +174,9 @@ class LongGenLlamaModel(LlamaModel):
     def kv_layouts(self) -> list[KVLayout]:
         return [layout_for(layer.self_attn.longgen_pattern) for layer in self.layers]
 
-    def sparse_kernel(self, pattern: SparsePattern, *, device: torch.device, dtype: torch.dtype, head_dim: int):
+    def sparse_kernel(
+        self, pattern: SparsePattern, *, device: torch.device, dtype: torch.dtype, head_dim: int
+    ):
         """The whole-sequence sparse kernel for prefill of `pattern` (resolved once per inputs, logged once)."""
         key = (self.sparse_backend, device, dtype, pattern, head_dim)
         if key not in self._kernels:
@@ -357,7 +361,9 @@ class LongGenLlamaForCausalLM(LlamaForCausalLM):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

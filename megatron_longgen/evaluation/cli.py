@@ -48,14 +48,20 @@ def _plot(make, path: Path) -> str:
     return f"wrote {path}"
 
 
-def retrieval_parser(*, tool: str, tasks: dict[str, str], default_task: str, default_lengths: str) -> argparse.ArgumentParser:
+def retrieval_parser(
+    *, tool: str, tasks: dict[str, str], default_task: str, default_lengths: str
+) -> argparse.ArgumentParser:
     from megatron_longgen.inference.loading import add_model_args
 
     parser = argparse.ArgumentParser(prog=tool, description=__doc__)
     add_model_args(parser)
     parser.add_argument("--task", default=default_task, choices=tuple(tasks), help="retrieval task")
-    parser.add_argument("--lengths", type=_ints, default=_ints(default_lengths), help="context lengths, e.g. 1024,2048")
-    parser.add_argument("--depths", type=_floats, default=_floats("0,0.25,0.5,0.75,1"), help="needle depths in [0, 1]")
+    parser.add_argument(
+        "--lengths", type=_ints, default=_ints(default_lengths), help="context lengths, e.g. 1024,2048"
+    )
+    parser.add_argument(
+        "--depths", type=_floats, default=_floats("0,0.25,0.5,0.75,1"), help="needle depths in [0, 1]"
+    )
     parser.add_argument("--samples", type=int, default=2, help="samples per (length, depth)")
     parser.add_argument("--needles", type=int, default=4, help="needles of the multikey / multivalue tasks")
     parser.add_argument("--seed", type=int, default=1234)
@@ -69,7 +75,9 @@ def retrieval_parser(*, tool: str, tasks: dict[str, str], default_task: str, def
 def run_retrieval(argv: list[str] | None, *, tool: str, tasks: dict[str, str], default_task: str,
                   default_lengths: str) -> int:  # fmt: skip
     """Shared main of eval_passkey / eval_niah: `tasks` maps --task choices to `retrieval.TASKS`."""
-    args = retrieval_parser(tool=tool, tasks=tasks, default_task=default_task, default_lengths=default_lengths).parse_args(argv)
+    args = retrieval_parser(
+        tool=tool, tasks=tasks, default_task=default_task, default_lengths=default_lengths
+    ).parse_args(argv)
     from megatron_longgen.evaluation.retrieval import build_samples
     from megatron_longgen.evaluation.runner import generate_answers
     from megatron_longgen.evaluation.scoring import accuracy_table
@@ -133,7 +141,9 @@ def run_perplexity(argv: list[str] | None) -> int:
     parser.add_argument("--out-dir", default="eval_results")
     parser.add_argument("--name", default=None, help="file stem (default: ppl_KVPOLICY)")
     parser.add_argument("--label", default=None, help="curve label (default: model folder + kv policy)")
-    parser.add_argument("--overlay", nargs="*", default=[], help="earlier JSON results to draw in the same plot")
+    parser.add_argument(
+        "--overlay", nargs="*", default=[], help="earlier JSON results to draw in the same plot"
+    )
     args = parser.parse_args(argv)
     from megatron_longgen.evaluation.documents import load_documents
     from megatron_longgen.evaluation.perplexity import nll_by_position
@@ -160,10 +170,20 @@ def run_perplexity(argv: list[str] | None) -> int:
     for row in curve["bins"]:
         print(f"{row['start']:8d} {row['end']:8d} {row['ppl']:7.2f}")
     series = {
-        r.get("label", f"run {i}"): ([(b["start"] + b["end"]) / 2 for b in r["bins"]], [b["ppl"] for b in r["bins"]])
+        r.get("label", f"run {i}"): (
+            [(b["start"] + b["end"]) / 2 for b in r["bins"]],
+            [b["ppl"] for b in r["bins"]],
+        )
         for i, r in enumerate([result, *overlays])
     }
     png = out_dir / f"{name}.png"
-    print(_plot(lambda: reporting.curves_png(png, series, title="perplexity by token position", ylabel="perplexity"), png))
+    print(
+        _plot(
+            lambda: reporting.curves_png(
+                png, series, title="perplexity by token position", ylabel="perplexity"
+            ),
+            png,
+        )
+    )
     print(f"wrote {out_dir / f'{name}.json'}; overall ppl {curve['ppl']:.2f}")
     return 0

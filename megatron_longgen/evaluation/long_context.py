@@ -32,7 +32,9 @@ from megatron_longgen.evaluation.scoring import (
 TASK_NAMES = {"passkey": "passkey", "niah": "niah_single"}
 
 
-def build_long_context_samples(cfg: EvalConfig, tokenizer: TextTokenizer, *, seq_length: int) -> list[RetrievalSample]:
+def build_long_context_samples(
+    cfg: EvalConfig, tokenizer: TextTokenizer, *, seq_length: int
+) -> list[RetrievalSample]:
     """The eval set of `cfg`: every task x length x depth x sample; lengths default to `seq_length`."""
     lengths = list(cfg.long_context_lengths) or [seq_length]
     samples = []
@@ -50,7 +52,10 @@ def build_long_context_samples(cfg: EvalConfig, tokenizer: TextTokenizer, *, seq
 
 @torch.no_grad()
 def evaluate_teacher_forced(
-    samples: Sequence[RetrievalSample], logits_fn: Callable[[list[int]], torch.Tensor], *, prefix: str = "eval"
+    samples: Sequence[RetrievalSample],
+    logits_fn: Callable[[list[int]], torch.Tensor],
+    *,
+    prefix: str = "eval",
 ) -> dict[str, float]:
     """Accuracy metrics of `samples`, given `logits_fn(input_ids) -> logits [T, V]` (one forward each)."""
     correct = [teacher_forced_correct(s, answer_argmax(s, logits_fn(s.input_ids))) for s in samples]

@@ -78,7 +78,12 @@ def heatmap_png(path: str | Path, grid: Mapping[int, Mapping[float, float]], *, 
 
 
 def curves_png(
-    path: str | Path, series: Mapping[str, tuple[list[float], list[float]]], *, title: str, ylabel: str, logy=True
+    path: str | Path,
+    series: Mapping[str, tuple[list[float], list[float]]],
+    *,
+    title: str,
+    ylabel: str,
+    logy=True,
 ) -> None:
     """Line plot of named (x, y) series; x = token position."""
     plt = _pyplot()

@@ -123,7 +123,9 @@ def _haystack_ids(tok: TextTokenizer) -> tuple[list[int], list[int]]:
     return ids, ends
 
 
-def _insert_at_depths(body: list[int], needles: list[list[int]], depths: list[float], boundaries: list[int]) -> list[int]:
+def _insert_at_depths(
+    body: list[int], needles: list[list[int]], depths: list[float], boundaries: list[int]
+) -> list[int]:
     """Insert needles into body at depth fractions, each right after the sentence boundary nearest to its
     target (the body's start counts as one)."""
     starts = [0] + [b + 1 for b in boundaries]  # where a sentence may begin
@@ -167,7 +169,11 @@ def build_sample(
     else:
         count = 1 if task == "niah_single" else num_needles
         taken: set[str] = set()
-        keys = [_key(rng, taken)] * count if task == "niah_multivalue" else [_key(rng, taken) for _ in range(count)]
+        keys = (
+            [_key(rng, taken)] * count
+            if task == "niah_multivalue"
+            else [_key(rng, taken) for _ in range(count)]
+        )
         values = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(count)]
         needles = [tok.encode(NIAH_NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
         head = [tok.bos_id, *tok.encode(NIAH_INSTRUCTION)]
@@ -180,7 +186,9 @@ def build_sample(
     fixed = len(head) + len(question) + len(answer) + sum(len(n) for n in needles)
     body_len = length - fixed
     if body_len < 0:
-        raise ValueError(f"length {length} is too short for a {task} sample: its fixed parts need {fixed} tokens")
+        raise ValueError(
+            f"length {length} is too short for a {task} sample: its fixed parts need {fixed} tokens"
+        )
     if task == "passkey":
         unit = tok.encode(PASSKEY_FILLER)
         body = (unit * (body_len // len(unit) + 1))[:body_len]
@@ -212,7 +220,9 @@ def build_samples(
 ) -> list[RetrievalSample]:
     """`num_samples` samples per (length, depth), reproducible from `seed`."""
     return [
-        build_sample(tok, task=task, length=length, depth=depth, seed=seed * 1000 + i, num_needles=num_needles)
+        build_sample(
+            tok, task=task, length=length, depth=depth, seed=seed * 1000 + i, num_needles=num_needles
+        )
         for length in lengths
         for depth in depths
         for i in range(num_samples)

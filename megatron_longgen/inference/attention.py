@@ -72,13 +72,19 @@ def prefill_attention(q_BNTH, k_BGTH, v_BGTH, *, pattern, kernel, spans, scale: 
     return out
 
 
-def extend_attention(q_BNTH, k_BGTH, v_BGTH, *, pattern, cache: LongGenCache, layer_idx: int, plan: StepPlan, scale):
+def extend_attention(
+    q_BNTH, k_BGTH, v_BGTH, *, pattern, cache: LongGenCache, layer_idx: int, plan: StepPlan, scale
+):
     """Several new tokens per row over a filled cache (see step_plan.py for the write order)."""
     if pattern is None:
         store_tokens(cache, layer_idx, k_BGTH, v_BGTH, plan)
         keys, values = cache.layer_buffers(layer_idx, like=k_BGTH)
         lengths = plan.lengths_before
-        rows = [slice(0, len(lengths))] if min(lengths) == max(lengths) else [slice(r, r + 1) for r in range(len(lengths))]
+        rows = (
+            [slice(0, len(lengths))]
+            if min(lengths) == max(lengths)
+            else [slice(r, r + 1) for r in range(len(lengths))]
+        )
         out = q_BNTH.new_empty(q_BNTH.shape)
         for sel in rows:
             total = lengths[sel.start] + plan.q_len
@@ -143,7 +149,13 @@ class LongGenAttention(LlamaAttention):
                 out = sdpa(q_BNTH, keys, values, mask=mask, scale=self.scaling)
         else:
             out = extend_attention(
-                q_BNTH, k_BGTH, v_BGTH, pattern=pattern, cache=cache, layer_idx=self.layer_idx, plan=plan,
+                q_BNTH,
+                k_BGTH,
+                v_BGTH,
+                pattern=pattern,
+                cache=cache,
+                layer_idx=self.layer_idx,
+                plan=plan,
                 scale=self.scaling,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))

@@ -54,13 +54,17 @@ def _kernel():
         for s in range(start, end, BLOCK_N):
             offs_n = s + tl.arange(0, BLOCK_N)
             valid = offs_n < end
-            k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(
+                k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=valid[:, None], other=0.0
+            )
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             scores = tl.where(valid, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every block holds a valid key
             p = tl.exp2(scores - m_new)
             alpha = tl.exp2(m_i - m_new)
-            v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(
+                v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=valid[:, None], other=0.0
+            )
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new

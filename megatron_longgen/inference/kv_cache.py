@@ -229,7 +229,9 @@ class LongGenCache(Cache):
         self.ensure_capacity(max(reserve, max_len_hint, 1))
         for kind in self._kinds.values():
             if not kind.is_full:
-                kind.positions = torch.full((len(lengths), kind.capacity), -1, dtype=torch.int64, device=device)
+                kind.positions = torch.full(
+                    (len(lengths), kind.capacity), -1, dtype=torch.int64, device=device
+                )
         for layer in self.layers:
             layer.batch_size = len(lengths)
         self.version += 1

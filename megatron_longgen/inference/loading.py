@@ -45,7 +45,9 @@ def load_model(
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type not in ("longgen_llama", "llama"):
         raise ValueError(f"{model_dir} holds a {model_type!r} model; expected longgen_llama or llama")
-    model = LongGenLlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype if dtype is not None else "auto")
+    model = LongGenLlamaForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype if dtype is not None else "auto"
+    )
     model.set_kv_policy(kv_policy, **policy_overrides)
     model.sparse_backend = sparse_backend
     return model.to(device).eval()
@@ -73,22 +75,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --tokenizer, --kv-policy (+ its sparse fields), --device, --dtype, --sparse-backend."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="exported HF folder (tools/convert_mcore_to_hf.py)")
-    group.add_argument("--tokenizer", default=None, help="tokenizer if the folder has none (.model, HF folder)")
-    group.add_argument("--kv-policy", default="model", choices=KV_POLICIES, help="each layer's attention + cache")
+    group.add_argument(
+        "--tokenizer", default=None, help="tokenizer if the folder has none (.model, HF folder)"
+    )
+    group.add_argument(
+        "--kv-policy", default="model", choices=KV_POLICIES, help="each layer's attention + cache"
+    )
     for flag, field in _POLICY_FIELDS.items():
         group.add_argument(
             "--" + flag.replace("_", "-"), type=int, default=None, help=f"{field} for a sparse --kv-policy"
         )
     group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     group.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: as stored")
-    group.add_argument("--sparse-backend", default="auto", help="sparse prefill kernel (auto, torch, triton, ...)")
+    group.add_argument(
+        "--sparse-backend", default="auto", help="sparse prefill kernel (auto, torch, triton, ...)"
+    )
 
 
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) from `add_model_args` options; ValueError when the tokenizer does not fit."""
-    overrides = {field: getattr(args, flag) for flag, field in _POLICY_FIELDS.items() if getattr(args, flag) is not None}
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _POLICY_FIELDS.items()
+        if getattr(args, flag) is not None
+    }
     if overrides and args.kv_policy in ("model", "full"):
-        raise ValueError(f"--kv-* sizes apply to --kv-policy sink_window / block_strided, not {args.kv_policy!r}")
+        raise ValueError(
+            f"--kv-* sizes apply to --kv-policy sink_window / block_strided, not {args.kv_policy!r}"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(
         args.model,

@@ -74,6 +74,7 @@ class StopOnStrings(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = [
-            cut_at_stop(self.tokenizer.decode(row[self.prompt_len :].tolist()), self.stops)[1] for row in input_ids
+            cut_at_stop(self.tokenizer.decode(row[self.prompt_len :].tolist()), self.stops)[1]
+            for row in input_ids
         ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -36,9 +36,9 @@ def bpe_tokenizer(tmp_path_factory):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     raw.train_from_iterator([haystack_text()[:200_000]], trainer=trainer)
     folder = tmp_path_factory.mktemp("bpe")
-    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(
-        folder
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    ).save_pretrained(folder)
     return load_tokenizer(str(folder))
 
 

@@ -33,7 +33,9 @@ def model():
 @torch.no_grad()
 def _greedy(model, prompt, n):
     ids = torch.tensor([list(prompt)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -57,7 +59,11 @@ def test_teacher_forcing_decides_greedy_decoding(model, sp_tokenizer, task):
 
 
 def test_accuracy_table_and_metric_names(sp_tokenizer):
-    samples = [build_sample(sp_tokenizer, task="passkey", length=n, depth=d, seed=0) for n in (512, 640) for d in (0.0, 1.0)]
+    samples = [
+        build_sample(sp_tokenizer, task="passkey", length=n, depth=d, seed=0)
+        for n in (512, 640)
+        for d in (0.0, 1.0)
+    ]
     table = accuracy_table(samples, [1.0, 0.0, 1.0, 1.0])["passkey"]
     assert table["by_length_depth"] == {512: {0.0: 1.0, 1.0: 0.0}, 640: {0.0: 1.0, 1.0: 1.0}}
     assert table["by_length"] == {512: 0.5, 640: 1.0} and table["mean"] == 0.75
@@ -92,10 +98,19 @@ def test_eval_config_overrides_and_round_trip():
 
 @torch.no_grad()
 def test_trainer_eval_set_and_driver(model, sp_tokenizer):
-    cfg = EvalConfig(long_context_interval=10, long_context_tasks=("passkey", "niah"), long_context_depths=(0.0, 1.0))
+    cfg = EvalConfig(
+        long_context_interval=10, long_context_tasks=("passkey", "niah"), long_context_depths=(0.0, 1.0)
+    )
     samples = build_long_context_samples(cfg, sp_tokenizer, seq_length=512)
     assert [len(s.input_ids) for s in samples] == [512] * 4
     assert [s.task for s in samples] == ["passkey", "passkey", "niah_single", "niah_single"]
-    metrics = evaluate_teacher_forced(samples, lambda ids: model(torch.tensor([ids]), use_cache=False).logits[0])
-    assert set(metrics) == {"eval/passkey_acc", "eval/passkey_acc_512", "eval/niah_single_acc", "eval/niah_single_acc_512"}
+    metrics = evaluate_teacher_forced(
+        samples, lambda ids: model(torch.tensor([ids]), use_cache=False).logits[0]
+    )
+    assert set(metrics) == {
+        "eval/passkey_acc",
+        "eval/passkey_acc_512",
+        "eval/niah_single_acc",
+        "eval/niah_single_acc_512",
+    }
     assert all(0.0 <= v <= 1.0 for v in metrics.values())

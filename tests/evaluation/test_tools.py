@@ -58,7 +58,9 @@ def test_eval_niah_attnsink_baseline_on_plain_llama(folders, tmp_path):
                        "--depths", "0.5", "--samples", "1", "--kv-policy", "sink_window", "--kv-window-blocks", "8",
                        "--out-dir", str(tmp_path))  # fmt: skip
     tasks = {"single": "niah_single", "multikey": "niah_multikey", "multivalue": "niah_multivalue"}
-    assert run_retrieval(argv, tool="eval_niah", tasks=tasks, default_task="single", default_lengths="512") == 0
+    assert (
+        run_retrieval(argv, tool="eval_niah", tasks=tasks, default_task="single", default_lengths="512") == 0
+    )
     result = json.loads((tmp_path / "multivalue_sink_window.json").read_text())
     assert result["layer_kinds"] == "SSSS" and result["task"] == "niah_multivalue"
     assert result["records"][0]["expected"] and len(result["records"][0]["expected"]) == 2
@@ -73,7 +75,10 @@ def test_eval_errors_are_one_line(folders, tmp_path, capsys):
     assert run_retrieval(["--model", str(tmp_path / "missing")], tool="eval_passkey", tasks={"passkey": "passkey"},
                          default_task="passkey", default_lengths="512") == 1  # fmt: skip
     assert "config.json" in capsys.readouterr().err
-    assert run_perplexity(_model_args(folders / "longgen", "--kv-policy", "full", "--kv-window-blocks", "4")) == 1
+    assert (
+        run_perplexity(_model_args(folders / "longgen", "--kv-policy", "full", "--kv-window-blocks", "4"))
+        == 1
+    )
     assert "--kv-" in capsys.readouterr().err
 
 
@@ -100,7 +105,12 @@ def test_eval_ppl_cli_with_overlay(folders, tmp_path, capsys):
     base = _model_args(folders / "longgen", "--documents", str(doc), "builtin:haystack", "--max-tokens", "128",
                        "--num-docs", "2", "--bin-size", "32", "--out-dir", str(tmp_path))  # fmt: skip
     assert run_perplexity(base + ["--name", "first"]) == 0
-    assert run_perplexity(base + ["--name", "second", "--kv-policy", "full", "--overlay", str(tmp_path / "first.json")]) == 0
+    assert (
+        run_perplexity(
+            base + ["--name", "second", "--kv-policy", "full", "--overlay", str(tmp_path / "first.json")]
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "second.json").read_text())
     assert second["layer_kinds"] == "FFFF" and len(second["bins"]) == 4 and second["ppl"] > 1
     assert (tmp_path / "second.png").exists() == HAS_PLOT

@@ -65,7 +65,11 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     mask = module.oracle_mask  # [B, 1, T, T]
     rep = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
-        query, key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), attn_mask=mask, scale=scaling
+        query,
+        key.repeat_interleave(rep, dim=1),
+        value.repeat_interleave(rep, dim=1),
+        attn_mask=mask,
+        scale=scaling,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -108,7 +112,9 @@ def dense_masks(patterns, positions: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def oracle_logits(ref: LlamaForCausalLM, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def oracle_logits(
+    ref: LlamaForCausalLM, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits [B, T, V] of the full-sequence dense-mask forward."""
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
@@ -120,7 +126,9 @@ def oracle_logits(ref: LlamaForCausalLM, ids: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
-def oracle_greedy(ref: LlamaForCausalLM, ids: torch.Tensor, *, max_new_tokens: int, stop: set[int] = frozenset()):
+def oracle_greedy(
+    ref: LlamaForCausalLM, ids: torch.Tensor, *, max_new_tokens: int, stop: set[int] = frozenset()
+):
     """Greedy continuation of one unpadded row [1, T] by full forwards (no cache)."""
     out = ids
     for _ in range(max_new_tokens):

@@ -20,11 +20,16 @@ def test_rows_and_comparison_on_cpu():
     longgen, full = rows
     assert longgen["layer_kinds"] == "SFFS" and full["layer_kinds"] == "FFFF"
     assert longgen["context_after_decode"] == 256 + 1 + 4  # warmup + timed tokens fed back
-    assert "decode_ms_per_token_graph" not in longgen and longgen["decode_mode"] == "eager"  # graphs need CUDA
+    assert (
+        "decode_ms_per_token_graph" not in longgen and longgen["decode_mode"] == "eager"
+    )  # graphs need CUDA
     per_slot = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head dim 16, fp32
     reserve = 256 + 2 * (1 + 4) + 1
     assert full["kv_cache_bytes"] == 4 * reserve * per_slot
-    assert longgen["kv_cache_bytes_by_kind"] == {"full": 2 * reserve * per_slot, "sink_window": 2 * 48 * per_slot}
+    assert longgen["kv_cache_bytes_by_kind"] == {
+        "full": 2 * reserve * per_slot,
+        "sink_window": 2 * 48 * per_slot,
+    }
     (comparison,) = bench_inference.comparisons(rows)
     assert comparison["kv_ratio"] == longgen["kv_cache_bytes"] / full["kv_cache_bytes"] < 0.6
     assert comparison["prefill_speedup"] > 0 and comparison["decode_speedup"] > 0

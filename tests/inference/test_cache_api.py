@@ -57,12 +57,16 @@ def test_buffers_grow_when_the_reserve_is_exceeded(model):
 @torch.no_grad()
 def test_generate_uses_the_reduced_cache_sized_for_the_request(model):
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
-    out = model.generate(ids, max_new_tokens=25, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = model.generate(
+        ids, max_new_tokens=25, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
     cache = _cache_of(out)
     assert isinstance(cache, LongGenCache)
     assert cache.get_seq_length() == 30 + 25 - 1  # the last token is produced, never fed back
     full = cache._kinds[next(k for k in cache._kinds if k.name == "full")]
-    assert full.capacity == 54  # what generate() feeds (prompt + max_new_tokens - 1): no growth while decoding
+    assert (
+        full.capacity == 54
+    )  # what generate() feeds (prompt + max_new_tokens - 1): no growth while decoding
 
 
 @torch.no_grad()

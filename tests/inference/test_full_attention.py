@@ -42,7 +42,9 @@ def test_greedy_and_sampled_generation_match(pair):
     gen = torch.Generator().manual_seed(1)
     ids, mask = _left_pad([torch.randint(0, ours.config.vocab_size, (n,), generator=gen) for n in (23, 11)])
     kwargs = {"attention_mask": mask, "max_new_tokens": 30, "pad_token_id": 0}
-    assert torch.equal(ours.generate(ids, do_sample=False, **kwargs), theirs.generate(ids, do_sample=False, **kwargs))
+    assert torch.equal(
+        ours.generate(ids, do_sample=False, **kwargs), theirs.generate(ids, do_sample=False, **kwargs)
+    )
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, **kwargs}
     torch.manual_seed(5)
     mine = ours.generate(ids, **sampling)

@@ -62,7 +62,9 @@ def test_bf16_prefill_and_decode_match_dense_oracle(variant, backend, shape):
         step = model16(ids[:, t : t + 1], cache=cache)
         errors.append((step.logits[:, -1].float() - gold[:, t]).abs().max().item())
     worst = max(errors)
-    assert worst <= 3 * naive, f"{backend}: worst {worst:.3e} (prefill {errors[0]:.3e}) vs naive bf16 {naive:.3e}"
+    assert worst <= 3 * naive, (
+        f"{backend}: worst {worst:.3e} (prefill {errors[0]:.3e}) vs naive bf16 {naive:.3e}"
+    )
 
 
 @pytest.mark.parametrize("variant", ["sink_window", "block_strided"])
@@ -76,7 +78,9 @@ def test_fp32_greedy_generation_on_cuda_matches_oracle(variant):
     mask = torch.zeros(2, width, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
-    out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=300, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=300, do_sample=False, pad_token_id=0
+    )
     for row, p in enumerate(prompts):
         want = oracle_greedy(ref, p[None].cuda(), max_new_tokens=300)[0, len(p) :]
         assert out[row, width:].tolist() == want.tolist()
@@ -114,7 +118,9 @@ def test_128k_prefill_memory_is_linear():
     kv = cache.nbytes()
     assert cache.nbytes_by_kind()["sink_window"] == 2 * 33 * 64 * 4096 * 2  # K and V, 2,112 slots, bf16
     activations = peak - kv
-    assert activations < 16 * 2**30, f"prefill activations {activations / 2**30:.1f} GiB (KV {kv / 2**30:.1f} GiB)"
+    assert activations < 16 * 2**30, (
+        f"prefill activations {activations / 2**30:.1f} GiB (KV {kv / 2**30:.1f} GiB)"
+    )
 
 
 @pytest.mark.parametrize("variant", ["sink_window", "block_strided"])
