@@ -71,6 +71,7 @@ def test_bf16_prefill_and_decode_match_dense_oracle(variant, backend, shape):
 @torch.no_grad()
 def test_fp32_greedy_generation_on_cuda_matches_oracle(variant):
     model = tiny_model(_config(variant, 8, 2), seed=2).cuda()
+    model.sparse_backend = "torch"  # fp32: the fast kernels are bf16/fp16 (auto would compile Flex here)
     ref = oracle_model(model)
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (700, 450)]
     width = max(len(p) for p in prompts)
@@ -151,6 +152,7 @@ def test_cuda_graph_decode_matches_dense_oracle(variant):
 @torch.no_grad()
 def test_generate_with_cuda_graphs_equals_eager():
     model = tiny_model(_config("sink_window", 8, 2), seed=7).cuda()
+    model.sparse_backend = "torch"
     ids = torch.randint(0, 512, (1, 600), generator=torch.Generator().manual_seed(8)).cuda()
     eager = model.generate(ids, max_new_tokens=200, do_sample=False, pad_token_id=0)
     model.use_cuda_graphs = True
