@@ -8,8 +8,8 @@ Design:
 - `LongGenAttention` is transformers' `LlamaAttention` (same parameters and names, so HF checkpoints load)
   with its own forward: it takes the forward's `StepPlan` instead of transformers' 4-D mask.
 - prefill: full layers run causal SDPA (flash / cuDNN / CPU flash: no [T, T] tensor); sparse layers run
-  the project's kernel (`attention.kernels`, chosen once per device and dtype by the model: cuDNN/Triton
-  on GPUs, the torch kernel on CPU), which is causal over a whole sequence starting at position 0. Padded
+  the project's kernel (resolved by `attention.backends.resolve_backend` once per pattern, device, dtype
+  and head dim: cuDNN/Triton on GPUs, the torch kernel on CPU), causal over a whole sequence from 0. Padded
   rows are sliced to their real tokens and run one by one, so no padding mask exists either.
 - decode: SDPA of one query per row over the layer's cache. Full layers read slots [0, length] with no mask
   unless rows differ in length ([B, 1, 1, C] then); sparse layers read their ~(sink + window) slots with a
