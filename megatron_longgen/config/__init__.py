@@ -4,10 +4,12 @@ the JSON form kept in run dirs and checkpoints (`serialization`)."""
 from megatron_longgen.config.overrides import apply_overrides
 from megatron_longgen.config.schema import (
     DTYPES,
+    LONG_CONTEXT_TASKS,
     ROPE_SCALINGS,
     SPARSE_BACKENDS,
     SPARSE_VARIANTS,
     DataConfig,
+    EvalConfig,
     LoggingConfig,
     LongGenConfig,
     ModelConfig,
@@ -20,10 +22,12 @@ from megatron_longgen.config.serialization import config_from_dict, config_to_di
 
 __all__ = [
     "DTYPES",
+    "LONG_CONTEXT_TASKS",
     "ROPE_SCALINGS",
     "SPARSE_BACKENDS",
     "SPARSE_VARIANTS",
     "DataConfig",
+    "EvalConfig",
     "LoggingConfig",
     "LongGenConfig",
     "ModelConfig",

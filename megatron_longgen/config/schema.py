@@ -351,6 +351,55 @@ class LoggingConfig:
             raise ValueError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
 
 
+def _as_tuple(value, kind: type, name: str) -> tuple:
+    """A tuple of `kind` from a tuple/list or a comma-separated string (`--override eval.x=4096,8192`)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(kind(item.strip() if isinstance(item, str) else item) for item in items if item != "")
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}, got {value!r}") from None
+
+
+LONG_CONTEXT_TASKS: tuple[str, ...] = ("passkey", "niah")
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    """Periodic long-context retrieval eval during training (`megatron_longgen.evaluation.long_context`):
+    passkey / needle-in-a-haystack samples scored by one teacher-forced forward each."""
+
+    long_context_interval: int = 0
+    """Run it every this many steps (0 = never)."""
+    long_context_tasks: tuple[str, ...] = ("passkey",)
+    """`passkey` and/or `niah` (single needle in the shipped natural-text haystack)."""
+    long_context_lengths: tuple[int, ...] = ()
+    """Sample lengths in tokens (prompt + answer); empty = train.seq_length."""
+    long_context_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Needle depths in [0, 1]."""
+    long_context_samples: int = 1
+    """Samples per (task, length, depth)."""
+    long_context_seed: int = 1234
+    """Seed of the samples (the same samples at every eval)."""
+
+    def __post_init__(self) -> None:
+        tasks = _as_tuple(self.long_context_tasks, str, "long_context_tasks")
+        lengths = _as_tuple(self.long_context_lengths, int, "long_context_lengths")
+        depths = _as_tuple(self.long_context_depths, float, "long_context_depths")
+        object.__setattr__(self, "long_context_tasks", tasks)
+        object.__setattr__(self, "long_context_lengths", lengths)
+        object.__setattr__(self, "long_context_depths", depths)
+        if self.long_context_interval < 0:
+            raise ValueError(f"long_context_interval must be >= 0, got {self.long_context_interval}")
+        unknown = sorted(set(tasks) - set(LONG_CONTEXT_TASKS))
+        if unknown or not tasks:
+            raise ValueError(f"long_context_tasks must be some of {LONG_CONTEXT_TASKS}, got {tasks}")
+        if any(length < 64 for length in lengths):
+            raise ValueError(f"long_context_lengths must be >= 64 tokens, got {lengths}")
+        if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"long_context_depths must be in [0, 1], got {depths}")
+        _positive("long_context_samples", self.long_context_samples)
+
+
 @dataclass(kw_only=True, frozen=True)
 class LongGenConfig:
     """Everything a run needs. Build it with a recipe (`megatron_longgen.recipes`)."""
@@ -363,6 +412,7 @@ class LongGenConfig:
     train: TrainingConfig
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         tp = self.parallel.tensor_parallel

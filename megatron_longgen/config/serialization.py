@@ -6,6 +6,7 @@ import dataclasses
 
 from megatron_longgen.config.schema import (
     DataConfig,
+    EvalConfig,
     LoggingConfig,
     LongGenConfig,
     ModelConfig,
@@ -29,6 +30,7 @@ def config_from_dict(data: dict) -> LongGenConfig:
         "train": TrainingConfig,
         "data": DataConfig,
         "logging": LoggingConfig,
+        "eval": EvalConfig,
     }
     kwargs = {}
     for key, value in data.items():
