@@ -2,7 +2,8 @@
 # LongGen on Llama-2 70B (GQA 64/8) at 128K: TP=8 x PP=4 x CP=2 x DP=4 = 256 GPUs. Submit from the repo root:
 #   sbatch slurm/llama2_70b_128k.sh
 #   RECIPE=llama2_70b_128k_full sbatch slurm/llama2_70b_128k.sh     (the full-attention baseline)
-#   DRY_RUN=1 bash slurm/llama2_70b_128k.sh                           (check the layout without a cluster)
+#   DRY_RUN=1 bash slurm/llama2_70b_128k.sh                           (check the launch here: no sbatch, no GPUs)
+# Settings (SIGNAL_LEAD_S, WANDB_*, RUN_DIR, ...), preemption and logs: see slurm/train.sbatch.
 #SBATCH --job-name=longgen-70b-128k
 #SBATCH --nodes=32
 #SBATCH --ntasks-per-node=8
@@ -11,7 +12,12 @@
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:USR1@180
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 export RECIPE=${RECIPE:-llama2_70b_128k}
-export NNODES=${NNODES:-${SLURM_NNODES:-32}}
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  export NNODES=${NNODES:-32}  # the recipe's layout, whatever allocation a dry run got
+else
+  export NNODES=${NNODES:-${SLURM_NNODES:-32}}
+fi
 exec bash "${LONGGEN_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/train.sbatch"

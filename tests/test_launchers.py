@@ -80,3 +80,12 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     # Both tasks joined one job: throughput per GPU is half the total.
     assert rows[-1]["tokens_per_s_per_gpu"] == pytest.approx(rows[-1]["tokens_per_s"] / 2)
+
+
+def test_train_sbatch_outside_slurm_points_to_the_local_launcher(tmp_path):
+    env = {k: v for k, v in _env(RECIPE="debug_tiny", RUN_DIR=tmp_path / "run").items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2
+    assert "not inside a Slurm job" in proc.stderr and "slurm/run_local.sh" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -410,6 +410,8 @@ def hf_to_mcore(
         ensure_process_group()
         from megatron.core import dist_checkpointing
 
+        from megatron_longgen.training.guards import shield_helper_processes
+
         # One dist-checkpoint part per HF shard, merged at the end: memory stays at about one shard.
         parts, layer_maps = [], []
         num_layers = cfg.model.num_layers
@@ -434,7 +436,8 @@ def hf_to_mcore(
             part.mkdir()
             # A part holds the `_extra_state` objects of its own layers only: no whole-checkpoint check here
             # (loading the merged checkpoint through a model's sharded_state_dict is what the tests verify).
-            dist_checkpointing.save(state, str(part), validate_access_integrity=False)
+            with shield_helper_processes():  # Megatron-Core's writer processes die with the converter
+                dist_checkpointing.save(state, str(part), validate_access_integrity=False)
             parts.append(part)
             layer_maps.append(layer_map)
             del state

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from megatron_longgen.checkpoint.format import load_config, model_dir, save_config
 from megatron_longgen.config import LongGenConfig
+from megatron_longgen.training.guards import shield_helper_processes
 
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -162,11 +163,14 @@ def save_training_checkpoint(
             (tmp / OPTIM_SUBDIR).mkdir()
     dist.barrier()
     model_sd = model_sharded_state_dict(model_chunks)
-    dist_checkpointing.save(model_sd, str(model_dir(tmp)))
+    # Slurm signals every process of a step: the writer processes Megatron-Core starts must survive it.
+    with shield_helper_processes():
+        dist_checkpointing.save(model_sd, str(model_dir(tmp)))
     optim_metadata = _optimizer_metadata(cfg.train.optimizer_checkpoint_format)
     if optimizer is not None:
         optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks), metadata=optim_metadata)
-        dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR))
+        with shield_helper_processes():
+            dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR))
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:

@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 
 
@@ -118,10 +120,30 @@ class WandbLogger(MetricsLogger):
         )
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        if self.run is None:
+            return
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as exc:  # noqa: BLE001 (a side channel: losing it must not stop training)
+            self._lost(exc, f" at step {step}")
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as exc:  # noqa: BLE001
+            self._lost(exc, " at the end")
+
+    def _lost(self, exc: Exception, where: str) -> None:
+        """W&B's service process is gone: Slurm's SIGTERM reaches every process of a job step, and the
+        service (wandb-core) exits on it whatever the signal mask. Keep training; say so once."""
+        self.run = None
+        print(f"[longgen] W&B logging stopped{where}: {type(exc).__name__}: {exc} (its service process ended, "
+              "e.g. on a SIGTERM to the job step); metrics.jsonl has every step and a resumed run continues "
+              "the W&B run", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            self._wandb.teardown()  # unregisters W&B's exit hook, which would fail the same way
 
 
 class LoggerGroup(MetricsLogger):
