@@ -75,6 +75,7 @@ class PreemptionFlag:
         stop = bool(flag.item())
         marker = os.environ.get(STOP_MARKER_ENV)
         if stop and marker and (not dist.is_initialized() or dist.get_rank() == 0):
+            os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
             with open(marker, "w", encoding="utf-8") as fh:
                 fh.write(f"stopped by a signal at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         return stop

@@ -62,6 +62,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=120
 MinJobAge=600
+MessageTimeout=60
 NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -115,9 +116,14 @@ class SlurmCluster:
         return int(out.split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, StdOut, ...)."""
-        text = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", text))
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, StdOut, ...). Retried: a loaded
+        slurmctld may drop a client connection (scontrol then dies of SIGPIPE)."""
+        for attempt in range(5):
+            proc = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
+            if proc.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+            time.sleep(1 + attempt)
+        raise RuntimeError(f"scontrol show job {job_id} exited {proc.returncode}: {proc.stderr.strip()}")
 
     def wait_until_final(self, job_id: int, *, timeout_s: float) -> dict[str, str]:
         """Poll until the job ends. Slurm 22.05 holds a requeued job for ~2 minutes (PENDING,

@@ -51,7 +51,7 @@ case "$STUB_MODE" in
     trap 'got=1' USR1
     for _ in $(seq 1200); do [[ $got == 1 ]] && break; sleep 0.1; done
     [[ $got == 1 ]] || exit 3
-    if [[ $SLURM_PROCID == 0 ]]; then echo stopped > "$LONGGEN_STOP_MARKER"; fi
+    if [[ $SLURM_PROCID == 0 ]]; then mkdir -p "${LONGGEN_STOP_MARKER%/*}"; echo stopped > "$LONGGEN_STOP_MARKER"; fi
     echo "stub trainer $SLURM_PROCID: stopped by USR1"
     exit 0 ;;
 esac

@@ -296,3 +296,54 @@ def test_no_helper_process_outlives_the_converter(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the shield and the stop marker, in-process
+def _child_report(conn) -> None:
+    import ctypes
+
+    value = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    conn.send((sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])), value.value))
+    conn.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_shield_blocks_signals_in_forked_children_and_keeps_the_parents_handlers(monkeypatch, tmp_path):
+    import multiprocessing
+
+    from megatron_longgen.training.guards import STOP_MARKER_ENV, PreemptionFlag, shield_helper_processes
+
+    ctx = multiprocessing.get_context("fork")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    flag = PreemptionFlag()
+    try:
+        with shield_helper_processes():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_child_report, args=(child,))
+            proc.start()
+            blocked, deathsig = parent.recv()
+            proc.join(timeout=30)
+            os.kill(os.getpid(), signal.SIGUSR1)  # blocked in this thread: pending (or another thread's), not lost
+        assert flag.received == signal.SIGUSR1
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            assert int(sig) in blocked
+        assert deathsig == signal.SIGKILL
+        # A child forked outside the shield is an ordinary child.
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_report, args=(child,))
+        proc.start()
+        blocked, deathsig = parent.recv()
+        proc.join(timeout=30)
+        assert int(signal.SIGUSR1) not in blocked and deathsig == 0
+
+        # The stop marker tells the Slurm script that the run stopped for a signal (not that it finished).
+        import torch
+
+        marker = tmp_path / "run" / ".stopped_by_signal"
+        monkeypatch.setenv(STOP_MARKER_ENV, str(marker))
+        assert flag.should_stop(device=torch.device("cpu"))
+        assert marker.is_file()
+    finally:
+        flag.restore()
