@@ -6,6 +6,8 @@ one line per step. One run goes uninterrupted (the reference); the others are in
 periodic save, (a) by the time-limit warning (`scancel -b -s USR1`: what `--signal=B:USR1@N` does) and
 (b) by `scontrol requeue` (SIGTERM to every process of the job, then Slurm requeues). Each must save, be
 requeued, resume and end COMPLETED with the reference's losses, one metrics row per step and the whole log.
+(c) SIGKILLs every process and resubmits: the resume comes from the periodic save, behind the last logged
+step, and metrics.jsonl must still hold one row per step.
 
 The script's own logic (late signals, the SIGNAL_LEAD_S timer, DRY_RUN under sbatch) is checked with a
 stand-in for `python` (PYTHON=...), which needs seconds instead of a training run.
@@ -154,6 +156,38 @@ def test_scontrol_requeue_saves_and_resumes(slurm_cluster, repo_clone, reference
     slurm_cluster.run("scontrol", "requeue", str(job))
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
     _assert_resumed_like_the_reference(info, run_dir, reference, stop="TERM")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated_rows(
+    slurm_cluster, repo_clone, reference, tmp_path
+):
+    # SIGKILL to every process (a node failure, an OOM kill): nothing is saved at the kill, so the next job
+    # resumes from the last periodic checkpoint, behind the last logged step. The rows after it are logged
+    # again and must replace the old ones (needs the trainer's metrics.jsonl replace-on-resume).
+    run_dir = tmp_path / "run"
+    env = _job_env(slurm_cluster, run_dir)
+    job = _submit(slurm_cluster, repo_clone, env, *CPU_ROUTE, "--job-name=lg-kill")
+    _wait_for_first_save(slurm_cluster, job, run_dir)
+    saved_step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
+    _wait(lambda: (run_dir / "metrics.jsonl").read_text().count("\n") >= saved_step + 2, timeout_s=300,
+          what="steps past the first save", interval_s=0.05)
+    slurm_cluster.run("scancel", "--signal=KILL", "--full", str(job))
+    info = slurm_cluster.wait_until_final(job, timeout_s=300)
+    assert info["JobState"] in ("CANCELLED", "FAILED"), info
+    logged = [r["step"] for r in _metrics(run_dir)]
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
+    assert max(logged) > resumed_from, "the kill came too late to leave steps after the last save"
+
+    job = _submit(slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-kill")
+    info = slurm_cluster.wait_until_final(job, timeout_s=600)
+    log = _log(info)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
+    assert f"resumed from {run_dir / 'checkpoints'}" in log and f"at step {resumed_from}" in log, log
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)), [r["step"] for r in rows]
+    assert [r["loss"] for r in rows] == reference
 
 
 # ---------------------------------------------------------------- the script's logic, with a stand-in trainer
