@@ -6,7 +6,7 @@ one line per step. One run goes uninterrupted (the reference); the others are in
 periodic save, (a) by the time-limit warning (`scancel -b -s USR1`: what `--signal=B:USR1@N` does) and
 (b) by `scontrol requeue` (SIGTERM to every process of the job, then Slurm requeues). Each must save, be
 requeued, resume and end COMPLETED with the reference's losses, one metrics row per step and the whole log.
-(c) SIGKILLs every process and resubmits: the resume comes from the periodic save, behind the last logged
+(c) SIGKILLs the trainers and resubmits: the resume comes from the periodic save, behind the last logged
 step, and metrics.jsonl must still hold one row per step.
 
 The script's own logic (late signals, the SIGNAL_LEAD_S timer, DRY_RUN under sbatch) is checked with a
@@ -80,6 +80,25 @@ def _log(info: dict) -> str:
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _kill_trainers(job_id: int) -> list[int]:
+    """SIGKILL this job's trainer processes (found by their SLURM_JOB_ID), as a node failure would."""
+    import os
+    import signal
+
+    import psutil
+
+    killed = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if (proc.info["cmdline"] or [])[1:3] == ["-m", "megatron_longgen.train"] and \
+                    proc.environ().get("SLURM_JOB_ID") == str(job_id):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return killed
 
 
 def _wait_for_first_save(cluster, job_id: int, run_dir: Path) -> None:
@@ -163,7 +182,7 @@ def test_scontrol_requeue_saves_and_resumes(slurm_cluster, repo_clone, reference
 def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated_rows(
     slurm_cluster, repo_clone, reference, tmp_path
 ):
-    # SIGKILL to every process (a node failure, an OOM kill): nothing is saved at the kill, so the next job
+    # SIGKILL to the trainers (a node failure, an OOM kill): nothing is saved at the kill, so the next job
     # resumes from the last periodic checkpoint, behind the last logged step. The rows after it are logged
     # again and must replace the old ones (needs the trainer's metrics.jsonl replace-on-resume).
     run_dir = tmp_path / "run"
@@ -173,9 +192,11 @@ def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated
     saved_step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
     _wait(lambda: (run_dir / "metrics.jsonl").read_text().count("\n") >= saved_step + 2, timeout_s=300,
           what="steps past the first save", interval_s=0.05)
-    slurm_cluster.run("scancel", "--signal=KILL", "--full", str(job))
+    # Not `scancel --signal=KILL`: Slurm turns that into its termination sequence (SIGTERM first, which saves).
+    killed = _kill_trainers(job)
+    assert len(killed) == 2, killed
     info = slurm_cluster.wait_until_final(job, timeout_s=300)
-    assert info["JobState"] in ("CANCELLED", "FAILED"), info
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", _log(info)[-4000:]  # a crash: not requeued
     logged = [r["step"] for r in _metrics(run_dir)]
     resumed_from = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
     assert max(logged) > resumed_from, "the kill came too late to leave steps after the last save"
