@@ -84,7 +84,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig):
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode == 0, out.decode()
         # The save on exit started Megatron-Core's helpers; they end with the trainer.
-        assert any(map(_is_helper, tree.seen.values())), "no checkpoint helper process was seen"
+        assert tree.helpers(running=False), f"no checkpoint helper process was seen: {tree.cmdlines}"
         assert not _wait_until_gone(tree, timeout_s=30)
     latest = latest_checkpoint(run_dir / "checkpoints")
     assert latest is not None, out.decode()
@@ -146,15 +146,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- interrupts and helper processes
-def _is_helper(proc) -> bool:
+def _is_helper(cmdline: str) -> bool:
     """Megatron-Core's results manager (spawned) or Python's resource tracker."""
-    import psutil
-
-    try:
-        cmd = " ".join(proc.cmdline())
-    except psutil.Error:
-        return False
-    return "multiprocessing.spawn" in cmd or "resource_tracker" in cmd
+    return "multiprocessing.spawn" in cmdline or "resource_tracker" in cmdline
 
 
 class _Descendants:
@@ -166,6 +160,7 @@ class _Descendants:
 
         self.root = psutil.Process(root_pid)
         self.seen: dict[int, object] = {}
+        self.cmdlines: dict[int, str] = {}  # at first sight: a dead process has none
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -188,11 +183,15 @@ class _Descendants:
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
                 for child in self.root.children(recursive=True):
-                    self.seen.setdefault(child.pid, child)
+                    if child.pid not in self.seen:
+                        with contextlib.suppress(psutil.Error):
+                            self.cmdlines[child.pid] = " ".join(child.cmdline())
+                        self.seen[child.pid] = child
             time.sleep(0.02)
 
-    def helpers(self) -> list:
-        return [p for p in list(self.seen.values()) if _is_helper(p) and p.is_running()]
+    def helpers(self, *, running: bool = True) -> list:
+        return [p for pid, p in list(self.seen.items())
+                if _is_helper(self.cmdlines.get(pid, "")) and (p.is_running() or not running)]
 
     def alive(self) -> list[str]:
         import psutil
@@ -216,17 +215,23 @@ def _wait_until_gone(tree: _Descendants, *, timeout_s: float) -> list[str]:
 def test_second_sigint_aborts_at_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "--max-steps", "1000", "--save-interval", "0")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True)
+    reader.start()
     with _Descendants(proc.pid) as tree:
         _wait_for(lambda: _logged_steps(run_dir) >= 2, proc=proc, timeout_s=180, what="two logged steps")
         os.kill(proc.pid, signal.SIGINT)
-        time.sleep(0.05)
+        # Signals do not queue: send the second only once the first was handled (else they merge into one).
+        _wait_for(lambda: any(b"[longgen] interrupt:" in line for line in lines), proc=proc, timeout_s=60,
+                  what="the first interrupt's message")
         os.kill(proc.pid, signal.SIGINT)
         try:
-            out, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        text = out.decode()
+        reader.join(timeout=10)
+        text = b"".join(lines).decode()
         assert proc.returncode == 128 + signal.SIGINT, text
         assert text.rstrip().endswith("[longgen] second interrupt: aborting without saving"), text[-2000:]
         assert "Traceback" not in text and "KeyboardInterrupt" not in text
@@ -258,7 +263,7 @@ def test_helpers_survive_preemption_signals_and_die_with_a_killed_trainer(tmp_pa
             proc.wait(timeout=60)
             left = _wait_until_gone(tree, timeout_s=30)
             assert not left, f"still running after the trainer was killed: {left}"
-            writers = [p for p in tree.seen.values() if not _is_helper(p)]
+            writers = [pid for pid, cmd in tree.cmdlines.items() if not _is_helper(cmd)]
             assert len(writers) >= 2, "expected forked checkpoint writers too"
     finally:
         if proc.poll() is None:
@@ -285,7 +290,7 @@ def test_no_helper_process_outlives_the_converter(tmp_path):
         with _Descendants(proc.pid) as tree:
 
             def manager_serving() -> bool:  # its accepter thread runs once the manager serves
-                return any("multiprocessing.spawn" in " ".join(p.cmdline()) and p.num_threads() >= 2
+                return any("multiprocessing.spawn" in tree.cmdlines[p.pid] and p.num_threads() >= 2
                            for p in tree.helpers())
 
             _wait_for(manager_serving, proc=proc, timeout_s=240, what="the converter's results manager")
