@@ -18,13 +18,21 @@ from megatron_longgen.data.tokenizers import Tokenizer
 
 
 def default_num_samples(cfg: LongGenConfig) -> tuple[int, int]:
-    """(train, valid) sample counts a run consumes: `max_steps * global_batch_size` for training, and
-    `eval_iters * global_batch_size` per evaluation, for `max_steps // eval_interval` periodic evaluations
-    plus a final one (one evaluation when `eval_interval` is 0). `global_batch_size` >= micro-batch x
-    data-parallel size, so this is an upper bound whatever the world size."""
+    """(train, valid) sample counts to build for an indexed blend, independent of `train.max_steps`.
+
+    Train: one pass over the blend's training tokens, `tokens * (1 - valid_fraction) / seq_length` samples
+    (at least one): the trainer's sample order (`training/data_order.py`) walks a fresh permutation of
+    that set per epoch, so runs with different step budgets — or a run resumed with a larger one — read the
+    same samples in the same order. Valid: `eval_iters * global_batch_size`, the batches every evaluation
+    reads (always the same ones)."""
+    from megatron_longgen.data.blend import parse_blend
+    from megatron_longgen.data.indexed import validate_indexed_prefix
+
     t = cfg.train
-    num_evals = (t.max_steps // t.eval_interval + 1) if t.eval_interval > 0 else 1
-    return t.max_steps * t.global_batch_size, num_evals * t.eval_iters * t.global_batch_size
+    prefixes, _ = parse_blend(cfg.data.blend)
+    tokens = sum(validate_indexed_prefix(prefix).num_tokens for prefix in prefixes)
+    train = max(1, int(tokens * (1.0 - cfg.data.valid_fraction)) // t.seq_length)
+    return train, t.eval_iters * t.global_batch_size
 
 
 def build_datasets(

@@ -1,5 +1,6 @@
-"""Tokenizers: SentencePiece `.model` files (the Llama-2 format), Hugging Face tokenizer folders, and the
-small SentencePiece model that ships with the package (`builtin:tiny_sp`).
+"""Tokenizers: SentencePiece `.model` files (the Llama-2 format), Hugging Face tokenizer folders (e.g. the
+byte-level BPE of GPT-2, Llama-3 or SmolLM2), and the small SentencePiece model that ships with the package
+(`builtin:tiny_sp`).
 
 All of them are wrapped in `Tokenizer`, which has what the data pipeline and Megatron-Core's datasets need:
 `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, and the Megatron duck-typed `eod`, `pad` and
@@ -73,16 +74,24 @@ class Tokenizer:
             raise ValueError(f"tokenizer {spec!r} has no <bos> token; LongGen marks document starts with it")
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` as plain text, with `<bos>` in front when `add_bos`.
+
+        Special-token strings inside the text (e.g. a source file that spells `"<|endoftext|>"`) are
+        tokenized as ordinary characters, never turned into the special ids (which could be the document
+        separator): SentencePiece does this by itself, HF tokenizers need `split_special_tokens`. No length
+        warning: documents are longer than any model_max_length by design.
+        """
         if self._sp is not None:
             ids = self._sp.EncodeAsIds(text)
         else:
-            ids = self._hf.encode(text, add_special_tokens=False)
+            ids = self._hf.encode(text, add_special_tokens=False, split_special_tokens=True, verbose=False)
         return [self.bos_id] + ids if add_bos else ids
 
     def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; for byte-level BPE the exact inverse of `encode` (no clean-up of spaces)."""
         if self._sp is not None:
             return self._sp.DecodeIds(list(ids))
-        return self._hf.decode(list(ids))
+        return self._hf.decode(list(ids), clean_up_tokenization_spaces=False)
 
     # Megatron-Core GPTDataset duck typing.
     @property

@@ -234,6 +234,15 @@ def cfg_parallel_sizes() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
 
 
+def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """`DIR/trainer_state.json` of a published checkpoint; ValueError naming the file when unreadable."""
+    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+
+
 def load_training_checkpoint(
     checkpoint_dir: str | os.PathLike, *, model_chunks, optimizer=None, scheduler=None
 ) -> dict:

@@ -4,9 +4,12 @@
 - `ConsoleLogger`: one human-readable line per logged step (step, loss, tokens/s, ETA, ...).
 - `JsonlLogger`: appends one JSON object per logged step to `RUN_DIR/metrics.jsonl` (flushed each line).
 - `WandbLogger`: Weights & Biases; imports wandb in its constructor; offline unless WANDB_MODE says
-  otherwise.
+  otherwise. Runs of one comparison share a group (LongGen and its `_full` baseline by default), carry
+  `attention`, the sparse variant, the pattern and the parallel layout in their config, and define x-axes
+  (`tokens`, `wall_clock_hours`) so that "loss vs tokens" and "loss vs wall-clock" need no manual set-up.
 - `LoggerGroup`: fans calls out to several loggers.
-`metrics_rank(...)` tells which rank owns the final loss; only that rank builds real loggers.
+`metrics_rank(...)` tells which rank owns the final loss; only that rank builds real loggers
+(`build_loggers`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 
 class MetricsLogger:
@@ -83,17 +87,22 @@ class JsonlLogger(MetricsLogger):
 
 
 class WandbLogger(MetricsLogger):
-    """Weights & Biases run. Project and name come from the config or WANDB_PROJECT / WANDB_NAME;
-    mode from WANDB_MODE, else the config (offline by default: no network needed).
+    """Weights & Biases run. Project, name and group come from the config or WANDB_PROJECT / WANDB_NAME /
+    WANDB_RUN_GROUP; mode from WANDB_MODE, else the config (offline by default: no network needed).
 
     The run id is kept in `RUN_DIR/wandb_run_id`: a resumed training run (`resume_run=True`) continues the
-    same W&B run, so its curves have no seam; a fresh run gets a new id.
+    same W&B run, so its curves have no seam; a fresh run gets a new id. Every metric is logged under its
+    own name against the step, and again under `by_tokens/` and `by_time/` with `tokens` and
+    `wall_clock_hours` as their x-axes (`define_metric`), so the UI's default charts compare runs by tokens
+    and by wall clock.
     """
 
     ID_FILE = "wandb_run_id"
+    AXES: ClassVar[dict[str, str]] = {"by_tokens": "tokens", "by_time": "wall_clock_hours"}
+    PLOTTED = ("loss", "eval_loss", "tokens_per_s_per_gpu", "mfu", "mfu_dense_equiv")
 
     def __init__(self, *, project: str, name: str, config: dict, run_dir: str | os.PathLike,
-                 mode: str = "offline", resume_run: bool = False):
+                 mode: str = "offline", resume_run: bool = False, group: str | None = None):
         from megatron_longgen.utils.optional import require
 
         require("wandb", feature="W&B logging")
@@ -112,18 +121,27 @@ class WandbLogger(MetricsLogger):
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", project),
             name=os.environ.get("WANDB_NAME", name),
+            group=os.environ.get("WANDB_RUN_GROUP", group),
             mode=os.environ.get("WANDB_MODE", mode),
             dir=str(run_dir),
             config=config,
             id=run_id,
             resume="allow",
         )
+        for prefix, axis in self.AXES.items():
+            self.run.define_metric(axis)
+            self.run.define_metric(f"{prefix}/*", step_metric=axis)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is None:
             return
+        row = dict(metrics)
+        for prefix, axis in self.AXES.items():
+            if axis in metrics:
+                row[axis] = metrics[axis]
+                row.update({f"{prefix}/{k}": metrics[k] for k in self.PLOTTED if k in metrics})
         try:
-            self.run.log(metrics, step=step)
+            self.run.log(row, step=step)
         except Exception as exc:  # noqa: BLE001 (a side channel: losing it must not stop training)
             self._lost(exc, f" at step {step}")
 
@@ -168,3 +186,45 @@ def metrics_rank(*, pp_size: int, world_size: int) -> int:
     """Global rank of the metrics owner under Megatron's default rank order (tp fastest, then cp, dp,
     pp slowest): the first rank of the last pipeline stage."""
     return world_size - world_size // pp_size
+
+
+def comparison_config(cfg) -> dict:
+    """What W&B gets as the run's config: the whole LongGenConfig plus the fields a comparison filters on."""
+    from megatron_longgen.config import config_to_dict
+
+    p = cfg.parallel
+    return {
+        **config_to_dict(cfg),
+        "attention": "full" if cfg.is_full_attention else "longgen",
+        "sparse_variant": None if cfg.is_full_attention else cfg.sparse.variant,
+        "layer_pattern": cfg.model.layer_pattern,
+        "layout": f"tp{p.tensor_parallel}-pp{p.pipeline_parallel}-cp{p.context_parallel}",
+    }
+
+
+def default_group(cfg) -> str:
+    """The W&B group of a run: `logging.wandb_group`, else the recipe name without its `_full` suffix, so a
+    LongGen run and its full-attention baseline land in one group."""
+    if cfg.logging.wandb_group:
+        return cfg.logging.wandb_group
+    name = cfg.name
+    return name.removesuffix("_full")
+
+
+def build_loggers(trainer, *, resumed_at: int) -> MetricsLogger:
+    """The loggers of one run: real ones on the metrics rank only. metrics.jsonl is appended to (a resume
+    has already dropped the rows after the resumed step); the console line unless `quiet`; W&B when on."""
+    if not trainer.is_logging_rank:
+        return MetricsLogger()
+    cfg = trainer.cfg
+    loggers: list[MetricsLogger] = [JsonlLogger(trainer.run_dir / "metrics.jsonl", append=True)]
+    if not trainer.quiet:
+        loggers.append(ConsoleLogger(max_steps=cfg.train.max_steps))
+    if cfg.logging.wandb:
+        loggers.append(WandbLogger(
+            project=cfg.logging.wandb_project, name=cfg.logging.run_name or cfg.name,
+            config={**comparison_config(cfg), "world_size": trainer.world_size, "dp": trainer.dp_size},
+            run_dir=trainer.run_dir, mode=cfg.logging.wandb_mode, resume_run=resumed_at > 0,
+            group=default_group(cfg),
+        ))
+    return LoggerGroup(loggers)

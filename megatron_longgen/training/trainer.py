@@ -1,22 +1,20 @@
 """The training loop: Megatron-Core DDP + (distributed) optimizer + pipeline schedules, our data and logs.
 
 One step = one global batch = `global_batch_size / (micro_batch_size * dp)` micro-batches per data-parallel
-rank, run by Megatron's `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved), then
-`optimizer.step()` (grad clipping inside) and the LR scheduler.
+rank, run by Megatron's `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved), then one
+optimizer step (`optimizer_step.py`: clipping, and non-finite gradients caught by the norm it computes) and
+the LR scheduler.
 
 Losses are per-token (`calculate_per_token_loss`): each micro-batch returns (sum of token losses, token
 count) and Megatron divides the gradients by the global token count, so the result does not depend on how
 the batch is split over DP, CP or micro-batches.
 
-Data order is a pure function of (seed, step): global sample `step * global_batch_size + i` of a seeded
-per-epoch permutation, rank `dp` taking its contiguous share. That makes any step reproducible without
-iterator state, so resuming needs only the step number (plus model, optimizer, scheduler and RNG state:
-`training/checkpointing.py`); the loss sequence after `--resume` equals an uninterrupted run's.
-
-Exits: SIGTERM/SIGUSR1 set a flag (`training/guards.py`); all ranks agree at the end of the step, save
-and return normally. A non-finite loss stops the run with the step number, or is skipped and counted
-(`train.nan_policy`). Metrics per logged step: loss, LR, grad norm, tokens/s (total and per GPU), step
-time, wall clock, peak memory, executed and dense-equivalent TFLOP/s per GPU and MFU (`training/flops.py`).
+Around the loop, each in its own module: the sample order (`data_order.py`, a pure function of seed and
+step, so resuming needs only the step), the run directory's ownership (`run_dir.py`), what a resume must
+share with its checkpoint (`resume_check.py`), the wall clock across restarts and step time without
+evaluation/checkpoint time (`clock.py`), checkpoints (`checkpointing.py`), signals and the NaN policy
+(`guards.py`), loggers (`loggers.py`). Process groups come from one `ProcessGroupCollection` built after
+Megatron's parallel state; ranks are read from the groups.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -33,50 +31,23 @@ import torch
 import torch.distributed as dist
 
 from megatron_longgen.config import LongGenConfig, config_to_dict
+from megatron_longgen.training.data_order import SampleOrder, micro_batches
 from megatron_longgen.training.guards import NanGuard
-from megatron_longgen.training.loggers import (
-    ConsoleLogger,
-    JsonlLogger,
-    LoggerGroup,
-    MetricsLogger,
-    WandbLogger,
-    is_metrics_rank,
-)
+from megatron_longgen.training.loggers import build_loggers, is_metrics_rank
 
 
 @dataclass
 class TrainResult:
-    """What `train` returns on every rank (losses only on the metrics rank)."""
+    """What `fit` returns on every rank (losses only on the metrics rank, `is_metrics_rank`)."""
 
     losses: list[float]
     final_step: int
     checkpoint_dir: str | None
     wall_time_s: float
-
-
-class SampleOrder:
-    """Deterministic global sample order: a fresh seeded permutation of the dataset per epoch."""
-
-    def __init__(self, num_samples: int, *, seed: int):
-        self.num_samples = num_samples
-        self.seed = seed
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def __call__(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, self.num_samples)
-        if epoch not in self._cache:
-            self._cache = {epoch: torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._cache[epoch][offset])
-
-
-def micro_batches(dataset, order: SampleOrder, *, step: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int):
-    """Yield this DP rank's micro-batches (dicts of [mbs, s] tensors) for optimizer step `step`."""
-    per_rank = global_batch_size // dp_size
-    first = step * global_batch_size + dp_rank * per_rank
-    for start in range(first, first + per_rank, micro_batch_size):
-        samples = [dataset[order(i)] for i in range(start, start + micro_batch_size)]
-        yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    start_step: int = 0
+    stopped_by: str | None = None
+    is_metrics_rank: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -88,8 +59,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model, *, device, cp_shard):
-    batch = next(data_iterator)
-    batch = cp_shard(batch)
+    batch = cp_shard(next(data_iterator))
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
     position_ids = batch["position_ids"].to(device)
@@ -100,27 +70,27 @@ def _forward_step(data_iterator, model, *, device, cp_shard):
 class Trainer:
     """Holds the model chunks, optimizer, scheduler and data for one run."""
 
-    def __init__(self, cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False):
-        from megatron.core import parallel_state as ps
+    def __init__(self, cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False,
+                 started_unix: float | None = None):
+        from megatron.core.process_groups_config import ProcessGroupCollection
 
         from megatron_longgen.data.datasets import build_datasets
         from megatron_longgen.data.tokenizers import load_tokenizer
         from megatron_longgen.utils.distributed import init_distributed, initialize_model_parallel, set_seed
 
+        self.started_unix = time.time() if started_unix is None else started_unix
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         self.rank, self.world_size = init_distributed()
         initialize_model_parallel(cfg)
         set_seed(cfg.train.seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.cp_rank = ps.get_context_parallel_rank()
-        self.cp_size = ps.get_context_parallel_world_size()
-        self.pp_rank = ps.get_pipeline_model_parallel_rank()
-        self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+        self.pgs = ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_rank, self.pp_rank, self.cp_rank = self.pgs.tp.rank(), self.pgs.pp.rank(), self.pgs.cp.rank()
+        self.pp_size, self.cp_size = self.pgs.pp.size(), self.pgs.cp.size()
+        self.dp_rank, self.dp_size = self.pgs.dp.rank(), self.pgs.dp.size()
         t = cfg.train
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ValueError(
@@ -129,7 +99,8 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.is_logging_rank = is_metrics_rank(
-            pp_rank=self.pp_rank, pp_size=self.pp_size, tp_rank=self.tp_rank, dp_rank=self.dp_rank, cp_rank=self.cp_rank
+            pp_rank=self.pp_rank, pp_size=self.pp_size, tp_rank=self.tp_rank, dp_rank=self.dp_rank,
+            cp_rank=self.cp_rank,
         )
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -138,20 +109,15 @@ class Trainer:
                 f"{cfg.model.vocab_size}"
             )
         self.train_data, self.valid_data = build_datasets(cfg, tokenizer=self.tokenizer)
-        self.order = SampleOrder(len(self.train_data), seed=cfg.train.seed)
-        self.nan_guard = NanGuard(policy=cfg.train.nan_policy, max_skips=cfg.train.max_nan_skips)
+        self.order = SampleOrder(len(self.train_data), seed=t.seed)
+        self.nan_guard = NanGuard(policy=t.nan_policy, max_skips=t.max_nan_skips)
         self._build_model_and_optimizer()
 
     def _build_model_and_optimizer(self) -> None:
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from megatron_longgen.compat import mcore
         from megatron_longgen.megatron_bridge import TORCH_DTYPES, to_transformer_config
         from megatron_longgen.models.builder import build_model
 
@@ -160,8 +126,8 @@ class Trainer:
         vpp = cfg.parallel.virtual_pipeline_parallel or 1
         chunks = []
         for vp_stage in range(vpp):
-            pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-            post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            pre = self.pp_rank == 0 and vp_stage == 0
+            post = self.pp_rank == self.pp_size - 1 and vp_stage == vpp - 1
             chunk = build_model(cfg, transformer_config=self.tcfg, pre_process=pre, post_process=post,
                                 vp_stage=vp_stage if vpp > 1 else None)
             chunks.append(chunk.to(self.device))
@@ -170,45 +136,32 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_grad_reduce=False,
         )
-        self.model = [
-            DistributedDataParallel(config=self.tcfg, ddp_config=ddp_cfg, module=chunk,
-                                    disable_bucketing=(i > 0))
-            for i, chunk in enumerate(chunks)
-        ]
+        self.model = mcore.wrap_in_ddp(chunks, config=self.tcfg, ddp_config=ddp_cfg, pg_collection=self.pgs)
         dtype = TORCH_DTYPES[t.dtype]
         opt_cfg = OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            params_dtype=dtype,
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_cfg, self.model)
-        decay_steps = max(t.max_steps - t.lr_warmup_steps, 1)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if t.lr_warmup_steps else t.lr,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_steps,
-            lr_decay_steps=t.lr_warmup_steps + decay_steps,
-            lr_decay_style=t.lr_decay_style,
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=t.max_steps,
-            wd_incr_style="constant",
-        )
+        self.scheduler = self._build_scheduler()
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         self.num_parameters = sum(p.numel() for m in self.model for p in m.parameters())
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t = self.cfg.train
+        decay_steps = max(t.max_steps - t.lr_warmup_steps, 1)
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.lr_warmup_steps + decay_steps,
+            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+            wd_incr_steps=t.max_steps, wd_incr_style="constant",
+        )
 
     # ---------------------------------------------------------------- data
     def _cp_shard(self, batch: dict) -> dict:
@@ -221,9 +174,9 @@ class Trainer:
 
     def _iterator(self, dataset, step: int):
         t = self.cfg.train
-        return micro_batches(dataset, self.order if dataset is self.train_data else SampleOrder(len(dataset), seed=t.seed),
-                             step=step, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
-                             dp_rank=self.dp_rank, dp_size=self.dp_size)
+        order = self.order if dataset is self.train_data else SampleOrder(len(dataset), seed=t.seed)
+        return micro_batches(dataset, order, step=step, global_batch_size=t.global_batch_size,
+                             micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
 
     def _run(self, data_iter, *, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -246,54 +199,33 @@ class Trainer:
         )
 
     def _reduce_loss(self, losses_reduced: list) -> float:
-        """Token-weighted mean loss of the global batch (valid on the last pipeline stage)."""
-        from megatron.core import parallel_state as ps
-
+        """Token-weighted mean loss of the global batch (meaningful on the last pipeline stage only)."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for item in losses_reduced:
             total += item["lm loss"].to(total)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if self.pp_rank == self.pp_size - 1:
+            dist.all_reduce(total, group=self.pgs.dp_cp)
         return float(total[0] / total[1].clamp(min=1.0))
 
     # ---------------------------------------------------------------- steps
-    def _global_flag(self, bad: bool) -> bool:
-        """MAX over all ranks (the loss lives on the last pipeline stage only)."""
-        flag = torch.tensor([1 if bad else 0], dtype=torch.int32, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _grads_finite(self) -> bool:
-        """Whether this rank's gradient buffers (after Megatron's DP reduction) hold only finite values.
-        bf16 training has no loss scaler to catch overflows, so this is what protects the weights."""
-        for chunk in self.model:
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-                if not torch.isfinite(buffer.grad_data).all():
-                    return False
-        return True
-
     def train_step(self, step: int) -> dict:
-        """One optimizer step on global batch `step` (0-based). A non-finite loss or gradient goes to the
-        NaN guard before the optimizer touches the weights: `stop` raises, `skip` drops the update."""
+        """One optimizer step on global batch `step` (0-based). Non-finite gradients (NaN/Inf loss included:
+        it makes them non-finite) go to the NaN guard before the optimizer touches the weights: `stop`
+        raises, `skip` drops the update."""
+        from megatron_longgen.training.optimizer_step import step_unless_nonfinite
+
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run(self._iterator(self.train_data, step), forward_only=False)
-        loss = self._reduce_loss(losses)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self._global_flag(not math.isfinite(loss)):
-            self.nan_guard.check(float("nan") if math.isfinite(loss) else loss, step=step + 1)
-            return {"loss": loss, "grad_norm": float("nan"), "lr": lr, "update_skipped": True}
-        if self._global_flag(not self._grads_finite()):
-            self.nan_guard.check(float("nan"), step=step + 1, what="gradient")
-            return {"loss": loss, "grad_norm": float("nan"), "lr": lr, "update_skipped": True}
-        ok, grad_norm, _ = self.optimizer.step()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if ok:
+        loss = self._reduce_loss(self._run(self._iterator(self.train_data, step), forward_only=False))
+        outcome = step_unless_nonfinite(self.optimizer)
+        if outcome.nonfinite:
+            what = "loss" if self.is_logging_rank and math.isnan(loss) else "gradient norm"
+            self.nan_guard.check(outcome.grad_norm, step=step + 1, what=what)
+        if outcome.updated:
             self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                "update_skipped": not ok}
+        return {"loss": loss, "grad_norm": outcome.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                "update_skipped": not outcome.updated}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -309,52 +241,60 @@ class Trainer:
             m.train()
         return self._reduce_loss(losses)
 
-    def _loggers(self, *, append: bool) -> MetricsLogger:
-        if not self.is_logging_rank:
-            return MetricsLogger()
-        loggers: list[MetricsLogger] = [JsonlLogger(self.run_dir / "metrics.jsonl", append=append)]
-        if not self.quiet:
-            loggers.append(ConsoleLogger(max_steps=self.cfg.train.max_steps))
-        if self.cfg.logging.wandb:
-            loggers.append(WandbLogger(project=self.cfg.logging.wandb_project,
-                                       name=self.cfg.logging.run_name or self.cfg.name,
-                                       config=config_to_dict(self.cfg), run_dir=self.run_dir,
-                                       mode=self.cfg.logging.wandb_mode, resume_run=append))
-        return LoggerGroup(loggers)
-
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self, step: int) -> Path:
+    def signatures(self) -> dict:
+        from megatron_longgen.training.resume_check import data_signature, tokenizer_signature
+
+        if not hasattr(self, "_signatures"):
+            self._signatures = {"tokenizer": tokenizer_signature(self.tokenizer), "data": data_signature(self.cfg)}
+        return self._signatures
+
+    def save(self, step: int, *, clock=None) -> Path:
         """Collective: publish a resumable checkpoint after `step` completed steps."""
         from megatron_longgen.training.checkpointing import save_training_checkpoint
 
+        extra = {"nan_skips": self.nan_guard.skipped, "signatures": self.signatures()}
+        if clock is not None:
+            extra["clock"] = clock.state_dict()
         return save_training_checkpoint(
             checkpoints_dir=self.checkpoints_dir, step=step, cfg=self.cfg, model_chunks=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler,
-            extra_state={"nan_skips": self.nan_guard.skipped},
+            optimizer=self.optimizer, scheduler=self.scheduler, extra_state=extra,
             keep_last=self.cfg.train.keep_last_checkpoints,
         )
 
-    def restore(self, *, resume: bool) -> int:
-        """Collective: the step to start from. With `resume`, the latest complete checkpoint of this run
-        (model, optimizer, scheduler, RNG, NaN counter; data order follows from the step); otherwise, or
-        when there is none, `train.init_checkpoint`'s weights when set; else step 0 from scratch."""
+    def restore(self, *, resume: bool, allow_changes: tuple[str, ...] = ()) -> tuple[int, dict]:
+        """Collective: (step to start from, the checkpoint's trainer state or {}). With `resume`, the latest
+        complete checkpoint of this run, after checking it belongs to the same run (`resume_check.py`);
+        otherwise, or when there is none, `train.init_checkpoint`'s weights when set; else step 0."""
+        from megatron_longgen.checkpoint.format import load_config
         from megatron_longgen.training.checkpointing import (
             latest_checkpoint,
             load_model_weights,
             load_training_checkpoint,
+            read_trainer_state,
         )
+        from megatron_longgen.training.resume_check import compare_for_resume, enforce
 
         latest = latest_checkpoint(self.checkpoints_dir) if resume else None
         if latest is not None:
+            saved_state = read_trainer_state(latest)
+            diff = compare_for_resume(load_config(latest), self.cfg, saved_signatures=saved_state.get("signatures"),
+                                      current_signatures=self.signatures())
+            for note in enforce(diff, checkpoint=latest, allowed=allow_changes):
+                self._say(note)
             state = load_training_checkpoint(latest, model_chunks=self.model, optimizer=self.optimizer,
-                                             scheduler=self.scheduler)
+                                             scheduler=None if diff.schedule else self.scheduler)
+            step = int(state["step"])
+            if diff.schedule:  # the new schedule, at the resumed step
+                self.scheduler.num_steps = step
+                self.scheduler.step(increment=0)
             self.nan_guard.skipped = int(state.get("nan_skips", 0))
-            self._say(f"resumed from {latest} at step {state['step']}")
-            return int(state["step"])
+            self._say(f"resumed from {latest} at step {step}")
+            return step, state
         init = self.cfg.train.init_checkpoint
         if init:
             src = load_model_weights(init, model_chunks=self.model)
@@ -368,7 +308,7 @@ class Trainer:
             self._say(f"initialised weights from {init}")
         elif resume:
             self._say(f"--resume: no checkpoint in {self.checkpoints_dir}; starting from scratch")
-        return 0
+        return 0, {}
 
     def _say(self, text: str) -> None:
         if self.rank == 0 and not self.quiet:
@@ -392,74 +332,51 @@ class Trainer:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
-    def fit(self, *, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
-        """Train until `train.max_steps` (or `stop_after_steps` more steps, or a preemption signal),
-        checkpointing every `train.save_interval` steps and on exit. Collective on every rank."""
-        from megatron_longgen.training.flops import throughput_metrics
-        from megatron_longgen.training.guards import PreemptionFlag
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
-        cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        start_step = self.restore(resume=resume)
+    def fit(self, *, resume: bool = False, overwrite: bool = False, allow_changes: tuple[str, ...] = (),
+            stop_after_steps: int | None = None) -> TrainResult:
+        """Train until `train.max_steps` (or `stop_after_steps` more steps, or a preemption signal),
+        checkpointing every `train.save_interval` steps and on exit. Collective on every rank.
+
+        The run dir is claimed first (`run_dir.py`: refused when it holds another run unless `resume` or
+        `overwrite`); if the run fails before its first step, a run dir it created is removed again."""
+        from megatron_longgen.training import run_dir as rd
+        from megatron_longgen.training.loop import run_loop
+
+        state = rd.inspect(self.run_dir)  # read-only: every rank reaches the same verdict
+        rd.check_claim(state, resume=resume, overwrite=overwrite)
+        self._barrier()
+        directory = rd.RunDirectory(self.run_dir)
         if self.rank == 0:
-            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-            layout = "all full" if cfg.is_full_attention else cfg.sparse.variant
-            self._say(f"{cfg.name}: pattern {cfg.model.layer_pattern} ({layout}), "
-                      f"{self.num_parameters / 1e6:.2f}M params/rank, world {self.world_size} "
-                      f"(tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
-                      f"cp {cfg.parallel.context_parallel} dp {self.dp_size}), device {self.device.type}, "
-                      f"steps {start_step}->{t.max_steps}")
-        logger = self._loggers(append=start_step > 0)
-        peak = self._peak_tflops()
-        tokens_per_step = t.global_batch_size * t.seq_length
-        end_step = t.max_steps if stop_after_steps is None else min(t.max_steps, start_step + stop_after_steps)
-        preempt = PreemptionFlag()
-        losses: list[float] = []
-        saved_at, ckpt, stopped_by = None, None, None
-        start = time.perf_counter()
-        window_start, window_steps = start, 0
-        done = start_step
+            directory.prepare(state, overwrite=overwrite)
+            if directory.moved_aside:
+                self._say(f"--overwrite: moved the previous run to {directory.moved_aside}")
+        self._barrier()
         try:
-            for step in range(start_step, end_step):
-                metrics = self.train_step(step)
-                losses.append(metrics["loss"])
-                window_steps += 1
-                done = step + 1
-                evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
-                # Every line carries the training metrics; evaluation steps are always logged.
-                if done % t.log_interval == 0 or done == end_step or evaluating:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    step_time = (now - window_start) / window_steps
-                    metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                                   tokens_per_s_per_gpu=tokens_per_step / step_time / self.world_size,
-                                   wall_time_s=now - start, eta_s=step_time * (t.max_steps - done),
-                                   tokens=done * tokens_per_step, peak_mem_gib=self._peak_memory_gib(),
-                                   nan_skips=self.nan_guard.skipped,
-                                   **throughput_metrics(cfg=cfg, step_time_s=step_time,
-                                                        num_gpus=self.world_size, peak_tflops=peak))
-                    window_start, window_steps = now, 0
-                    if evaluating:
-                        metrics["eval_loss"] = self.evaluate()
-                    logger.log(metrics, done)
-                if preempt.should_stop(device=self.device):
-                    stopped_by = "signal"
-                    break
-                if t.save_interval and done % t.save_interval == 0:
-                    ckpt, saved_at = self.save(done), done
-            if (t.save_on_exit or stopped_by) and saved_at != done and done > start_step:
-                ckpt, saved_at = self.save(done), done
-        finally:
-            preempt.restore()
-            logger.close()
-        if stopped_by:
-            self._say(f"preemption signal: saved {ckpt} at step {done}; exiting")
-        return TrainResult(losses=losses, final_step=done, checkpoint_dir=str(ckpt) if ckpt else None,
-                           wall_time_s=time.perf_counter() - start)
+            return run_loop(self, directory=directory, resume=resume, allow_changes=allow_changes,
+                            stop_after_steps=stop_after_steps)
+        except BaseException:
+            if self.rank == 0 and not getattr(self, "_first_step_done", False):
+                directory.abandon()
+            raise
+
+    def write_config(self) -> None:
+        if self.rank == 0:
+            tmp = self.run_dir / ".config.json.tmp"
+            tmp.write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            os.replace(tmp, self.run_dir / "config.json")
+
+    def loggers(self, *, resumed_at: int):
+        return build_loggers(self, resumed_at=resumed_at)
 
 
 def train(cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False, resume: bool = False,
-          stop_after_steps: int | None = None) -> TrainResult:
+          overwrite: bool = False, allow_changes: tuple[str, ...] = (),
+          stop_after_steps: int | None = None, started_unix: float | None = None) -> TrainResult:
     """Build everything for `cfg` and train (see `Trainer.fit`)."""
-    return Trainer(cfg, run_dir=run_dir, quiet=quiet).fit(resume=resume, stop_after_steps=stop_after_steps)
+    trainer = Trainer(cfg, run_dir=run_dir, quiet=quiet, started_unix=started_unix)
+    return trainer.fit(resume=resume, overwrite=overwrite, allow_changes=allow_changes,
+                       stop_after_steps=stop_after_steps)

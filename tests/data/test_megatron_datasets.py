@@ -260,15 +260,53 @@ def test_blend_validation(blend, match):
         DataConfig(blend=blend)
 
 
-def test_blend_override_and_defaults():
+def test_blend_override():
     cfg = apply_overrides(debug_tiny(), ["data.blend=0.6 /d/a 0.4 /d/b", "data.cache_dir=/tmp/c"])
     assert cfg.data.blend == "0.6 /d/a 0.4 /d/b" and cfg.data.cache_dir == "/tmp/c"
     with pytest.raises(ValueError, match="cache_dir must be None or a non-empty path"):
         DataConfig(cache_dir=" ")
+
+
+def test_default_sample_counts_do_not_depend_on_the_step_budget(prefixes):
+    blend = f"0.6 {prefixes['a']} 0.4 {prefixes['b']}"
+    cfg = _cfg(blend)
+    tokens = validate_indexed_prefix(prefixes["a"]).num_tokens + validate_indexed_prefix(prefixes["b"]).num_tokens
     t = cfg.train
-    assert default_num_samples(cfg) == (t.max_steps * t.global_batch_size, t.eval_iters * t.global_batch_size)
-    every_10 = dataclasses.replace(cfg, train=dataclasses.replace(t, eval_interval=10, max_steps=35))
-    assert default_num_samples(every_10) == (35 * t.global_batch_size, 4 * t.eval_iters * t.global_batch_size)
+    expected = (int(tokens * 0.9) // SEQ, t.eval_iters * t.global_batch_size)
+    assert default_num_samples(cfg) == expected
+    for max_steps, eval_interval in ((7, 0), (500, 10)):
+        other = dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=max_steps, eval_interval=eval_interval))
+        assert default_num_samples(other) == expected
+
+
+def test_resuming_with_a_larger_step_budget_reads_the_same_samples(prefixes, tmp_path):
+    """The samples of the first steps are the same whatever `train.max_steps` is (a run resumed with more
+    steps continues the data order of the original run): datasets built for 5 and for 400 steps, read
+    through the trainer's sample order."""
+    from megatron_longgen.data.tokenizers import load_tokenizer
+    from megatron_longgen.training.data_order import SampleOrder, micro_batches
+
+    blend = f"0.6 {prefixes['a']} 0.4 {prefixes['b']}"
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        seen = []
+        for max_steps in (5, 400):
+            cfg = _cfg(blend, cache_dir=str(tmp_path / f"cache{max_steps}"))
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+            train, _ = build_datasets(cfg, tokenizer=load_tokenizer("builtin:tiny_sp"))
+            order = SampleOrder(len(train), seed=cfg.train.seed)
+            seen.append([
+                batch["tokens"].tolist()
+                for step in range(5)
+                for batch in micro_batches(train, order, step=step, global_batch_size=4, micro_batch_size=2,
+                                           dp_rank=0, dp_size=1)
+            ])
+    finally:
+        if created:
+            dist.destroy_process_group()
+    assert seen[0] == seen[1]
 
 
 def test_text_corpus_path_still_works(tmp_path, tokenizer):

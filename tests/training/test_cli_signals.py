@@ -129,6 +129,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
             "--run-dir",
             str(run_dir),
             "--resume",
+            "--allow-change",
+            "schedule",
             "--max-steps",
             str(step + 1),
             *TINY,

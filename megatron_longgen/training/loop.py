@@ -1,0 +1,106 @@
+"""The step loop of `Trainer.fit`: restore, train, log, evaluate, checkpoint, stop on a signal.
+
+Per logged step, metrics.jsonl / W&B / the console get: loss, LR, grad norm, step time and throughput
+(tokens/s, per GPU, executed and dense-equivalent TFLOP/s and MFU) measured without evaluation and
+checkpoint time, `eval_time_s` / `checkpoint_time_s` for that time, the run's tokens, its cumulative wall
+clock and productive time across restarts (`clock.py`), peak memory and the NaN-skip count.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from megatron_longgen.training.clock import RunClock, StepTimer
+
+
+def _banner(tr, *, start_step: int) -> str:
+    cfg, t = tr.cfg, tr.cfg.train
+    layout = "all full" if cfg.is_full_attention else cfg.sparse.variant
+    return (f"{cfg.name}: pattern {cfg.model.layer_pattern} ({layout}), {tr.num_parameters / 1e6:.2f}M params/rank, "
+            f"world {tr.world_size} (tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
+            f"cp {cfg.parallel.context_parallel} dp {tr.dp_size}), device {tr.device.type}, "
+            f"steps {start_step}->{t.max_steps}")
+
+
+def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], stop_after_steps: int | None):
+    from megatron_longgen.attention.core_attention import attention_backend_summary
+    from megatron_longgen.training.flops import throughput_metrics
+    from megatron_longgen.training.guards import PreemptionFlag
+    from megatron_longgen.training.trainer import TrainResult
+
+    cfg, t = tr.cfg, tr.cfg.train
+    start_step, state = tr.restore(resume=resume, allow_changes=allow_changes)
+    clock = (RunClock.resume(state["clock"], started_unix=tr.started_unix) if state.get("clock")
+             else RunClock.start(now_unix=tr.started_unix))
+    if resume and tr.is_logging_rank:
+        dropped = directory.truncate_metrics(keep_through_step=start_step)
+        if dropped:
+            print(f"[longgen] metrics.jsonl: dropped {dropped} row(s) after step {start_step} "
+                  "(they are being redone)", flush=True)
+    tr.write_config()
+    tr._say(_banner(tr, start_step=start_step))
+    tr._say(attention_backend_summary(tr.model))
+    logger = tr.loggers(resumed_at=start_step)
+    peak = tr._peak_tflops()
+    tokens_per_step = t.global_batch_size * t.seq_length
+    end_step = t.max_steps if stop_after_steps is None else min(t.max_steps, start_step + stop_after_steps)
+    sync = (lambda: torch.cuda.synchronize(tr.device)) if tr.device.type == "cuda" else None
+    timer = StepTimer(sync=sync)
+    preempt = PreemptionFlag()
+    losses: list[float] = []
+    saved_at, ckpt, stopped_by = None, None, None
+    start = time.perf_counter()
+    done = start_step
+    try:
+        for step in range(start_step, end_step):
+            metrics = tr.train_step(step)
+            tr._first_step_done = True
+            timer.step_done()
+            losses.append(metrics["loss"])
+            done = step + 1
+            evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
+            # Every line carries the training metrics; evaluation steps are always logged.
+            if done % t.log_interval == 0 or done == end_step or evaluating:
+                seconds, steps = timer.window()
+                clock.add_productive(seconds)
+                step_time = seconds / max(steps, 1)
+                if evaluating:
+                    with timer.excluded("eval"):
+                        metrics["eval_loss"] = tr.evaluate()
+                excluded = timer.pop_excluded()
+                metrics.update(
+                    step_time_s=step_time,
+                    tokens_per_s=tokens_per_step / step_time if step_time > 0 else float("nan"),
+                    tokens_per_s_per_gpu=tokens_per_step / step_time / tr.world_size if step_time > 0 else float("nan"),
+                    eta_s=step_time * (t.max_steps - done),
+                    tokens=done * tokens_per_step,
+                    peak_mem_gib=tr._peak_memory_gib(),
+                    nan_skips=tr.nan_guard.skipped,
+                    eval_time_s=excluded.get("eval", 0.0),
+                    checkpoint_time_s=excluded.get("checkpoint", 0.0),
+                    **clock.metrics(),
+                    **throughput_metrics(cfg=cfg, step_time_s=step_time, num_gpus=tr.world_size, peak_tflops=peak),
+                )
+                logger.log(metrics, done)
+            if preempt.should_stop(device=tr.device):
+                stopped_by = (f"preemption signal {signal.Signals(preempt.received).name}" if preempt.received is not None
+                              else "preemption signal on another rank")
+                break
+            if t.save_interval and done % t.save_interval == 0:
+                with timer.excluded("checkpoint"):
+                    ckpt, saved_at = tr.save(done, clock=clock), done
+        if (t.save_on_exit or stopped_by) and saved_at != done and done > start_step:
+            seconds, _ = timer.window()
+            clock.add_productive(seconds)
+            ckpt, saved_at = tr.save(done, clock=clock), done
+    finally:
+        preempt.restore()
+        logger.close()
+    if stopped_by:
+        tr._say(f"{stopped_by}: saved {ckpt} at step {done}; exiting")
+    return TrainResult(losses=losses if tr.is_logging_rank else [], final_step=done,
+                       checkpoint_dir=str(ckpt) if ckpt else None, wall_time_s=time.perf_counter() - start,
+                       start_step=start_step, stopped_by=stopped_by, is_metrics_rank=tr.is_logging_rank)
