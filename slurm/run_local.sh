@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source slurm/env/${CLUSTER_ENV:-default}.sh
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   # shellcheck disable=SC2086
-  exec python tools/check_launch.py --recipe "$RECIPE" --nodes 1 --gpus-per-node "$GPUS_PER_NODE"
+  exec python tools/check_launch.py --recipe "$RECIPE" --nodes 1 --gpus-per-node "$GPUS_PER_NODE" $EXTRA_ARGS
 fi
 # shellcheck disable=SC2086
 exec python -m torch.distributed.run --standalone --nproc-per-node "$GPUS_PER_NODE" \

@@ -11,6 +11,7 @@ run), OUT/report.json (the same numbers) and OUT/{loss_vs_tokens,loss_vs_wallclo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -32,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = plot(runs, out)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("compare_runs: matplotlib is not installed: report without plots "
+              '(pip install -e ".[plot]" for the PNGs)', file=sys.stderr)  # fmt: skip
+        images = []
+    else:
+        images = plot(runs, out)
     body = "# LongGen vs full attention\n\n" + markdown + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     for name, text in (("report.md", body), ("report.json", json.dumps(numbers, indent=2) + "\n")):
         tmp = out / f".{name}.tmp"

@@ -89,8 +89,10 @@ def by_length(table: dict[int, dict[float, float]]) -> dict[int, float]:
 
 
 def ppl_curve(report: dict) -> dict:
-    """{"positions": [...], "ppl": [...]} from tools/eval_ppl_by_position.py's JSON (same keys)."""
-    return {"positions": [int(p) for p in report["positions"]], "ppl": [float(v) for v in report["ppl"]]}
+    """{"positions": [bin centres], "ppl": [per bin]} from tools/eval_ppl_by_position.py's JSON, whose
+    `bins` are `{"start", "end", "ppl", ...}` (`ppl` at the top level is the whole-document value)."""
+    bins = report["bins"]
+    return {"positions": [(int(b["start"]) + int(b["end"])) / 2 for b in bins], "ppl": [float(b["ppl"]) for b in bins]}
 
 
 def check_targets(passkey: dict, niah: dict, training: dict) -> dict:

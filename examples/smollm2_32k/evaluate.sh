@@ -8,7 +8,8 @@
 # Models: original (the converted SmolLM2, 8K), longgen, sparse_only, full (exports of the trained runs),
 # attnsink_inference (the `full` export with the sink_window KV policy at inference only: the paper's
 # inference-only AttnSink baseline). Writes WORKDIR/eval/MODEL/{passkey,niah,ppl}.json (+ the tools' PNGs).
-# Sizes (environment): LENGTHS, DEPTHS, SAMPLES (passkey and NIAH trials per cell), PPL_DOCS, PPL_LENGTH.
+# Sizes (environment): LENGTHS, DEPTHS (space-separated), SAMPLES (passkey and NIAH trials per cell), PPL_DOCS,
+# PPL_LENGTH, PPL_BIN (positions per point of the perplexity curve).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORKDIR=${WORKDIR:-$REPO/runs/smollm2_32k}
@@ -19,6 +20,9 @@ SAMPLES=${SAMPLES:-2}
 PPL_DOCS=${PPL_DOCS:-4}
 PPL_LENGTH=${PPL_LENGTH:-65536}
 DTYPE=${DTYPE:-bf16}
+PPL_BIN=${PPL_BIN:-1024}
+lengths=$(echo $LENGTHS | tr ' ' ',')  # the tools take comma-separated lists
+depths=$(echo $DEPTHS | tr ' ' ',')
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(original longgen sparse_only full attnsink_inference)
@@ -33,13 +37,11 @@ for model in "${MODELS[@]}"; do
     out=$WORKDIR/eval/$model
     mkdir -p "$out"
     echo "evaluate.sh: $model ($dir ${policy[*]})"
-    # shellcheck disable=SC2086  # LENGTHS and DEPTHS are word lists
-    "$PYTHON" "$REPO/tools/eval_passkey.py" --model "$dir" "${policy[@]}" --lengths $LENGTHS --depths $DEPTHS \
-        --samples "$SAMPLES" --dtype "$DTYPE" --out "$out/passkey.json"
-    # shellcheck disable=SC2086
-    "$PYTHON" "$REPO/tools/eval_niah.py" --model "$dir" "${policy[@]}" --lengths $LENGTHS --depths $DEPTHS \
-        --samples "$SAMPLES" --dtype "$DTYPE" --out "$out/niah.json"
+    "$PYTHON" "$REPO/tools/eval_passkey.py" --model "$dir" "${policy[@]}" --lengths "$lengths" --depths "$depths" \
+        --samples "$SAMPLES" --dtype "$DTYPE" --out-dir "$out" --name passkey --label "$model"
+    "$PYTHON" "$REPO/tools/eval_niah.py" --model "$dir" "${policy[@]}" --lengths "$lengths" --depths "$depths" \
+        --samples "$SAMPLES" --dtype "$DTYPE" --out-dir "$out" --name niah --label "$model"
     "$PYTHON" "$REPO/tools/eval_ppl_by_position.py" --model "$dir" "${policy[@]}" \
-        --documents "$WORKDIR/data/heldout.jsonl" --num-documents "$PPL_DOCS" --length "$PPL_LENGTH" \
-        --dtype "$DTYPE" --out "$out/ppl.json"
+        --documents "$WORKDIR/data/heldout.jsonl" --num-docs "$PPL_DOCS" --max-tokens "$PPL_LENGTH" \
+        --bin-size "$PPL_BIN" --dtype "$DTYPE" --out-dir "$out" --name ppl --label "$model"
 done

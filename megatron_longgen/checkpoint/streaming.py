@@ -112,6 +112,8 @@ def write_mcore_model(batches: Iterator[dict[str, torch.Tensor]], out: Path, *, 
     (`ensure_process_group`)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_longgen.training.guards import shield_helper_processes
+
     parts, layer_maps = [], []
     for batch in batches:
         # Stacked layer tensors of this part span only its own layers (slot -> layer in layer_map).
@@ -134,7 +136,8 @@ def write_mcore_model(batches: Iterator[dict[str, torch.Tensor]], out: Path, *, 
         part.mkdir()
         # A part holds the `_extra_state` objects of its own layers only: no whole-checkpoint check here
         # (loading the merged checkpoint through a model's sharded_state_dict is what the tests verify).
-        dist_checkpointing.save(state, str(part), validate_access_integrity=False)
+        with shield_helper_processes():  # Megatron-Core's writer processes die with the converter
+            dist_checkpointing.save(state, str(part), validate_access_integrity=False)
         parts.append(part)
         layer_maps.append(layer_map)
         del state

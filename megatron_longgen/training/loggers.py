@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -131,15 +133,35 @@ class WandbLogger(MetricsLogger):
             self.run.define_metric(f"{prefix}/*", step_metric=axis)
 
     def log(self, metrics: dict, step: int) -> None:
+        if self.run is None:
+            return
         row = dict(metrics)
         for prefix, axis in self.AXES.items():
             if axis in metrics:
                 row[axis] = metrics[axis]
                 row.update({f"{prefix}/{k}": metrics[k] for k in self.PLOTTED if k in metrics})
-        self.run.log(row, step=step)
+        try:
+            self.run.log(row, step=step)
+        except Exception as exc:  # noqa: BLE001 (a side channel: losing it must not stop training)
+            self._lost(exc, f" at step {step}")
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as exc:  # noqa: BLE001
+            self._lost(exc, " at the end")
+
+    def _lost(self, exc: Exception, where: str) -> None:
+        """W&B's service process is gone: Slurm's SIGTERM reaches every process of a job step, and the
+        service (wandb-core) exits on it whatever the signal mask. Keep training; say so once."""
+        self.run = None
+        print(f"[longgen] W&B logging stopped{where}: {type(exc).__name__}: {exc} (its service process ended, "
+              "e.g. on a SIGTERM to the job step); metrics.jsonl has every step and a resumed run continues "
+              "the W&B run", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            self._wandb.teardown()  # unregisters W&B's exit hook, which would fail the same way
 
 
 class LoggerGroup(MetricsLogger):

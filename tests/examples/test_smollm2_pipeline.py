@@ -84,18 +84,12 @@ def fake_site_packages(tmp_path: Path) -> tuple[Path, Path]:
     return root, licenses
 
 
-def evaluate(workdir: Path) -> bool:
-    """MERGE (lead): the evaluation step. Runs evaluate.sh with tiny sizes once tools/eval_passkey.py,
-    tools/eval_niah.py and tools/eval_ppl_by_position.py exist (helper "inference"); until then it returns
-    False and the test checks everything else. After the merge, delete the early return so a missing tool
-    fails the test, and align evaluate.sh's flags and compare.cells()/ppl_curve() with the tools' JSON."""
-    tools = [REPO / "tools" / f"eval_{name}.py" for name in ("passkey", "niah", "ppl_by_position")]
-    if not all(t.is_file() for t in tools):
-        return False
+def evaluate(workdir: Path) -> None:
+    """The evaluation step: evaluate.sh (tools/eval_passkey.py, eval_niah.py, eval_ppl_by_position.py) at
+    tiny sizes for every model."""
     run(["bash", str(EXAMPLE / "evaluate.sh")], env={
         "WORKDIR": str(workdir), "PYTHON": sys.executable, "LENGTHS": "256 512", "DEPTHS": "0.0 0.5 1.0",
-        "SAMPLES": "1", "PPL_DOCS": "1", "PPL_LENGTH": "512", "DTYPE": "fp32"})
-    return True
+        "SAMPLES": "1", "PPL_DOCS": "1", "PPL_LENGTH": "512", "PPL_BIN": "128", "DTYPE": "fp32"})
 
 
 @pytest.mark.slow
@@ -162,8 +156,8 @@ def test_smollm2_pipeline(tmp_path):
         torch.testing.assert_close(exported(ids).logits, expected, atol=2e-4, rtol=1e-4)
     destroy()
 
-    # 5. evaluation (MERGE: see evaluate()).
-    evaluated = evaluate(workdir)
+    # 5. evaluation.
+    evaluate(workdir)
 
     # 6. compare.
     results = tmp_path / "results"
@@ -177,15 +171,14 @@ def test_smollm2_pipeline(tmp_path):
         assert t["wall_clock_s"] > 0 and t["tokens_per_s"] > 0 and t["process_wall_s"] >= t["wall_clock_s"]
     assert summary["targets"]["full_over_longgen_wall_clock"] > 0
     assert summary["data"]["tokens_out"] == stats["tokens_out"] and summary["model"]["vocab_size"] == VOCAB
-    if evaluated:
-        for kind in ("passkey", "niah"):
-            assert set(summary[kind]) == {"original", "longgen", "sparse_only", "full", "attnsink_inference"}
-            for accuracies in summary[kind].values():
-                assert set(accuracies) == {"256", "512"} and all(0 <= a <= 1 for a in accuracies.values())
-        plots = ("passkey", "niah", "loss_tokens", "loss_wallclock", "ppl_position")
-    else:
-        assert "eval/longgen/passkey" in summary["missing"]
-        plots = ("loss_tokens", "loss_wallclock")
+    for kind in ("passkey", "niah"):
+        assert set(summary[kind]) == {"original", "longgen", "sparse_only", "full", "attnsink_inference"}
+        for accuracies in summary[kind].values():
+            assert set(accuracies) == {"256", "512"} and all(0 <= a <= 1 for a in accuracies.values())
+    for model, curve in summary["ppl_by_position"].items():
+        assert curve["positions"] == [64.0, 192.0, 320.0, 448.0], model  # 512 tokens in bins of 128
+        assert all(1.0 < p < 1e6 for p in curve["ppl"]), model
+    plots = ("passkey", "niah", "loss_tokens", "loss_wallclock", "ppl_position")
     if importlib.util.find_spec("matplotlib") is not None:
         for name in plots:
             assert (results / f"smollm2_32k_cpu_{name}.png").stat().st_size > 1000, name

@@ -63,6 +63,7 @@ from megatron_longgen.training.checkpointing.state import (
     optimizer_metadata,
     rng_state,
 )
+from megatron_longgen.training.guards import shield_helper_processes
 
 
 @dataclasses.dataclass
@@ -294,22 +295,25 @@ class CheckpointSaver:
         """
         from megatron.core import dist_checkpointing
 
-        requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
-        if optim_sd is not None:
-            requests.append(
-                dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True)
-            )
-        request = combine_requests(requests, finalize=finalize)
-        if not self.async_save:
-            request.execute_sync()
-            return
-        if self._queue is None:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        # Slurm signals every process of a job step: the shield keeps the writers alive through the
+        # preemption signal that asked for this save, and kills them if the trainer dies.
+        with shield_helper_processes():
+            requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
+            if optim_sd is not None:
+                requests.append(
+                    dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True)
+                )
+            request = combine_requests(requests, finalize=finalize)
+            if not self.async_save:
+                request.execute_sync()
+                return
+            if self._queue is None:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-            # Temporal (fork per save), not persistent (spawned worker fed through a queue): the fork's
-            # copy-on-write memory is a consistent snapshot even for CPU tensors that training updates.
-            self._queue = AsyncCallsQueue(persistent=False)
-        self._queue.schedule_async_request(request)
+                # Temporal (fork per save), not persistent (spawned worker fed through a queue): the fork's
+                # copy-on-write memory is a consistent snapshot even for CPU tensors that training updates.
+                self._queue = AsyncCallsQueue(persistent=False)
+            self._queue.schedule_async_request(request)
 
     def _publish(self, result: SaveResult, tmp: Path) -> None:
         """Finalize step, on every rank after Megatron's own finalizers: manifest, rename, `latest`,
