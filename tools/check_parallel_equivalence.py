@@ -61,8 +61,9 @@ SIZES = {
     "small": {"hidden": 256, "heads": 4, "groups": 2, "ffn": 704, "seq": 2048, "block": 64, "window": 4, "stride": 8,
               "local": 1},
 }
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-             "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+             "SLURM_LOCALID")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -378,7 +379,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def _single_process_env() -> dict:
     """This environment without the launcher's rank variables, on rank 0's GPU only."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    # TORCHELASTIC_USE_AGENT_STORE in particular makes a tcp:// rendezvous join torchrun's store as a client,
+    # which a world-size-1 process would wait on for ever.
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC_")}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if visible:
@@ -407,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-work-dir", action="store_true", help="keep it (reusable with --reference-dir)")
     p.add_argument("--reference-dir", default=None, help="a kept work dir: reuse its init weights and reference")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/parallel_equivalence_...)")
+    p.add_argument("--single-process-timeout", type=float, default=1800.0, help="seconds for rank 0's child run")
     p.add_argument("--single-process", action="store_true", help=argparse.SUPPRESS)  # internal: rank 0's child
     return p
 
@@ -469,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
            "--single-process", "--work-dir", str(work)]
-    proc = subprocess.run(cmd, env=_single_process_env(), check=False)
+    try:
+        proc = subprocess.run(cmd, env=_single_process_env(), check=False, timeout=args.single_process_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"check_parallel_equivalence: the single-process run took over {args.single_process_timeout} s",
+              file=sys.stderr)
+        return 2
     if proc.returncode != 0:
         print(f"check_parallel_equivalence: the single-process run failed (exit {proc.returncode})", file=sys.stderr)
         return 2
