@@ -25,7 +25,9 @@ def padded_vocab_size(vocab_size: int, *, divisible_by: int, tensor_parallel: in
 def _has_fused_wgrad() -> bool:
     import importlib.util
 
-    return torch.cuda.is_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    return (
+        torch.cuda.is_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    )
 
 
 def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
@@ -33,9 +35,13 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
     dtype = TORCH_DTYPES[t.dtype]
     recompute = {}
     if t.recompute == "selective":
-        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
     elif t.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        recompute = {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
     from megatron_longgen.training.pipeline_layout import pipeline_layout
 
     tcfg = TransformerConfig(
@@ -75,6 +81,8 @@ def to_transformer_config(cfg: LongGenConfig) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         # Loss = sum over tokens / tokens in the global batch, exact under CP and uneven loss masks.
         calculate_per_token_loss=True,
+        # Megatron's own TE switches follow the explicit choice (`models/layer_specs.py` builds the specs).
+        transformer_impl=m.transformer_impl,
         # Stages balanced by estimated cost (full layers are dearer at long context); None = even split.
         pipeline_model_parallel_layout=pipeline_layout(cfg),
         **recompute,

@@ -5,9 +5,9 @@ fields (`dataclasses.replace`). `longgen-train --recipe NAME` looks them up in `
 |---------------------|-------------------------------------------------------------------------------|
 | debug_tiny          | 6-layer `SSFFSS` hybrid, 1,024 tokens, shipped corpus; CPU in ~1-2 min        |
 | debug_tiny_full     | the same, all layers full (the baseline)                                      |
-| llama2_7b_128k      | LongGen 7B: 4K -> 128K, middle third full, sink+window, TP=8, recompute      |
+| llama2_7b_128k      | LongGen 7B: 4K -> 128K, middle third full, sink+window, TP=2, full recompute  |
 | llama2_7b_128k_full | the full-attention baseline of the same run                                   |
-| llama2_70b_128k     | LongGen 70B (GQA 64/8): TP=8, PP=4, CP=2                                      |
+| llama2_70b_128k     | LongGen 70B (GQA 64/8): TP=8, CP=8, full recompute                            |
 | llama2_70b_128k_full| its full-attention baseline                                                   |
 
 | llama2_7b_128k_pi   | the 7B run with linear position interpolation (factor 32, base 10,000)        |
@@ -21,6 +21,17 @@ longgen_config.json and so in exports):
 - `_yarn`: YaRN with factor 32 over the original 4,096 positions, base 10,000.
 Positions stay absolute in every layer. Any recipe can switch with overrides, e.g.
 `--override model.rotary_base=10000 model.rope_scaling=yarn model.rope_scaling_factor=32`.
+
+Production inputs: the `llama2_*` recipes leave the data blend, the tokenizer and the initial checkpoint to
+the command line (`--data-blend`, `--tokenizer`, `--init-checkpoint`) or the environment
+(`LONGGEN_DATA_BLEND`, `LONGGEN_TOKENIZER`, `LONGGEN_INIT_CHECKPOINT`) and refuse to start without them
+(`launch/inputs.py`); `debug_tiny` keeps the shipped corpus and tokenizer.
+
+Parallel layouts: chosen with `tools/plan_parallelism.py` for 8 nodes x 8 H100-80GB (64 GPUs): of the
+layouts that leave 10% of the memory free, those within 5% of the fastest predicted throughput, the one
+with the fewest of pipeline and context parallelism. Predicted (LongGen / full-attention baseline,
+tokens/s/GPU, executed MFU): 7B TP=2 DP=32 full recompute 4,567 / 2,533 (0.356 / 0.366); 70B TP=8 CP=8 full
+recompute 549 / 370 (0.331 / 0.347). Another cluster: run the planner and override `parallel.*`.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from megatron_longgen.config import (
     SparseAttentionConfig,
     TrainingConfig,
 )
+from megatron_longgen.launch.inputs import FROM_COMMAND_LINE
 from megatron_longgen.models.layer_pattern import default_layer_pattern, full_pattern
 
 
@@ -57,9 +69,11 @@ def with_rope_scaling(cfg: LongGenConfig, scaling: str, *, factor: float, rotary
 
 
 def debug_tiny() -> LongGenConfig:
-    """A small hybrid on the shipped corpus. The sparse pattern is scaled down (16-token blocks, 4-block
-    window, stride 8 blocks) so that the S layers really are sparse at 1,024 tokens: ~80 of up to 1,024
-    keys per query for sink_window."""
+    """A small hybrid on the shipped corpus. The sparse pattern is scaled down (16-token blocks; sink_window:
+    1 sink + 4 window blocks, ~80 of up to 1,024 keys per query; block_strided: every 4th block + 2 local
+    blocks, 16 strided blocks at 1,024 tokens) so that the S layers really are sparse, and the strided
+    variant crosses several stride blocks even at the tests' 128 tokens (a wrong stride changes the
+    golden losses, tests/training/test_golden_losses.py)."""
     return LongGenConfig(
         name="debug_tiny",
         model=ModelConfig(
@@ -73,7 +87,7 @@ def debug_tiny() -> LongGenConfig:
             rotary_base=10000.0,
         ),
         sparse=SparseAttentionConfig(
-            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=8,
+            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=4,
             num_local_blocks=2,
         ),
         parallel=ParallelConfig(use_distributed_optimizer=False),
@@ -100,9 +114,10 @@ def debug_tiny_full() -> LongGenConfig:
 
 
 def llama2_7b_128k() -> LongGenConfig:
-    """LongGen on Llama-2 7B: 5B tokens of 128K-packed long documents, TP=8, full recompute, bf16.
-    RoPE: raised base 500,000, no scaling. Start from a converted checkpoint (tools/convert_hf_to_mcore.py)
-    with `--init-checkpoint DIR`."""
+    """LongGen on Llama-2 7B: 5B tokens of 128K-packed long documents, TP=2 + sequence parallel, full
+    recompute, bf16 (the planner's choice for 64 H100-80GB; on 64 GPUs DP=32, one sequence per rank).
+    RoPE: raised base 500,000, no scaling. Data blend, tokenizer and initial checkpoint (a converted
+    Llama-2, tools/convert_hf_to_mcore.py) come from the command line or the environment."""
     num_layers = 32
     return LongGenConfig(
         name="llama2_7b_128k",
@@ -116,7 +131,7 @@ def llama2_7b_128k() -> LongGenConfig:
             rotary_base=500000.0,
         ),
         sparse=SparseAttentionConfig(variant="sink_window"),
-        parallel=ParallelConfig(tensor_parallel=8, sequence_parallel=True, use_distributed_optimizer=True),
+        parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=True, use_distributed_optimizer=True),
         train=TrainingConfig(
             seq_length=131072,
             micro_batch_size=1,
@@ -131,8 +146,9 @@ def llama2_7b_128k() -> LongGenConfig:
             recompute="full",
             log_interval=1,
             save_interval=100,
+            init_checkpoint=FROM_COMMAND_LINE,
         ),
-        data=DataConfig(corpus="builtin:tiny_stories", tokenizer="builtin:tiny_sp"),
+        data=DataConfig(corpus=FROM_COMMAND_LINE, tokenizer=FROM_COMMAND_LINE),
     )
 
 
@@ -151,9 +167,10 @@ def llama2_7b_128k_yarn() -> LongGenConfig:
 
 
 def llama2_70b_128k() -> LongGenConfig:
-    """LongGen on Llama-2 70B (GQA: 64 query / 8 KV heads). 128K tokens need CP to fit activations.
-    RoPE: raised base 500,000 (inherited from the 7B recipe). PP=4 stages are balanced by attention cost
-    (`train.pipeline_layout="balanced"`: 27/13/13/27 layers, the full middle layers being dearer)."""
+    """LongGen on Llama-2 70B (GQA: 64 query / 8 KV heads): TP=8 + sequence parallel inside a node, CP=8
+    across nodes, full recompute (the planner's choice for 64 H100-80GB: 64 GiB of 73 usable, DP=1 with 32
+    micro-batches). RoPE: raised base 500,000 (inherited from the 7B recipe). With PP, stages are balanced
+    by attention cost (`train.pipeline_layout="balanced"`: the full middle layers are dearer)."""
     base = llama2_7b_128k()
     num_layers = 80
     model = dataclasses.replace(
@@ -166,7 +183,7 @@ def llama2_70b_128k() -> LongGenConfig:
         layer_pattern=default_layer_pattern(num_layers),
     )
     parallel = ParallelConfig(
-        tensor_parallel=8, pipeline_parallel=4, context_parallel=2, sequence_parallel=True,
+        tensor_parallel=8, pipeline_parallel=1, context_parallel=8, sequence_parallel=True,
         use_distributed_optimizer=True,
     )
     return dataclasses.replace(base, name="llama2_70b_128k", model=model, parallel=parallel)

@@ -5,7 +5,12 @@
     longgen-train --recipe debug_tiny --run-dir runs/tiny_full --attention full
     longgen-train --recipe debug_tiny --run-dir runs/tiny --max-steps 200 --save-interval 50 --resume
     torchrun --nproc-per-node 8 -m megatron_longgen.train --recipe llama2_7b_128k --run-dir runs/7b \
+        --data-blend "data/long_docs" --tokenizer ckpt/llama2_7b_hf/tokenizer.model \
         --init-checkpoint ckpt/llama2_7b_mcore --save-interval 100 --resume
+
+The production recipes (`llama2_*`) need `--data-blend`, `--tokenizer` and `--init-checkpoint`, or the
+environment variables LONGGEN_DATA_BLEND, LONGGEN_TOKENIZER and LONGGEN_INIT_CHECKPOINT (which fill only
+what a recipe leaves open; flags always win).
 
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per logged step) and
 RUN_DIR/checkpoints/step_NNNNNNN/ (Megatron-Core distributed checkpoints of model and optimizer, RNG and
@@ -37,10 +42,11 @@ from megatron_longgen.recipes import RECIPES, get_recipe, with_full_attention, w
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, run_dir_required: bool = True) -> argparse.ArgumentParser:
+    """The `longgen-train` flags (`tools/check_launch.py` reuses them, with `--run-dir` optional)."""
     parser = argparse.ArgumentParser(prog="longgen-train", description="Train a LongGen recipe.")
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named run (megatron_longgen/recipes.py)")
-    parser.add_argument("--run-dir", required=True, help="output folder (metrics, config, checkpoints)")
+    parser.add_argument("--run-dir", required=run_dir_required, help="output folder (metrics, config, checkpoints)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     parser.add_argument("--save-interval", type=int, default=None,
                         help="override train.save_interval (steps between checkpoints; 0: only on exit)")
@@ -52,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume: accept a changed step budget / LR schedule ('schedule') or parallel "
                              "layout ('layout')")
     parser.add_argument("--init-checkpoint", default=None, metavar="DIR",
-                        help="initial weights: a converted checkpoint folder (override train.init_checkpoint)")
+                        help="initial weights: a converted checkpoint folder (override train.init_checkpoint; "
+                             "env LONGGEN_INIT_CHECKPOINT)")
+    parser.add_argument("--data-blend", default=None, metavar="'PREFIX ...'",
+                        help="Megatron indexed datasets to train on: 'PREFIX ...' or 'W PREFIX W PREFIX' "
+                             "(data.blend; env LONGGEN_DATA_BLEND)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="SentencePiece .model or HF tokenizer folder (data.tokenizer; env LONGGEN_TOKENIZER)")
     parser.add_argument("--sparse-variant", choices=SPARSE_VARIANTS, default=None, help="sparse pattern of S layers")
     parser.add_argument("--attention", choices=("hybrid", "full"), default="hybrid",
                         help="'full' turns every layer into full attention (the baseline)")
@@ -65,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
+    from megatron_longgen.launch.inputs import resolve_inputs
+
     cfg = get_recipe(args.recipe)
     if args.sparse_variant:
         cfg = with_sparse_variant(cfg, args.sparse_variant)
@@ -75,29 +89,36 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.save_interval is not None:
         overrides.append(f"train.save_interval={args.save_interval}")
-    if args.init_checkpoint is not None:
-        overrides.append(f"train.init_checkpoint={args.init_checkpoint}")
+    cfg = resolve_inputs(cfg, data_blend=args.data_blend, tokenizer=args.tokenizer,
+                         init_checkpoint=args.init_checkpoint)
     cfg = apply_overrides(cfg, overrides)
     if args.wandb:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=True))
     return cfg
 
 
-def preflight(cfg, args: argparse.Namespace) -> None:
-    """Cheap checks before any process group or model exists (ValueError naming the value and the fix)."""
+def preflight(cfg, args: argparse.Namespace, *, quiet: bool = False) -> None:
+    """Checks before any process group or model exists, each a ValueError naming the value and the fix: the
+    run dir's ownership (`training/run_dir.py`), W&B credentials, and the launch validator
+    (`launch/validate.py`: parallel sizes, data, tokenizer, initial checkpoint, and on a known GPU the memory
+    plan). Rank 0 prints the validator's report."""
+    from megatron_longgen.launch.validate import validate_launch_from_env
     from megatron_longgen.training import run_dir as rd
 
-    rd.check_claim(rd.inspect(args.run_dir), resume=args.resume, overwrite=args.overwrite)
-    init = cfg.train.init_checkpoint
-    if init and not (args.resume and rd.inspect(args.run_dir).num_checkpoints) and not os.path.isdir(init):
-        raise ValueError(f"--init-checkpoint {init} does not exist (or is not a folder): convert one with "
-                         "tools/convert_hf_to_mcore.py or fix the path")
+    state = rd.inspect(args.run_dir)
+    rd.check_claim(state, resume=args.resume, overwrite=args.overwrite)
     if cfg.logging.wandb:
         mode = os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)
         has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.isfile(os.path.expanduser("~/.netrc"))
         if mode == "online" and not has_key:
             raise ValueError("W&B mode is online but no API key is set: export WANDB_API_KEY (or run "
                              "`wandb login`), or use WANDB_MODE=offline and `wandb sync` later")
+    checked = cfg
+    if args.resume and state.num_checkpoints:  # the run's own checkpoint wins; the initial one is not read
+        checked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_checkpoint=None))
+    report = validate_launch_from_env(checked)
+    if _rank() == 0 and not quiet:
+        print(report.format(), flush=True)
 
 
 def _rank() -> int:
@@ -133,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("LONGGEN_DEBUG", "") not in ("", "0")
     try:
         cfg = config_from_args(args)
-        preflight(cfg, args)
+        preflight(cfg, args, quiet=args.quiet)
     except ValueError as exc:
         _report(exc, debug=debug, user_error=True)
         return EXIT_USAGE

@@ -13,7 +13,7 @@ SCRIPTS = ["slurm/train.sbatch", "slurm/llama2_7b_128k.sh", "slurm/llama2_70b_12
 
 
 def _env(**extra):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGGEN_")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -31,25 +31,66 @@ def test_recipe_scripts_request_what_their_recipe_needs():
         assert "/home/" not in text and "/scratch/" not in text  # no personal paths
 
 
-def test_dry_run_validates_the_70b_layout():
-    proc = subprocess.run(["bash", "slurm/llama2_70b_128k.sh"], cwd=ROOT, capture_output=True, text=True,
-                          env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT), timeout=120)
+def test_dry_run_validates_the_70b_layout(tmp_path):
+    from megatron_longgen.recipes import get_recipe
+    from tests.launch.fixtures import production_env
+
+    # The production inputs come from the LONGGEN_* variables the job script exports (a 32K-vocabulary
+    # tokenizer, a 5.1B-token blend whose .bin is sparse, a checkpoint folder of the 70B shape).
+    inputs = production_env(tmp_path, get_recipe("llama2_70b_128k"), tokens=5_100_000_000)
+    proc = subprocess.run(["bash", "slurm/llama2_70b_128k.sh"], check=False, cwd=ROOT, capture_output=True, text=True,
+                          env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT, **inputs), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "world 256 = tp 8 x pp 4 x cp 2 x dp 4" in proc.stdout
+    assert "world 256 = tp 8 x pp 1 x cp 8 x dp 4" in proc.stdout
+    assert "plan on NVIDIA H100 SXM5 80GB" in proc.stdout
     assert "launch OK" in proc.stdout
 
 
-def test_dry_run_rejects_a_bad_allocation():
-    proc = subprocess.run(["bash", "slurm/train.sbatch"], cwd=ROOT, capture_output=True, text=True,
-                          env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=3, LONGGEN_HOME=ROOT), timeout=120)
+def test_dry_run_refuses_the_70b_recipe_without_its_inputs():
+    proc = subprocess.run(["bash", "slurm/llama2_70b_128k.sh"], check=False, cwd=ROOT, capture_output=True, text=True,
+                          env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT), timeout=300)
     assert proc.returncode == 2
-    assert "global_batch_size 32 must be a multiple of micro_batch_size * dp = 1 * 3 on 24 GPUs" in proc.stderr
+    for flag, var in (("--data-blend", "LONGGEN_DATA_BLEND"), ("--tokenizer", "LONGGEN_TOKENIZER"),
+                      ("--init-checkpoint", "LONGGEN_INIT_CHECKPOINT")):
+        assert flag in proc.stderr and var in proc.stderr
+
+
+def test_dry_run_rejects_a_bad_allocation():
+    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True,
+                          env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=3, LONGGEN_HOME=ROOT), timeout=300)
+    assert proc.returncode == 2
+    assert "global_batch_size 32 must be a multiple of micro_batch_size * dp = 1 * 12 on 24 GPUs" in proc.stderr
+
+
+def _dry_run_passes_extra_args() -> bool:
+    text = (ROOT / "slurm" / "train.sbatch").read_text()
+    return any("check_launch.py" in line and "EXTRA_ARGS" in line for line in text.splitlines())
+
+
+@pytest.mark.skipif(not _dry_run_passes_extra_args(),
+                    reason="slurm/train.sbatch does not pass $EXTRA_ARGS to tools/check_launch.py yet")
+def test_dry_run_checks_what_extra_args_will_train(tmp_path):
+    from megatron_longgen.recipes import get_recipe
+    from tests.launch.fixtures import production_env
+
+    inputs = production_env(tmp_path, get_recipe("llama2_7b_128k"), tokens=600_000_000)
+    tokenizer = inputs.pop("LONGGEN_TOKENIZER")
+    extra = f"--tokenizer {tokenizer} --max-steps 100 --override train.global_batch_size=64"
+    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=8, LONGGEN_HOME=ROOT,
+                                   EXTRA_ARGS=extra, **inputs))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "global batch 64 x 131072 tokens" in proc.stdout and "launch OK" in proc.stdout
+    bad = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=8, LONGGEN_HOME=ROOT,
+                                  EXTRA_ARGS=extra + " --max-steps 5000", **inputs))
+    assert bad.returncode == 2 and "above the limit of 4 epochs" in bad.stderr
 
 
 def test_run_local_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
     args = "--max-steps 4 --quiet --override train.seq_length=128 train.log_interval=2 train.global_batch_size=4"
-    proc = subprocess.run(["bash", "slurm/run_local.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(["bash", "slurm/run_local.sh"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=_env(RECIPE="debug_tiny", GPUS_PER_NODE=2, RUN_DIR=run_dir, EXTRA_ARGS=args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

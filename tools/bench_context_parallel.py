@@ -34,9 +34,10 @@ import torch.distributed as dist
 
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern, dense_causal_mask
 from megatron_longgen.attention.reference import reference_attention
+from megatron_longgen.context_parallel.exchange_plan import plan_sparse_exchange
 from megatron_longgen.context_parallel.ring_attention import ring_attention
 from megatron_longgen.context_parallel.sharding import shard_sequence
-from megatron_longgen.context_parallel.sparse_exchange import plan_sparse_exchange, sparse_cp_attention
+from megatron_longgen.context_parallel.sparse_exchange import sparse_cp_attention
 from megatron_longgen.context_parallel.step_kernels import STEP_KERNELS, MathStepKernel
 
 _DEVICE = [torch.device("cpu")]

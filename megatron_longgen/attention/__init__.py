@@ -1,2 +1,3 @@
-"""Attention: sparse patterns (masks), the dense oracle (reference), kernels, and Megatron core-attention
-modules. Import submodules directly; this package imports nothing heavy."""
+"""Attention: sparse patterns (`masks`), the dense oracle (`reference`), whole-sequence kernels (`kernels/`),
+the one backend resolver (`backends`) and the Megatron `core_attention` module of every LongGen layer
+(`core_attention`). Import submodules directly; this package imports nothing heavy."""

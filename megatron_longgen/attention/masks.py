@@ -42,8 +42,8 @@ kernels iterate over (block-level memory only: nB^2 booleans, 4 MiB at 128K with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
@@ -116,7 +116,7 @@ class BlockStridedPattern:
         return dense_mask_from_rule(self, seq_len, device=device)
 
 
-SparsePattern = Union[SinkWindowPattern, BlockStridedPattern]
+SparsePattern = SinkWindowPattern | BlockStridedPattern
 
 
 def pattern_from_config(cfg: SparseAttentionConfig) -> SparsePattern:
@@ -134,32 +134,32 @@ def pattern_from_config(cfg: SparseAttentionConfig) -> SparsePattern:
     raise ValueError(f"unknown sparse variant {cfg.variant!r}")
 
 
+def token_mask_fn(pattern: SparsePattern, name: str) -> MaskFn:
+    """The pattern's token-level mask function (FlexAttention's `mask_mod` signature), called `name`:
+    key visible when its block is kept and it is not after the query."""
+    b = pattern.block_size
+
+    def mask(batch, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & pattern.block_rule(q_idx // b, kv_idx // b)
+
+    mask.__name__ = name
+    return mask
+
+
 def make_sink_window_mask(*, block_size: int, num_sink_blocks: int, num_window_blocks: int) -> MaskFn:
     """Token-level mask function (FlexAttention `mask_mod` signature) for the sink + window pattern."""
-    pattern = SinkWindowPattern(
-        block_size=block_size, num_sink_blocks=num_sink_blocks, num_window_blocks=num_window_blocks
+    return token_mask_fn(
+        SinkWindowPattern(block_size=block_size, num_sink_blocks=num_sink_blocks, num_window_blocks=num_window_blocks),
+        f"sink_window_b{block_size}_s{num_sink_blocks}_w{num_window_blocks}",
     )
-
-    def mask(b, h, q_idx, kv_idx):
-        qb, kb = q_idx // block_size, kv_idx // block_size
-        return (kv_idx <= q_idx) & pattern.block_rule(qb, kb)
-
-    mask.__name__ = f"sink_window_b{block_size}_s{num_sink_blocks}_w{num_window_blocks}"
-    return mask
 
 
 def make_block_strided_mask(*, block_size: int, stride_blocks: int, num_local_blocks: int) -> MaskFn:
     """Token-level mask function (FlexAttention `mask_mod` signature) for the block-strided pattern."""
-    pattern = BlockStridedPattern(
-        block_size=block_size, stride_blocks=stride_blocks, num_local_blocks=num_local_blocks
+    return token_mask_fn(
+        BlockStridedPattern(block_size=block_size, stride_blocks=stride_blocks, num_local_blocks=num_local_blocks),
+        f"block_strided_b{block_size}_st{stride_blocks}_l{num_local_blocks}",
     )
-
-    def mask(b, h, q_idx, kv_idx):
-        qb, kb = q_idx // block_size, kv_idx // block_size
-        return (kv_idx <= q_idx) & pattern.block_rule(qb, kb)
-
-    mask.__name__ = f"block_strided_b{block_size}_st{stride_blocks}_l{num_local_blocks}"
-    return mask
 
 
 def dense_causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -184,13 +184,19 @@ def merge_dist_checkpoints(
             merged = metadata
             merged.storage_data = storage
             for name in ("metadata.json", "common.pt"):
-                shutil.copyfile(part / name, out / name)
+                if (part / name).is_file():  # megatron-core 0.19 keeps common data in the DCP files
+                    shutil.copyfile(part / name, out / name)
         else:
+            # megatron-core 0.19 stores the (tensor-independent) common state as a `common_state` object in
+            # every part's DCP files: the first part's copy is the one kept.
+            storage = {index: info for index, info in storage.items() if not _is_common_state(index.fqn)}
             clash = set(storage) & set(merged.storage_data)
             if clash:
                 raise ValueError(f"dist checkpoint parts overlap, e.g. {sorted(map(str, clash))[:3]}")
             merged.storage_data.update(storage)
             for fqn, md in metadata.state_dict_metadata.items():
+                if _is_common_state(fqn):
+                    continue
                 have = merged.state_dict_metadata.get(fqn)
                 if have is None:
                     merged.state_dict_metadata[fqn] = md
@@ -208,6 +214,11 @@ def merge_dist_checkpoints(
     assert merged is not None, "at least one part"
     with open(out / ".metadata", "wb") as handle:
         pickle.dump(merged, handle)
+
+
+def _is_common_state(fqn: str) -> bool:
+    """Megatron-Core 0.19's ShardedObject("common_state") entry (saved as `common_state/shard_0_1`)."""
+    return fqn.split("/", 1)[0] == "common_state"
 
 
 def _restore_layer_offsets(metadata, layer_map: dict[str, list[int]], *, num_layers: int) -> None:

@@ -22,6 +22,7 @@ SPARSE_VARIANTS: tuple[str, ...] = ("sink_window", "block_strided")
 SPARSE_BACKENDS: tuple[str, ...] = ("auto", "torch", "flex", "triton", "cudnn_bsa", "cudnn_bsa_fwd")
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "yarn")
+TRANSFORMER_IMPLS: tuple[str, ...] = ("local", "transformer_engine")
 
 
 def _positive(name: str, value: float) -> None:
@@ -67,6 +68,10 @@ class ModelConfig:
     """Share the input embedding and the output layer (Llama-2: untied)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation for weights trained from scratch."""
+    transformer_impl: str = "local"
+    """Layer implementation: `local` (Megatron's parallel linears, our RMSNorm; never imports Transformer
+    Engine) or `transformer_engine` (TE's fused norm+linear layers, and TE attention for full layers without
+    CP; needs TE installed, else a ValueError at model build). Sparse layers always run LongGen's kernels."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
@@ -88,6 +93,10 @@ class ModelConfig:
         validate_layer_pattern(self.layer_pattern, num_layers=self.num_layers)
         if self.rotary_base <= 0:
             raise ValueError(f"rotary_base must be > 0, got {self.rotary_base}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(
+                f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}"
+            )
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling_factor < 1.0:
@@ -131,9 +140,11 @@ class SparseAttentionConfig:
     """block_strided: most recent blocks, own block included. The paper does not state it; 1 gives
     2,112 keys per query at 128K (32 strided + 1 local), the same budget as sink_window."""
     backend: str = "auto"
-    """Kernel: `auto` picks the fastest available (logged once): on Hopper with cuDNN frontend `cudnn_bsa`, else
-    `triton`, else `flex`; `cudnn_bsa_fwd` = cuDNN forward + Triton backward (no cuDNN workspace); `torch` is
-    the portable reference path (and `auto` on CPU)."""
+    """Kernel (`attention/backends.py` decides, logged once): `auto` picks the fastest that accepts the device,
+    dtype, pattern and head dim: on Hopper with cuDNN frontend `cudnn_bsa`, else `triton`, else `flex`, else
+    `torch` (the portable reference path, and `auto` on CPU); `cudnn_bsa_fwd` = cuDNN forward + Triton
+    backward (no cuDNN workspace). With context parallelism only `auto`, `flex` and `torch` have a form. A
+    named backend that cannot run is a ValueError saying why, never a silent fallback."""
 
     def __post_init__(self) -> None:
         if self.variant not in SPARSE_VARIANTS:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longgen.context_parallel.ring_comm import TAG_DKV, TAG_KV, RingComm, group_rank_and_size
-from megatron_longgen.context_parallel.step_kernels import DenseStepKernel, default_scale, select_step_kernel
+from megatron_longgen.context_parallel.step_kernels import DenseStepKernel, default_scale, step_kernel
 
 
 def ring_step_layout(*, cp_rank: int, src_rank: int, chunk_len: int) -> tuple[slice, slice, bool]:
@@ -127,8 +127,8 @@ def ring_attention(
     v_BGSH: torch.Tensor,
     *,
     cp_group: dist.ProcessGroup,
+    kernel: DenseStepKernel | str,
     softmax_scale: float | None = None,
-    kernel: DenseStepKernel | str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over a zig-zag sharded sequence, K/V rotating around `cp_group`.
 
@@ -136,8 +136,9 @@ def ring_attention(
         q_BNSH, k_BGSH, v_BGSH: this rank's shard (chunks r and 2R-1-r concatenated, `sharding.py`);
             S must be even and equal on all ranks; G must divide N (GQA: K/V travel with G heads).
         cp_group: the context-parallel group (R = its size; R = 1 is plain causal attention).
+        kernel: a `DenseStepKernel`, or the name of one (`cudnn`, `flash`, `math`; ValueError if it cannot
+            run here). `attention/backends.py` resolves `auto`.
         softmax_scale: defaults to 1/sqrt(H).
-        kernel: a `DenseStepKernel` or a name for `select_step_kernel` (`auto`, `cudnn`, `flash`, `math`).
 
     Returns:
         out_BNSH (input dtype; differentiable w.r.t. q, k, v) and lse_BNS (fp32, not differentiable).
@@ -155,6 +156,6 @@ def ring_attention(
     if q_BNSH.shape[1] % k_BGSH.shape[1]:
         raise ValueError(f"query heads {q_BNSH.shape[1]} must be a multiple of kv heads {k_BGSH.shape[1]}")
     if isinstance(kernel, str):
-        kernel = select_step_kernel(kernel, device=q_BNSH.device, dtype=q_BNSH.dtype)
+        kernel = step_kernel(kernel, device=q_BNSH.device, dtype=q_BNSH.dtype)
     scale = default_scale(q_BNSH.shape[-1], softmax_scale)
     return _ZigZagRingAttention.apply(q_BNSH, k_BGSH, v_BGSH, cp_group, kernel, scale)

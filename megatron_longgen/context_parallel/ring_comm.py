@@ -11,7 +11,7 @@ Two primitives, both plain tensors in and out (the autograd functions in `ring_a
   `wait()` on the returned handle (double buffering: the tensor in flight is never written).
 - `exchange_blocks(sends, recv_shapes, ...)`: each rank sends a (possibly empty) tensor to every other
   rank and receives one from each; sizes are known on both sides in advance because the index maths is
-  a pure function of (rank, R, S, b) (see `sparse_exchange.py`), so no metadata is exchanged.
+  a pure function of (rank, R, S, b) (see `exchange_plan.py`), so no metadata is exchanged.
 
 Neighbours and peers are ranks *within* the group, translated with `dist.get_global_rank`. Messages carry
 a per-purpose tag so that two transfers in flight between the same pair can never be confused on gloo

@@ -10,7 +10,7 @@ Ring attention needs, per step, a dense attention over one (query chunk, key chu
   contributions (the FlashAttention-2 backward form, dS = P * (dP - rowsum(dO * O))).
 `causal=True` is used only for square diagonal steps (top-left aligned causal mask).
 
-Implementations (chosen once with `select_step_kernel`, logged, never silently replaced):
+Implementations (chosen once by `attention/backends.py`, logged, never silently replaced):
 - `math`:   explicit fp32 matmuls; the oracle's arithmetic. CPU tests; any device, small shapes only.
 - `flash`:  torch's FlashAttention-2 ops (`aten._scaled_dot_product_flash_attention[_backward]`), CUDA,
             fp16/bf16. No [S, T] tensor.
@@ -23,12 +23,9 @@ G heads. Communication always moves G heads.
 from __future__ import annotations
 
 import abc
-import logging
 import math
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def _expand(x_BGTH: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -187,36 +184,20 @@ class CudnnStepKernel(DenseStepKernel):
 
 
 STEP_KERNELS: dict[str, type[DenseStepKernel]] = {
-    k.name: k for k in (MathStepKernel, FlashStepKernel, CudnnStepKernel)
+    k.name: k for k in (CudnnStepKernel, FlashStepKernel, MathStepKernel)
 }
-AUTO_STEP_ORDER = ("cudnn", "flash", "math")
-_LOGGED: set = set()
+"""Ring step kernels by name, fastest first (the order `attention/backends.py` walks for `auto`)."""
 
 
-def select_step_kernel(name: str, *, device: torch.device | str, dtype: torch.dtype) -> DenseStepKernel:
-    """The ring step kernel `name` (`auto`: the first available of AUTO_STEP_ORDER), logged once.
-
-    An explicitly named kernel that cannot run raises ValueError (no silent fallback).
-    """
+def step_kernel(name: str, *, device: torch.device | str, dtype: torch.dtype) -> DenseStepKernel:
+    """The ring step kernel called `name`; ValueError when it is unknown or cannot run on device/dtype."""
     device = torch.device(device)
-    if name == "auto":
-        chosen = next(
-            k
-            for k in AUTO_STEP_ORDER
-            if STEP_KERNELS[k].unavailable_reason(device=device, dtype=dtype) is None
-        )
-    elif name not in STEP_KERNELS:
-        raise ValueError(f"unknown ring step kernel {name!r}; choose from {sorted(STEP_KERNELS)} or 'auto'")
-    else:
-        reason = STEP_KERNELS[name].unavailable_reason(device=device, dtype=dtype)
-        if reason is not None:
-            raise ValueError(f"ring step kernel {name!r} cannot run on {device.type}/{dtype}: {reason}")
-        chosen = name
-    key = (name, chosen, device.type, dtype)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.info("ring attention step kernel: %s (requested %s, %s, %s)", chosen, name, device.type, dtype)
-    return STEP_KERNELS[chosen]()
+    if name not in STEP_KERNELS:
+        raise ValueError(f"unknown ring step kernel {name!r}; choose from {list(STEP_KERNELS)}")
+    reason = STEP_KERNELS[name].unavailable_reason(device=device, dtype=dtype)
+    if reason is not None:
+        raise ValueError(f"ring step kernel {name!r} cannot run on {device.type}/{dtype}: {reason}")
+    return STEP_KERNELS[name]()
 
 
 def default_scale(head_dim: int, softmax_scale: float | None) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_longgen.compat import mcore
 from megatron_longgen.config import LongGenConfig
 from megatron_longgen.megatron_bridge import padded_vocab_size, to_transformer_config
 from megatron_longgen.models.layer_specs import build_block_spec
@@ -42,26 +43,39 @@ def build_model(
     pg_collection=None,
 ) -> GPTModel:
     """One model chunk (the whole model without pipeline parallelism). Needs Megatron's parallel state
-    (`utils.distributed.initialize_model_parallel`) to be initialised."""
+    (`utils.distributed.initialize_model_parallel`) to be initialised.
+
+    A GPTModel on every supported Megatron-Core, including 0.19.x, which deprecates it for HybridModel:
+    `compat/mcore.py` says why LongGen keeps it; its one deprecation message is replaced by our own note."""
     tcfg = transformer_config or to_transformer_config(cfg)
     if cfg.model.rope_scaling == "yarn" and not hasattr(tcfg, "yarn_rotary_scaling_factor"):
-        raise ValueError("rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config")
+        raise ValueError(
+            "rope_scaling 'yarn' needs a TransformerConfig from megatron_bridge.to_transformer_config"
+        )
     interpolation = cfg.model.rope_scaling_factor if cfg.model.rope_scaling == "linear" else None
-    spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=tcfg, vp_stage=vp_stage)
+    spec = build_block_spec(
+        cfg.model.layer_pattern,
+        sparse=cfg.sparse,
+        config=tcfg,
+        transformer_impl=cfg.model.transformer_impl,
+        vp_stage=vp_stage,
+    )
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return GPTModel(
-        config=tcfg,
-        transformer_layer_spec=spec,
-        vocab_size=model_vocab_size(cfg),
-        max_sequence_length=cfg.train.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        position_embedding_type="yarn" if cfg.model.rope_scaling == "yarn" else "rope",
-        rotary_base=cfg.model.rotary_base,
-        seq_len_interpolation_factor=interpolation,
-        vp_stage=vp_stage,
-        **kwargs,
-    )
+    mcore.note_gpt_model_choice()
+    with mcore.quiet_gpt_model_deprecation():
+        return GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=model_vocab_size(cfg),
+            max_sequence_length=cfg.train.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="yarn" if cfg.model.rope_scaling == "yarn" else "rope",
+            rotary_base=cfg.model.rotary_base,
+            seq_len_interpolation_factor=interpolation,
+            vp_stage=vp_stage,
+            **kwargs,
+        )

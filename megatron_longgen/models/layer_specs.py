@@ -1,14 +1,20 @@
 """Turn the layer pattern string into Megatron-Core layer specs (STYLE rule 2: one function, one string).
 
 `build_block_spec(pattern, ...)` maps each character of the pattern to a `ModuleSpec` of a Llama layer
-(RMSNorm -> SelfAttention(linear_qkv, core_attention, linear_proj) -> RMSNorm -> SwiGLU MLP) whose
-`core_attention` is:
+(RMSNorm -> SelfAttention(linear_qkv, core_attention, linear_proj) -> RMSNorm -> SwiGLU MLP) and returns
+`TransformerBlockSubmodules(layer_specs=[...])` for the layers of this pipeline stage (Megatron builds one
+block per (virtual) stage, so the pattern is sliced with Megatron's own layer offset). Every layer's
+`core_attention` is `LongGenCoreAttention(kind=...)` (attention/core_attention.py), which picks its
+context-parallel form from the CP group Megatron hands it:
 
-    'S'  SparseCoreAttention(sparse=...)        (attention/core_attention.py)
-    'F'  FullCoreAttention (torch SDPA), or TE's TEDotProductAttention when Transformer Engine is installed
+    'S'  LongGenCoreAttention(kind="sparse", sparse=...)   whole-sequence kernel, or the KV-reduced exchange
+    'F'  LongGenCoreAttention(kind="full")                 torch SDPA, or zig-zag ring attention
 
-and returns `TransformerBlockSubmodules(layer_specs=[...])` for the layers of this pipeline stage (Megatron
-builds one block per (virtual) stage, so the pattern is sliced with Megatron's own layer offset).
+`transformer_impl` (`ModelConfig.transformer_impl`) chooses the rest of the layer explicitly:
+- `local` (default): Megatron's own parallel linears and our RMSNorm; Transformer Engine is never imported;
+- `transformer_engine`: TE's fused norm + linear layers, and TE's `TEDotProductAttention` for full layers
+  without CP (with CP, full layers keep LongGen's ring attention, sparse layers always keep ours). Asking
+  for it where TE is not installed is a ValueError with the install hint.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,46 +33,50 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_longgen.attention.core_attention import FullCoreAttention, SparseCoreAttention
+from megatron_longgen.attention.core_attention import LongGenCoreAttention
+from megatron_longgen.compat import mcore
 from megatron_longgen.config import SparseAttentionConfig
+from megatron_longgen.config.schema import TRANSFORMER_IMPLS
 from megatron_longgen.models.layer_pattern import FULL, SPARSE
 from megatron_longgen.models.norms import RMSNorm
-from megatron_longgen.utils.optional import has_te
+from megatron_longgen.utils.optional import has_te, require
+
+
+def check_transformer_impl(transformer_impl: str) -> None:
+    """ValueError unless `transformer_impl` is known and, for `transformer_engine`, TE is installed."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
+    if transformer_impl == "transformer_engine" and not has_te():
+        try:
+            require("transformer_engine", feature="model.transformer_impl='transformer_engine'")
+        except ImportError as exc:
+            raise ValueError(f"{exc} (or set model.transformer_impl=local)") from None
 
 
 def core_attention_spec(
-    kind: str, *, sparse: SparseAttentionConfig, use_te: bool, context_parallel: bool = False
+    kind: str, *, sparse: SparseAttentionConfig, transformer_impl: str = "local", context_parallel: bool = False
 ) -> ModuleSpec | type:
-    """The `core_attention` submodule for one layer kind (`S` or `F`); with `context_parallel` (CP > 1)
-    the zig-zag ring / KV-reduced exchange modules of `context_parallel/core_attention.py`."""
-    if context_parallel:
-        from megatron_longgen.context_parallel.core_attention import (
-            ContextParallelFullAttention,
-            ContextParallelSparseAttention,
-        )
-
-        if kind == SPARSE:
-            return ModuleSpec(module=ContextParallelSparseAttention, params={"sparse": sparse})
-        if kind == FULL:
-            return ContextParallelFullAttention
-        raise ValueError(f"layer kind must be 'S' or 'F', got {kind!r}")
+    """The `core_attention` submodule of one layer kind (`S` or `F`)."""
     if kind == SPARSE:
-        return ModuleSpec(module=SparseCoreAttention, params={"sparse": sparse})
-    if kind == FULL:
-        if use_te:
-            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        return ModuleSpec(module=LongGenCoreAttention, params={"kind": "sparse", "sparse": sparse})
+    if kind != FULL:
+        raise ValueError(f"layer kind must be 'S' or 'F', got {kind!r}")
+    if transformer_impl == "transformer_engine" and not context_parallel:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-            return TEDotProductAttention
-        return FullCoreAttention
-    raise ValueError(f"layer kind must be 'S' or 'F', got {kind!r}")
+        return TEDotProductAttention
+    return ModuleSpec(module=LongGenCoreAttention, params={"kind": "full"})
 
 
 def build_layer_spec(
-    kind: str, *, sparse: SparseAttentionConfig, use_te: bool = False, context_parallel: bool = False
+    kind: str, *, sparse: SparseAttentionConfig, transformer_impl: str = "local", context_parallel: bool = False
 ) -> ModuleSpec:
     """A Llama decoder layer whose core attention matches `kind`."""
-    core = core_attention_spec(kind, sparse=sparse, use_te=use_te, context_parallel=context_parallel)
-    if use_te:
+    check_transformer_impl(transformer_impl)
+    core = core_attention_spec(
+        kind, sparse=sparse, transformer_impl=transformer_impl, context_parallel=context_parallel
+    )
+    if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import (
             TELayerNormColumnParallelLinear,
             TERowParallelLinear,
@@ -104,7 +113,7 @@ def build_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp=mcore.mlp_submodule(linear_fc1=fc1, linear_fc2=fc2),  # 0.16: ModuleSpec; 0.19: as_mlp_submodule
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
@@ -116,22 +125,23 @@ def build_block_spec(
     *,
     sparse: SparseAttentionConfig,
     config: TransformerConfig,
-    use_te: bool | None = None,
+    transformer_impl: str = "local",
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
     """Specs for the layers this pipeline stage (and virtual stage) builds, from the global pattern."""
     if len(pattern) != config.num_layers:
         raise ValueError(f"layer_pattern has {len(pattern)} characters but the model has {config.num_layers} layers")
-    use_te = has_te() if use_te is None else use_te
+    check_transformer_impl(transformer_impl)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     local = pattern[offset : offset + count]
     context_parallel = config.context_parallel_size > 1
     specs = [
-        build_layer_spec(kind, sparse=sparse, use_te=use_te, context_parallel=context_parallel) for kind in local
+        build_layer_spec(kind, sparse=sparse, transformer_impl=transformer_impl, context_parallel=context_parallel)
+        for kind in local
     ]
-    if use_te:
+    if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm

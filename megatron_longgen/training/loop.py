@@ -26,6 +26,7 @@ def _banner(tr, *, start_step: int) -> str:
 
 
 def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], stop_after_steps: int | None):
+    from megatron_longgen.attention.core_attention import attention_backend_summary
     from megatron_longgen.training.flops import throughput_metrics
     from megatron_longgen.training.guards import PreemptionFlag
     from megatron_longgen.training.trainer import TrainResult
@@ -41,6 +42,7 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                   "(they are being redone)", flush=True)
     tr.write_config()
     tr._say(_banner(tr, start_step=start_step))
+    tr._say(attention_backend_summary(tr.model))
     logger = tr.loggers(resumed_at=start_step)
     peak = tr._peak_tflops()
     tokens_per_step = t.global_batch_size * t.seq_length

@@ -114,13 +114,10 @@ class Trainer:
         self._build_model_and_optimizer()
 
     def _build_model_and_optimizer(self) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from megatron_longgen.compat import mcore
         from megatron_longgen.megatron_bridge import TORCH_DTYPES, to_transformer_config
         from megatron_longgen.models.builder import build_model
 
@@ -139,10 +136,7 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_grad_reduce=False,
         )
-        self.model = [
-            DistributedDataParallel(config=self.tcfg, ddp_config=ddp_cfg, module=chunk, disable_bucketing=(i > 0))
-            for i, chunk in enumerate(chunks)
-        ]
+        self.model = mcore.wrap_in_ddp(chunks, config=self.tcfg, ddp_config=ddp_cfg, pg_collection=self.pgs)
         dtype = TORCH_DTYPES[t.dtype]
         opt_cfg = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,

@@ -1,8 +1,10 @@
 """Process-group set-up shared by the trainer, tools and tests.
 
 `init_distributed()` starts torch.distributed from torchrun's environment, from Slurm's (`srun`, one task per
-GPU), or as a single process when there is none, NCCL on GPU and gloo on CPU; `initialize_model_parallel(cfg)` builds Megatron-Core's
-TP/PP/CP/DP groups after validating the degrees against the world size.
+GPU), or as a single process when there is none, NCCL on GPU and gloo on CPU. In a process without CUDA it
+also applies Megatron-Core's CPU patches (`patches/cpu.py`: narrow, version-checked, inert on GPUs), which is
+how the trainer, the tools and the test workers get them. `initialize_model_parallel(cfg)` builds
+Megatron-Core's TP/PP/CP/DP groups after validating the degrees against the world size.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_longgen.config import LongGenConfig
-from megatron_longgen.utils.cpu_compat import enable_cpu_compat
 
 
 def free_port() -> int:
@@ -24,16 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(*, timeout_s: float = 1800.0) -> tuple[int, int]:
+def init_distributed(*, timeout_s: float = 1800.0, megatron_cpu_patches: bool = True) -> tuple[int, int]:
     """Initialise the default process group if needed; returns (rank, world_size).
 
+    Without CUDA and with `megatron_cpu_patches` (the default), first applies Megatron-Core's CPU patches
+    for the rest of the process (`patches.cpu.apply_cpu_patches`; `remove_cpu_patches()` undoes them).
     torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
     (MASTER_ADDR/PORT come from slurm/train.sbatch). Without either, a one-rank group is created on a free
     local port, without touching os.environ: child processes started later must not inherit an address
     that this process already listens on.
     """
-    if not torch.cuda.is_available():
-        enable_cpu_compat()
+    if megatron_cpu_patches and not torch.cuda.is_available():
+        from megatron_longgen.patches.cpu import apply_cpu_patches
+
+        apply_cpu_patches()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -43,14 +48,20 @@ def init_distributed(*, timeout_s: float = 1800.0) -> tuple[int, int]:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
         init_method = "env://"
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+        rank, world, local = (
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+        )
         init_method = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
     else:
         rank, world, local = 0, 1, 0
         init_method = f"tcp://127.0.0.1:{free_port()}"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -11,7 +11,6 @@ import importlib.util
 
 _EXTRAS = {
     "transformer_engine": "te",
-    "flash_attn": "flash",
     "wandb": "wandb",
     "transformers": "hf",
     "safetensors": "hf",
@@ -28,10 +27,6 @@ def _has(module: str) -> bool:
 
 def has_te() -> bool:
     return _has("transformer_engine")
-
-
-def has_flash_attn() -> bool:
-    return _has("flash_attn")
 
 
 def has_apex() -> bool:

@@ -8,7 +8,8 @@ of the composition run in test_kernels.py (Triton interpreter) and test_kernels_
 import pytest
 import torch
 
-from megatron_longgen.attention.kernels import available_kernels, select_sparse_kernel
+from megatron_longgen.attention.backends import resolve_backend
+from megatron_longgen.attention.kernels import available_kernels
 from megatron_longgen.attention.kernels.cudnn_bsa import TileRemainder, full_tile_index
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern, block_mask_matrix
 
@@ -69,11 +70,10 @@ def test_lengths_that_do_not_divide_the_tile_are_refused():
         TileRemainder(SinkWindowPattern(), 96)
 
 
-def test_cudnn_bsa_is_unavailable_on_cpu_and_falls_back_with_a_warning():
+def test_cudnn_bsa_is_unavailable_on_cpu_and_says_why():
     cls = available_kernels()["cudnn_bsa"]
     assert cls.unavailable_reason(device=torch.device("cpu"), dtype=torch.bfloat16) is not None
-    with pytest.warns(UserWarning, match="backend 'cudnn_bsa' is unavailable"):
-        kernel = select_sparse_kernel("cudnn_bsa", device=torch.device("cpu"), dtype=torch.bfloat16)
-    assert kernel.name == "torch"
+    with pytest.raises(ValueError, match="'cudnn_bsa' .*cannot run on cpu"):
+        resolve_backend(kind="sparse", requested="cudnn_bsa", device="cpu", dtype=torch.bfloat16, pattern=PATTERNS[0])
     with pytest.raises(ValueError, match="backward must be 'cudnn' or 'triton'"):
         cls(backward="flash")

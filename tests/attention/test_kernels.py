@@ -2,9 +2,10 @@
 
 Legend: B = batch, N = query heads, G = KV heads, S = sequence, H = head dim, b = pattern block size.
 
-Everything is compared with the one dense oracle (`reference_attention` with the pattern's dense mask),
-outputs, LSE and gradients (through out and lse), in fp32 where both sides compute exactly, so the
-tolerances are tight. Lengths that are not multiples of the block or tile sizes are included.
+Everything is compared with the one dense oracle (`reference_attention`) on a mask written independently
+of the patterns' `block_rule` (tests/attention/independent_masks.py), outputs, LSE and gradients (through
+out and lse), in fp32 where both sides compute exactly, so the tolerances are tight. Lengths that are not
+multiples of the block or tile sizes are included. test_wrong_rules.py shows that a wrong rule fails them.
 FlexAttention's backward is refused on CPU by a device guard; the tests lift it (test-only patch).
 The Triton kernels run under `TRITON_INTERPRET=1` in one subprocess (the variable must be set before
 Triton builds its kernels), on tiny shapes.
@@ -19,12 +20,12 @@ import warnings
 import pytest
 import torch
 
-from megatron_longgen.attention.kernels import available_kernels, select_sparse_kernel
-from megatron_longgen.attention.kernels.flex import FlexSparseKernel, flex_block_mask
+from megatron_longgen.attention.kernels.flex import FlexSparseKernel, pattern_block_mask
 from megatron_longgen.attention.kernels.tiles import build_tile_tables, tile_bits
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
 from megatron_longgen.attention.reference import reference_attention
 from megatron_longgen.utils.optional import has_triton
+from tests.attention.independent_masks import independent_token_mask
 
 SMALL_PATTERNS = [
     SinkWindowPattern(block_size=16, num_sink_blocks=1, num_window_blocks=3),
@@ -55,7 +56,7 @@ def _mask_from_bits(bits, pattern, block_m, block_n, seq_len):
 @pytest.mark.parametrize("seq_len", [1, 37, 128, 200])
 def test_tile_tables_reproduce_the_dense_mask(pattern, tiles, seq_len):
     block_m, block_n = tiles
-    dense = pattern.dense_mask(seq_len)
+    dense = independent_token_mask(pattern, seq_len)
     bits = tile_bits(pattern, seq_len, block_m=block_m, block_n=block_n, device="cpu")
     assert torch.equal(_mask_from_bits(bits, pattern, block_m, block_n, seq_len), dense)
     t = build_tile_tables(pattern, seq_len, block_m=block_m, block_n=block_n, device="cpu")
@@ -81,28 +82,40 @@ def test_tile_tables_reject_tiles_that_do_not_nest():
         tile_bits(SinkWindowPattern(block_size=16), 64, block_m=128, block_n=128, device="cpu")
 
 
+def _tiles_of(num, idx, n_q, n_k):
+    out = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for i in range(n_q):
+        out[i, idx[0, 0, i, : int(num[0, 0, i])].long()] = True
+    return out
+
+
 @pytest.mark.parametrize(
-    "pattern", [SinkWindowPattern(), BlockStridedPattern()], ids=["sink_window", "block_strided"]
+    "pattern, seq_len",
+    [
+        (SinkWindowPattern(), 64 * 130 + 5),  # past the window and the second stride block, ragged end
+        (BlockStridedPattern(), 64 * 130 + 5),
+        # debug_tiny's 16-token blocks in 128 x 128 tiles: 64 block pairs per tile (the Triton tile bits'
+        # limit is 30; the Flex mask has none)
+        (SinkWindowPattern(block_size=16, num_window_blocks=4), 1000),
+        (BlockStridedPattern(block_size=16, stride_blocks=4, num_local_blocks=2), 1000),
+        (SinkWindowPattern(block_size=48, num_window_blocks=3), 700),  # blocks and tiles do not nest
+    ],
+    ids=lambda x: x.mask_fn().__name__ if hasattr(x, "mask_fn") else str(x),
 )
-def test_flex_block_mask_covers_the_pattern_at_default_sizes(pattern):
-    seq_len = 64 * 130 + 5  # past the window and the second stride block, ragged end
-    mask = flex_block_mask(pattern, seq_len, block_m=128, block_n=128, device="cpu")
-    n_q, n_k = -(-seq_len // 128), -(-seq_len // 128)
-
-    def tiles(num, idx):
-        out = torch.zeros(n_q, n_k, dtype=torch.bool)
-        for i in range(n_q):
-            out[i, idx[0, 0, i, : int(num[0, 0, i])].long()] = True
-        return out
-
-    partial = tiles(mask.kv_num_blocks, mask.kv_indices)
-    full = tiles(mask.full_kv_num_blocks, mask.full_kv_indices)
+def test_flex_block_mask_covers_the_pattern_at_default_sizes(pattern, seq_len):
+    mask = pattern_block_mask(pattern, seq_len, tile=(128, 128), device="cpu")
+    n_t = -(-seq_len // 128)
+    partial = _tiles_of(mask.kv_num_blocks, mask.kv_indices, n_t, n_t)
+    full = _tiles_of(mask.full_kv_num_blocks, mask.full_kv_indices, n_t, n_t)
     assert not bool((partial & full).any())
-    dense = pattern.dense_mask(seq_len)
+    dense = independent_token_mask(pattern, seq_len)
     assert bool(_expand(full | partial, 128, 128, seq_len)[dense].all()), "a kept pair lies in a skipped tile"
     assert bool(dense[_expand(full, 128, 128, seq_len)].all()), "a full tile holds a masked pair"
-    # Sparsity is real: the sink + window row holds at most 18 tiles, not the causal ~n_q / 2.
-    if isinstance(pattern, SinkWindowPattern):
+    # Every listed tile holds a kept pair (no wasted tiles).
+    for i, j in (full | partial).nonzero().tolist():
+        assert bool(dense[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].any()), (i, j)
+    # Sparsity is real: the 64-token sink + window row holds at most 18 tiles, not the causal ~n_t / 2.
+    if pattern == SinkWindowPattern():
         assert int((full | partial).sum(dim=1).max()) <= 18
 
 
@@ -132,7 +145,7 @@ def flex_backward_on_cpu(monkeypatch):
     "pattern", SMALL_PATTERNS[::2] + [SMALL_PATTERNS[3]], ids=lambda p: p.mask_fn().__name__
 )
 @pytest.mark.parametrize("seq_len", [53, 128])
-@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (128, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_flex_eager_matches_oracle(flex_backward_on_cpu, pattern, seq_len, tiles):
     torch.manual_seed(seq_len)
     q = torch.randn(2, 4, seq_len, 16)
@@ -143,7 +156,7 @@ def test_flex_eager_matches_oracle(flex_backward_on_cpu, pattern, seq_len, tiles
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
         got = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern, softmax_scale=0.3), q, k, v, d_out, d_lse)
-    mask = pattern.dense_mask(seq_len)
+    mask = independent_token_mask(pattern, seq_len)
     ref = _run(lambda q, k, v: reference_attention(q, k, v, mask, softmax_scale=0.3), q, k, v, d_out, d_lse)
     assert got[1].dtype == torch.float32
     _compare(got, ref, 2e-5)
@@ -154,6 +167,7 @@ import json, sys, torch
 from megatron_longgen.attention.kernels.triton_block_sparse import LaunchConfig as L, TritonBlockSparseKernel, TritonConfig
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
 from megatron_longgen.attention.reference import reference_attention
+from tests.attention.independent_masks import independent_token_mask
 
 def run(fn, q, k, v, d_out, d_lse):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -176,7 +190,7 @@ for name, pattern, S, N, G, H, cfg, dtype in cases:
     d_out, d_lse = torch.randn(1, N, S, H), torch.randn(1, N, S)
     kernel = TritonBlockSparseKernel(config=cfg)
     got = run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, d_lse)
-    mask = pattern.dense_mask(S)
+    mask = independent_token_mask(pattern, S)
     ref = run(lambda q, k, v: reference_attention(q.float(), k.float(), v.float(), mask), q, k, v, d_out, d_lse)
     results[name] = dict(dtype=dtype, lse_dtype=str(got[1].dtype),
                          errors=[(a - b).abs().max().item() for a, b in zip(got, ref)])
@@ -204,7 +218,7 @@ for name, pattern, tile, S in [
     q, k, v, d_out = (torch.randn(1, N, S, H) for _ in range(4))
     scale = 1.0 / math.sqrt(H)
     rest = TileRemainder(pattern, tile)
-    full_mask, rest_mask = pattern.dense_mask(S), dense_mask_from_rule(rest, S)
+    full_mask, rest_mask = independent_token_mask(pattern, S), dense_mask_from_rule(rest, S)
     dense_mask = full_mask & ~rest_mask
     kernel = TritonBlockSparseKernel()
     t_fwd, t_dq, t_kv = kernel.tables_for(rest, S, q.device)
@@ -217,6 +231,25 @@ for name, pattern, tile, S in [
     results[name] = dict(dtype="float32", lse_dtype=str(lse.dtype), dense_share_pairs=int(dense_mask.sum()),
                          rest_pairs=int(rest_mask.sum()),
                          errors=[(a - b).abs().max().item() for a, b in zip([out, lse, dq, dk, dv], ref)])
+
+# A deliberately wrong rule (window one block too wide; stride doubled) must make the kernel disagree with
+# the independent oracle: the check above would catch such a bug (test_wrong_rule_fails_the_triton_check).
+_right = {SinkWindowPattern: SinkWindowPattern.block_rule, BlockStridedPattern: BlockStridedPattern.block_rule}
+SinkWindowPattern.block_rule = lambda self, qb, kb: (kb <= qb) & (
+    (kb < self.num_sink_blocks) | (qb - kb < self.num_window_blocks + 1))
+BlockStridedPattern.block_rule = lambda self, qb, kb: (kb <= qb) & (
+    (qb - kb < self.num_local_blocks) | (kb % (2 * self.stride_blocks) == 0))
+for name, pattern in [("wrong_window", SinkWindowPattern(block_size=16, num_window_blocks=2)),
+                      ("wrong_stride", BlockStridedPattern(block_size=16, stride_blocks=2, num_local_blocks=1))]:
+    torch.manual_seed(1)
+    S = 96  # 6 blocks: past the window, 3 stride blocks
+    q, k, v = (torch.randn(1, 1, S, 16) for _ in range(3))
+    with torch.no_grad():
+        got, _ = TritonBlockSparseKernel()(q, k, v, pattern=pattern)
+        ref, _ = reference_attention(q, k, v, independent_token_mask(pattern, S))
+    results[name] = dict(out_err=(got - ref).abs().max().item())
+for cls, rule in _right.items():
+    cls.block_rule = rule
 print("RESULTS" + json.dumps(results))
 """
 
@@ -260,17 +293,12 @@ def test_triton_interpreter_matches_oracle(triton_interpreter_results, case):
         assert err <= tol, f"{case} {what}: max err {err:.3e} > {tol}"
 
 
-def test_auto_is_the_torch_kernel_on_cpu():
-    kernel = select_sparse_kernel("auto", device=torch.device("cpu"), dtype=torch.bfloat16)
-    assert kernel.name == "torch"
-
-
-@pytest.mark.parametrize("name", ["triton", "flex"])
-def test_fast_backends_warn_and_fall_back_on_cpu(name):
-    assert not available_kernels()[name].is_available(device=torch.device("cpu"), dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match=f"backend '{name}' is unavailable"):
-        kernel = select_sparse_kernel(name, device=torch.device("cpu"), dtype=torch.bfloat16)
-    assert kernel.name == "torch"
+@pytest.mark.parametrize("case", ["wrong_window", "wrong_stride"])
+def test_wrong_rule_fails_the_triton_check(triton_interpreter_results, case):
+    """With a wrong rule patched in, the Triton kernel's output differs from the independent oracle far
+    beyond the tolerance of test_triton_interpreter_matches_oracle (so that test would fail)."""
+    out_err = triton_interpreter_results[case]["out_err"]
+    assert out_err > 1e-2, f"{case}: the wrong rule went unnoticed (max out err {out_err:.3e})"
 
 
 def test_kernels_reject_unequal_lengths():

@@ -14,6 +14,7 @@ import torch
 from megatron_longgen.attention.kernels import available_kernels
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
 from megatron_longgen.attention.reference import reference_attention
+from tests.attention.independent_masks import independent_token_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +84,7 @@ def _compare_with_oracle(backend, pattern, shape, seq_len, *, lse_gradient):
     v = torch.randn(1, G, seq_len, H, device=dev, dtype=torch.bfloat16)
     d_out = torch.randn(1, N, seq_len, H, device=dev)
     d_lse = torch.randn(1, N, seq_len, device=dev) if lse_gradient else None
-    mask = pattern.dense_mask(seq_len, device=dev)
+    mask = independent_token_mask(pattern, seq_len, device=dev)
     kernel = available_kernels()[backend]()
     fast = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), q, k, v, d_out, d_lse)
     ref = _run(
@@ -95,15 +96,42 @@ def _compare_with_oracle(backend, pattern, shape, seq_len, *, lse_gradient):
         _check(f"{backend} {pattern} S={seq_len} {what}", fast[i], ref[i], naive[i], 2 if i < 2 else 3)
 
 
-def test_auto_picks_the_first_available_fast_backend_on_gpu():
-    from megatron_longgen.attention.kernels import select_sparse_kernel
-    from megatron_longgen.attention.kernels.base import AUTO_ORDER
+@pytest.mark.parametrize(
+    "pattern",
+    [SinkWindowPattern(), SinkWindowPattern(block_size=16, num_window_blocks=4),
+     BlockStridedPattern(block_size=16, stride_blocks=4, num_local_blocks=2)],
+    ids=["paper_b64", "debug_tiny_b16_sink_window", "debug_tiny_b16_block_strided"],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_auto_runs_what_it_picks_on_gpu(pattern, dtype):
+    """`auto` takes the first backend that accepts (device, dtype, pattern, head dim), and that backend
+    runs the pattern and matches the oracle (debug_tiny's 16-token blocks crashed the Flex path before)."""
+    from megatron_longgen.attention.backends import CANDIDATES, resolve_backend
 
     dev = torch.device("cuda")
+    resolved = resolve_backend(kind="sparse", device=dev, dtype=dtype, pattern=pattern, head_dim=64)
     reg = available_kernels()
-    expected = next(n for n in AUTO_ORDER if reg[n].is_available(device=dev, dtype=torch.bfloat16))
-    kernel = select_sparse_kernel("auto", device=dev, dtype=torch.bfloat16)
-    assert kernel.name == expected and expected in ("cudnn_bsa", "triton", "flex")
+    first = next(
+        n
+        for n in CANDIDATES[("sparse", "local")]
+        if reg[n].unavailable_reason(device=dev, dtype=dtype, pattern=pattern, head_dim=64) is None
+    )
+    assert resolved.name == first != "torch"
+    torch.manual_seed(0)
+    S = 1000
+    q, k, v = (torch.randn(1, 4, S, 64, device=dev, dtype=dtype) for _ in range(3))
+    mask = independent_token_mask(pattern, S, device=dev)
+    out, lse = reg[resolved.name]()(q, k, v, pattern=pattern)
+    ref, ref_lse = reference_attention(q.float(), k.float(), v.float(), mask)
+    assert lse.dtype == torch.float32
+    if dtype == torch.float32:  # fp32 end to end: rounding only (TF32 matmuls would show as ~1e-3)
+        for what, a, b in (("out", out, ref), ("lse", lse, ref_lse)):
+            err = (a - b).abs().max().item()
+            assert err <= 1e-4, f"auto={resolved.name} fp32 {what}: max err {err:.3e}"
+    else:
+        naive, naive_lse = reference_attention(q, k, v, mask)
+        _check(f"auto={resolved.name} out", out.float(), ref, naive.float(), 2)
+        _check(f"auto={resolved.name} lse", lse, ref_lse, naive_lse.float(), 2)
 
 
 @pytest.mark.skipif(not _cudnn_backends(), reason="cuDNN frontend block-sparse attention is not installed")

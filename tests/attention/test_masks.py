@@ -1,4 +1,5 @@
-"""Sparse patterns: block rules, token masks and block tables against brute-force definitions."""
+"""Sparse patterns: block rules, token masks and block tables against hand-written matrices and against
+masks built independently of `block_rule` (tests/attention/independent_masks.py)."""
 
 import pytest
 import torch
@@ -7,30 +8,22 @@ from megatron_longgen.attention.masks import (
     BlockStridedPattern,
     SinkWindowPattern,
     attended_pairs,
+    block_mask_matrix,
     dense_block_strided_mask,
     dense_sink_window_mask,
-    kv_block_table,
     keys_per_query,
+    kv_block_table,
     num_blocks,
 )
+from tests.attention.independent_masks import independent_block_mask, independent_token_mask
 
 
 def brute_sink_window(S, b, sink, window):
-    m = torch.zeros(S, S, dtype=torch.bool)
-    for i in range(S):
-        for j in range(i + 1):
-            qb, kb = i // b, j // b
-            m[i, j] = kb < sink or qb - kb < window
-    return m
+    return independent_token_mask(SinkWindowPattern(block_size=b, num_sink_blocks=sink, num_window_blocks=window), S)
 
 
 def brute_block_strided(S, b, stride, local):
-    m = torch.zeros(S, S, dtype=torch.bool)
-    for i in range(S):
-        for j in range(i + 1):
-            qb, kb = i // b, j // b
-            m[i, j] = qb - kb < local or kb % stride == 0
-    return m
+    return independent_token_mask(BlockStridedPattern(block_size=b, stride_blocks=stride, num_local_blocks=local), S)
 
 
 PATTERNS = [
@@ -92,3 +85,124 @@ def test_named_dense_factories():
                        brute_sink_window(40, 4, 1, 3))
     assert torch.equal(dense_block_strided_mask(40, block_size=4, stride_blocks=3, num_local_blocks=2),
                        brute_block_strided(40, 4, 3, 2))
+
+
+# Hand-written block matrices (1 = the query block of the row sees the key block of the column), small
+# enough to check against the paper by eye; the first two are the pictures in masks.py's docstring.
+LITERAL_BLOCKS = {
+    "sink_window_s1_w3": (
+        SinkWindowPattern(block_size=4, num_sink_blocks=1, num_window_blocks=3),
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 1, 1, 0, 0, 0],
+            [1, 0, 0, 1, 1, 1, 0, 0],
+            [1, 0, 0, 0, 1, 1, 1, 0],
+            [1, 0, 0, 0, 0, 1, 1, 1],
+        ],
+    ),
+    "block_strided_st3_l2": (
+        BlockStridedPattern(block_size=4, stride_blocks=3, num_local_blocks=2),
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 0, 1, 1, 0, 0, 0, 0],
+            [1, 0, 0, 1, 1, 0, 0, 0],
+            [1, 0, 0, 1, 1, 1, 0, 0],
+            [1, 0, 0, 1, 0, 1, 1, 0],
+            [1, 0, 0, 1, 0, 0, 1, 1],
+        ],
+    ),
+    "sink_window_s2_w2": (
+        SinkWindowPattern(block_size=4, num_sink_blocks=2, num_window_blocks=2),
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0, 1, 1, 0],
+            [1, 1, 0, 0, 0, 0, 1, 1],
+        ],
+    ),
+    "block_strided_st2_l1": (
+        BlockStridedPattern(block_size=4, stride_blocks=2, num_local_blocks=1),
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0, 0, 0],
+            [1, 0, 1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 1, 0, 0, 0],
+            [1, 0, 1, 0, 1, 1, 0, 0],
+            [1, 0, 1, 0, 1, 0, 1, 0],
+            [1, 0, 1, 0, 1, 0, 1, 1],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LITERAL_BLOCKS))
+def test_block_rule_matches_hand_written_matrix(name):
+    pattern, literal = LITERAL_BLOCKS[name]
+    expected = torch.tensor(literal, dtype=torch.bool)
+    assert torch.equal(block_mask_matrix(pattern, 8), expected)
+    assert torch.equal(independent_block_mask(pattern, 8), expected)  # the tests' oracle agrees too
+    table = kv_block_table(pattern, 8)
+    assert [[int(x) for x in row if x >= 0] for row in table] == [
+        [j for j, kept in enumerate(row) if kept] for row in literal
+    ]
+    # Token level on whole blocks: each kept block is all ones, except the causal diagonal block.
+    b = pattern.block_size
+    token = expected.repeat_interleave(b, 0).repeat_interleave(b, 1) & torch.ones(8 * b, 8 * b).bool().tril()
+    assert torch.equal(pattern.dense_mask(8 * b), token)
+
+
+# Token-level masks with a partial last block, written out in full (row = query, column = key).
+LITERAL_TOKENS = {
+    # blocks of 4 tokens: [0..3] [4..7] [8 9]; query block 2 sees the sink and itself, not block 1.
+    "sink_window_b4_s1_w1_S10": (
+        SinkWindowPattern(block_size=4, num_sink_blocks=1, num_window_blocks=1),
+        [
+            "1000000000",
+            "1100000000",
+            "1110000000",
+            "1111000000",
+            "1111100000",
+            "1111110000",
+            "1111111000",
+            "1111111100",
+            "1111000010",
+            "1111000011",
+        ],
+    ),
+    # blocks of 3 tokens: [0..2] [3..5] [6 7]; block 2 is on the stride (2), block 1 is not.
+    "block_strided_b3_st2_l1_S8": (
+        BlockStridedPattern(block_size=3, stride_blocks=2, num_local_blocks=1),
+        [
+            "10000000",
+            "11000000",
+            "11100000",
+            "11110000",
+            "11111000",
+            "11111100",
+            "11100010",
+            "11100011",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LITERAL_TOKENS))
+def test_token_mask_with_partial_last_block_matches_hand_written(name):
+    pattern, rows = LITERAL_TOKENS[name]
+    S = len(rows)
+    expected = torch.tensor([[c == "1" for c in row] for row in rows])
+    assert torch.equal(pattern.dense_mask(S), expected)
+    pos = torch.arange(S)
+    assert torch.equal(pattern.mask_fn()(0, 0, pos[:, None], pos[None, :]), expected)
+    assert torch.equal(independent_token_mask(pattern, S), expected)
+    assert torch.equal(keys_per_query(pattern, S), expected.sum(dim=1))

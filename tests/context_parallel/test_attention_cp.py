@@ -6,7 +6,8 @@ Four gloo ranks are started once for the module. Each runs every case twice: wit
 world, and with R = 2 over the non-contiguous groups {0, 2} and {1, 3} (so neighbour ranks must be
 translated with `dist.get_global_rank`). For each case the rank compares its shard of the output and of
 dQ/dK/dV with the same shard of an fp64 oracle run on the full sequence (`reference_attention` with the
-dense mask, autograd for gradients). Inputs are fp32, so the tolerance is fp32 round-off.
+mask written independently of the patterns' rule (tests/attention/independent_masks.py), autograd for
+gradients). Inputs are fp32, so the tolerance is fp32 round-off.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def _pattern(kwargs):
 
 
 def _run_case(name, pattern_kwargs, num_heads, kv_heads, group, cp_rank, cp_size):
-    from megatron_longgen.attention.masks import dense_causal_mask
     from megatron_longgen.attention.reference import reference_attention
+    from megatron_longgen.context_parallel.exchange_plan import plan_sparse_exchange
     from megatron_longgen.context_parallel.ring_attention import ring_attention
     from megatron_longgen.context_parallel.sharding import shard_sequence
-    from megatron_longgen.context_parallel.sparse_exchange import plan_sparse_exchange, sparse_cp_attention
+    from megatron_longgen.context_parallel.sparse_exchange import sparse_cp_attention
+    from tests.attention.independent_masks import causal_token_mask, independent_token_mask
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     B, H = 2, 16
@@ -54,7 +56,7 @@ def _run_case(name, pattern_kwargs, num_heads, kv_heads, group, cp_rank, cp_size
     v = torch.randn(B, kv_heads, SEQ, H, generator=gen, dtype=torch.float64)
     d_out = torch.randn(B, num_heads, SEQ, H, generator=gen, dtype=torch.float64)
     pattern = None if pattern_kwargs is None else _pattern(pattern_kwargs)
-    mask = dense_causal_mask(SEQ) if pattern is None else pattern.dense_mask(SEQ)
+    mask = causal_token_mask(SEQ) if pattern is None else independent_token_mask(pattern, SEQ)
 
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = reference_attention(qr, kr, vr, mask)
@@ -68,7 +70,7 @@ def _run_case(name, pattern_kwargs, num_heads, kv_heads, group, cp_rank, cp_size
         out, lse = ring_attention(ql, kl, vl, cp_group=group, kernel="math")
         moved = None
     else:
-        out, lse = sparse_cp_attention(ql, kl, vl, pattern=pattern, cp_group=group)
+        out, lse = sparse_cp_attention(ql, kl, vl, pattern=pattern, cp_group=group, kernel="torch")
         plan = plan_sparse_exchange(pattern, cp_rank=cp_rank, cp_size=cp_size, seq_len=SEQ)
         moved = plan.forward_bytes(batch=B, kv_heads=kv_heads, head_dim=H, element_size=4)
     out.backward(shard(d_out).float())
@@ -114,23 +116,28 @@ def _worker(rank, world_size):
     x = torch.zeros(1, 2, 6, 4)
     errors = {
         "odd_local": _expect_value_error(
-            lambda: ring_attention(x[:, :, :5], x[:, :, :5], x[:, :, :5], cp_group=groups[4])
+            lambda: ring_attention(x[:, :, :5], x[:, :, :5], x[:, :, :5], cp_group=groups[4], kernel="math")
         ),
         "qk_len": _expect_value_error(
-            lambda: ring_attention(x, x[:, :, :4], x[:, :, :4], cp_group=groups[4])
+            lambda: ring_attention(x, x[:, :, :4], x[:, :, :4], cp_group=groups[4], kernel="math")
         ),
         "gqa": _expect_value_error(
             lambda: ring_attention(
-                x, x[:, :1].expand(1, 3, 6, 4), x[:, :1].expand(1, 3, 6, 4), cp_group=groups[4]
+                x, x[:, :1].expand(1, 3, 6, 4), x[:, :1].expand(1, 3, 6, 4), cp_group=groups[4], kernel="math"
             )
         ),
-        "not_member": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=lone))
+        "not_member": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=lone, kernel="math"))
         if rank
         else "member",
-        "no_group": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=None)),
+        "no_group": _expect_value_error(lambda: ring_attention(x, x, x, cp_group=None, kernel="math")),
         "sparse_len": _expect_value_error(
             lambda: sparse_cp_attention(
-                x, x, x, pattern=_pattern({"variant": "sink_window"}), cp_group=groups[4]
+                x, x, x, pattern=_pattern({"variant": "sink_window"}), cp_group=groups[4], kernel="torch"
+            )
+        ),
+        "sparse_flex_cpu": _expect_value_error(
+            lambda: sparse_cp_attention(
+                x, x, x, pattern=_pattern({"variant": "sink_window"}), cp_group=groups[4], kernel="flex"
             )
         ),
         "bad_kernel": _expect_value_error(
@@ -179,3 +186,4 @@ def test_bad_input_errors(cp_results):
         assert "group is required" in e["no_group"], e
         assert "seq_len 24 must be a multiple of 2·cp·block = 2·4·8 = 64" in e["sparse_len"], e
         assert "cannot run on cpu" in e["bad_kernel"], e
+        assert "'flex' cannot run: FlexAttention runs compiled only on CUDA" in e["sparse_flex_cpu"], e

@@ -74,6 +74,15 @@ def _batch():
     }
 
 
+def _forms(model) -> list[str]:
+    """'kind/form/backend' of every LongGen core attention of `model` (e.g. 'sparse/exchange/torch')."""
+    from megatron_longgen.attention.core_attention import LongGenCoreAttention
+
+    return sorted(
+        {f"{m.kind}/{m.form}/{m.resolved.name}" for m in model.modules() if isinstance(m, LongGenCoreAttention)}
+    )
+
+
 def _run(variant: str, tp: int, cp: int):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -111,7 +120,7 @@ def _run(variant: str, tp: int, cp: int):
             getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1,
         )
     rope = model.rotary_pos_emb(SEQ).detach().flatten(1).numpy()
-    kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+    kinds = _forms(model)
     return {
         "loss": float(loss_total),
         "grads": grads,
@@ -187,34 +196,56 @@ def _run_pp(variant: str, ref_state: dict):
         g = p.grad.detach().clone()
         dist.all_reduce(g, group=cp_group)
         grads[global_name(name)] = g.numpy()
-    kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+    kinds = _forms(model)
     return {"loss": float(loss) if last else None, "grads": grads, "pp_rank": pp_rank, "kinds": kinds}
 
 
-def _group_errors(pair_group):
-    """Core attention refuses a CP group that does not match the config, or a missing one."""
+def _group_errors(pair_group, cp_group):
+    """Core attention refuses a CP group that does not match the config, or a missing one; given a CP
+    group, it answers bad input like the CP = 1 module does (tests/attention/test_core_attention.py)."""
     import types
 
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_longgen.context_parallel.core_attention import ContextParallelFullAttention
+    from megatron_longgen.attention.core_attention import LongGenCoreAttention
+    from megatron_longgen.config import SparseAttentionConfig
 
-    cfg = TransformerConfig(
-        num_layers=1,
-        hidden_size=64,
-        num_attention_heads=4,
-        context_parallel_size=4,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-    )
+    def tcfg(cp):
+        return TransformerConfig(
+            num_layers=1,
+            hidden_size=64,
+            num_attention_heads=4,
+            context_parallel_size=cp,
+            attention_dropout=0.0,
+            use_cpu_initialization=True,
+        )
+
     errors = {}
     for key, pgc in (("mismatch", types.SimpleNamespace(cp=pair_group)), ("missing", None)):
         try:
-            ContextParallelFullAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgc)
+            LongGenCoreAttention(tcfg(4), 1, AttnMaskType.causal, "self", pg_collection=pgc, kind="full")
             errors[key] = None
         except ValueError as e:
             errors[key] = str(e)
+    pgc = types.SimpleNamespace(cp=cp_group)
+    sparse = SparseAttentionConfig(block_size=4, num_window_blocks=2, backend="torch")
+    for kind in ("sparse", "full"):
+        module = LongGenCoreAttention(tcfg(cp_group.size()), 1, AttnMaskType.causal, "self", pg_collection=pgc,
+                                      kind=kind, sparse=sparse)
+        x = torch.zeros(8, 1, 4, 16)
+        try:
+            module(x, x, x, torch.ones(1, 1, 8, 8, dtype=torch.bool))  # raises before any communication
+            errors[f"{kind}_mask"] = None
+        except ValueError as e:
+            errors[f"{kind}_mask"] = str(e)
+        errors[f"{kind}_form"] = module.form
+    try:
+        LongGenCoreAttention(tcfg(cp_group.size()), 1, AttnMaskType.causal, "self", pg_collection=pgc,
+                             kind="sparse", sparse=SparseAttentionConfig(block_size=4, backend="triton"))
+        errors["triton_cp"] = None
+    except ValueError as e:
+        errors["triton_cp"] = str(e)
     return errors
 
 
@@ -229,7 +260,7 @@ def _worker(rank, world_size):
     for key in list(out):
         out[key].pop("state", None)
     pairs = [dist.new_group(ranks=[0, 1]), dist.new_group(ranks=[2, 3])]
-    out["errors"] = _group_errors(pairs[rank // 2])
+    out["errors"] = _group_errors(pairs[rank // 2], pairs[rank // 2])
     return out
 
 
@@ -266,10 +297,8 @@ def test_loss_and_grads_match_cp1(model_results, variant, tp, cp):
             assert diff <= 1e-5 * max(scale, 1.0), (
                 f"rank {rank} {variant} tp{tp} cp{cp} {name}: max diff {diff:.3g}"
             )
-        assert (
-            "ContextParallelFullAttention" in got["kinds"]
-            and "ContextParallelSparseAttention" in got["kinds"]
-        )
+        assert got["kinds"] == ["full/ring/math", "sparse/exchange/torch"], got["kinds"]
+        assert ref["kinds"] == ["full/local/sdpa", "sparse/local/torch"], ref["kinds"]
 
 
 @pytest.mark.timeout(300)
@@ -291,10 +320,7 @@ def test_pipeline_and_cp_match_cp1(model_results):
             if diff > 1e-5 * max(float(want.abs().max()), 1.0):
                 bad[name] = (diff, float(torch.from_numpy(g).norm() / want.norm()))
         assert not bad, f"rank {rank} pp2 cp2 (max diff, norm ratio): {bad}"
-        assert (
-            "ContextParallelFullAttention" in got["kinds"]
-            and "ContextParallelSparseAttention" in got["kinds"]
-        )
+        assert got["kinds"] == ["full/ring/math", "sparse/exchange/torch"], got["kinds"]
     assert stages == {0, 1}
 
 
@@ -323,3 +349,7 @@ def test_core_attention_group_errors(model_results):
         e = res["errors"]
         assert "pg_collection.cp has 2 ranks but config.context_parallel_size is 4" in e["mismatch"], e
         assert "needs pg_collection.cp" in e["missing"], e
+        for kind in ("sparse", "full"):  # the same answer as with CP = 1
+            assert "causal by construction: pass attention_mask=None" in e[f"{kind}_mask"], e
+        assert (e["sparse_form"], e["full_form"]) == ("exchange", "ring")
+        assert "'triton' runs only with the whole sequence" in e["triton_cp"], e

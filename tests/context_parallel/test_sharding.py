@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
+from megatron_longgen.context_parallel.exchange_plan import plan_sparse_exchange
 from megatron_longgen.context_parallel.sharding import (
     block_owner,
     check_cp_divisibility,
@@ -16,7 +17,6 @@ from megatron_longgen.context_parallel.sharding import (
     zigzag_chunk_ids,
     zigzag_positions,
 )
-from megatron_longgen.context_parallel.sparse_exchange import plan_sparse_exchange
 
 
 def test_positions_cp2_literal():
@@ -94,7 +94,7 @@ def test_divisibility_errors():
 
 
 def test_sink_window_plan_128k_cp2():
-    """The numbers quoted in sparse_exchange.py: 31 and 32 blocks fetched at 128K, CP=2."""
+    """The numbers quoted in exchange_plan.py: 31 and 32 blocks fetched at 128K, CP=2."""
     pattern = SinkWindowPattern(block_size=64, num_sink_blocks=1, num_window_blocks=32)
     p0 = plan_sparse_exchange(pattern, cp_rank=0, cp_size=2, seq_len=131072)
     p1 = plan_sparse_exchange(pattern, cp_rank=1, cp_size=2, seq_len=131072)

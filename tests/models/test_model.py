@@ -5,14 +5,20 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_longgen.attention.core_attention import FullCoreAttention, SparseCoreAttention
-from megatron_longgen.config import LongGenConfig, ModelConfig, ParallelConfig, SparseAttentionConfig, TrainingConfig
+from megatron_longgen.attention.core_attention import LongGenCoreAttention
+from megatron_longgen.config import (
+    LongGenConfig,
+    ModelConfig,
+    ParallelConfig,
+    SparseAttentionConfig,
+    TrainingConfig,
+)
 from megatron_longgen.models.builder import build_model, model_vocab_size
 from megatron_longgen.utils.distributed import init_distributed, initialize_model_parallel, set_seed
 
 
 def tiny_cfg(pattern="SFFS", **sparse_kw) -> LongGenConfig:
-    sparse = dict(variant="sink_window", block_size=4, num_window_blocks=2, backend="torch")
+    sparse = {"variant": "sink_window", "block_size": 4, "num_window_blocks": 2, "backend": "torch"}
     sparse.update(sparse_kw)
     return LongGenConfig(
         name="tiny",
@@ -37,9 +43,9 @@ def _build(cfg, seed=0):
 
 
 def _core_kinds(model):
-    return ["S" if isinstance(layer.self_attention.core_attention, SparseCoreAttention) else
-            "F" if isinstance(layer.self_attention.core_attention, FullCoreAttention) else "?"
-            for layer in model.decoder.layers]
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    assert all(isinstance(c, LongGenCoreAttention) for c in cores)
+    return [{"sparse": "S", "full": "F"}[c.kind] for c in cores]
 
 
 def _batch(seed=0, batch=2, seq=48, vocab=100):
@@ -81,7 +87,7 @@ def test_hybrid_with_covering_window_equals_full_baseline():
     a.backward()
     b.backward()
     for (name, p), q in zip(hybrid.named_parameters(), full.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sparse_layers_change_the_function():

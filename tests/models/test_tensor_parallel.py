@@ -6,8 +6,6 @@ To compare gradients across layouts, the TP=2 gradients are written into the par
 way, and loaded back at TP=1, where they line up name by name with the TP=1 gradients.
 """
 
-import dataclasses
-
 import pytest
 import torch
 

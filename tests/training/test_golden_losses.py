@@ -5,13 +5,23 @@ baseline (fp32, CPU, fixed seed). A refactor that should not change numerics mus
 only absorbs BLAS differences between CPUs); a change that does must regenerate the file on purpose:
 
     LONGGEN_UPDATE_GOLDEN=1 python -m pytest tests/training/test_golden_losses.py
+
+The sparse settings are debug_tiny's (16-token blocks; window 4 blocks; stride 4 blocks, 2 local), so at
+the tests' 128 tokens sink_window evicts and block_strided reaches a block through the stride that its
+local window does not cover: a window or stride that is off changes the losses (a doubled stride moved
+block_strided's step-6 loss by 1.8e-3, 18x the tolerance, when this was set up).
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from megatron_longgen.attention.masks import BlockStridedPattern, pattern_from_config
+from megatron_longgen.recipes import debug_tiny
+from tests.attention.independent_masks import independent_token_mask
 from tests.training.tiny import tiny_config
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "losses" / "debug_tiny_cpu.txt"
@@ -38,7 +48,7 @@ def _read() -> dict[str, list[float]]:
     table: dict[str, list[float]] = {}
     for line in GOLDEN.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, step, loss = line.split()
+            name, _step, loss = line.split()
             table.setdefault(name, []).append(float(loss))
     return table
 
@@ -56,3 +66,34 @@ def test_losses_match_golden_file(losses):
             assert got == pytest.approx(want, abs=1e-4), f"{name} step {step}: {got} != golden {want}"
     # The variants really differ (the file would not catch a pattern silently falling back to full).
     assert golden["sink_window"][-1] != golden["full"][-1] != golden["block_strided"][-1]
+
+
+def _masks(cfg, seq_len):
+    patterns = {v: pattern_from_config(dataclasses.replace(cfg.sparse, variant=v)) for v in ("sink_window", "block_strided")}
+    return patterns, {v: independent_token_mask(p, seq_len) for v, p in patterns.items()}
+
+
+@pytest.mark.parametrize("where", ["golden", "recipe"])
+def test_tiny_variants_attend_different_pairs_and_cross_stride_blocks(where):
+    """The golden runs (128 tokens) and the recipe's tiny run (1,024) exercise what makes each variant:
+    sink_window evicts, block_strided sees blocks through the stride beyond its local window, the two
+    attend different (query, key) pairs, and a doubled stride or a wider window would change them."""
+    cfg = tiny_config() if where == "golden" else debug_tiny()
+    S = cfg.train.seq_length
+    patterns, masks = _masks(cfg, S)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    assert not torch.equal(masks["sink_window"], masks["block_strided"])
+    for variant, mask in masks.items():
+        assert int(mask.sum()) < int(causal.sum()), f"{variant} is dense at {S} tokens"
+    b, stride, local = cfg.sparse.block_size, cfg.sparse.stride_blocks, cfg.sparse.num_local_blocks
+    nb = S // b
+    strided = [kb for kb in range(stride, nb, stride)]  # stride blocks after the sink block 0
+    assert strided, f"no stride block after block 0 at {S} tokens"
+    reached = [kb for kb in strided if bool(masks["block_strided"][(kb + local) * b :, kb * b].any())]
+    assert reached, "no query sees a stride block outside its local window"
+    if where == "recipe":
+        assert len(strided) + 1 == S // (b * stride) == 16
+    doubled = BlockStridedPattern(block_size=b, stride_blocks=2 * stride, num_local_blocks=local)
+    assert not torch.equal(independent_token_mask(doubled, S), masks["block_strided"])
+    wider = dataclasses.replace(patterns["sink_window"], num_window_blocks=cfg.sparse.num_window_blocks + 1)
+    assert not torch.equal(independent_token_mask(wider, S), masks["sink_window"])

@@ -149,7 +149,7 @@ def test_user_errors_after_parsing_are_one_line(tmp_path):
     _one_line_error(_train(tmp_path / "a", "--override", "parallel.tensor_parallel=2"), 2,
                     "world size 1 must be a multiple of tp*pp*cp = 2*1*1 = 2")
     _one_line_error(_train(tmp_path / "b", "--init-checkpoint", str(tmp_path / "missing")), 2,
-                    f"--init-checkpoint {tmp_path / 'missing'} does not exist")
+                    f"init checkpoint {tmp_path / 'missing'} does not exist")
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)}
     _one_line_error(_train(tmp_path / "c", "--wandb", env=env), 2, "no API key is set: export WANDB_API_KEY")
     _one_line_error(_train(tmp_path / "d", "--override", "train.lr=abc"), 2,

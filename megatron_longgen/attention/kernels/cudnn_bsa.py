@@ -255,8 +255,9 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
             time; None = all heads in one call).
         remainder_config: Triton launches for the remainder (None = `REMAINDER_CONFIG`).
 
-    Shapes it does not take (head dim other than 128, a length that is not a multiple of the tiles,
-    pattern blocks other than 64 tokens) run on the Triton kernel, with a warning the first time.
+    `attention/backends.py` refuses it for patterns and head dims it cannot take (`pattern_reason`). Called
+    directly, shapes it does not take (head dim other than 128, a length that is not a multiple of the
+    tiles, pattern blocks other than 64 tokens) run on the Triton kernel, with a warning the first time.
     """
 
     name = "cudnn_bsa"
@@ -278,7 +279,7 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
         self._warned: set[str] = set()
 
     @classmethod
-    def unavailable_reason(cls, *, device: torch.device, dtype: torch.dtype) -> str | None:
+    def unavailable_reason(cls, *, device, dtype, pattern=None, head_dim=None) -> str | None:
         device = torch.device(device)
         if not has_triton():
             return "triton is not installed (the remainder of each pattern runs on the Triton kernel)"
@@ -288,8 +289,26 @@ class CudnnBlockSparseKernel(SparseAttentionKernel):
             return "needs CUDA"
         if dtype != torch.bfloat16:
             return f"dtype {dtype} is not supported (cuDNN's block-sparse backward is bf16 only)"
+        if pattern is not None:
+            reason = cls.pattern_reason(pattern, head_dim=head_dim)
+            if reason is not None:
+                return reason
         if torch.cuda.get_device_capability(device)[0] != 9:
             return "measured and enabled on Hopper (SM90) only"
+        return None
+
+    @classmethod
+    def pattern_reason(cls, pattern: SparsePattern, *, head_dim: int | None = None) -> str | None:
+        """None when this backend accepts `pattern` (and `head_dim`, None = unknown), else why not. Patterns
+        outside `CUDNN_PATTERNS` are accepted when the Triton kernel takes them (they run on it by design);
+        the others need cuDNN's 64-token blocks and head dim 128."""
+        reason = TritonBlockSparseKernel().pattern_reason(pattern)
+        if reason is not None or pattern.name not in CUDNN_PATTERNS:
+            return reason
+        if pattern.block_size != FORWARD_TILE:
+            return f"pattern block {pattern.block_size} (cuDNN's tiles need {FORWARD_TILE}-token blocks)"
+        if head_dim is not None and head_dim != 128:
+            return f"head dim {head_dim} (cuDNN's block-sparse backward needs 128)"
         return None
 
     def _unsupported(self, pattern, S: int, H: int) -> str | None:
@@ -360,5 +379,5 @@ class CudnnBlockSparseForwardKernel(CudnnBlockSparseKernel):
         super().__init__(backward="triton")
 
 
-register_kernel(CudnnBlockSparseKernel, auto_rank=0)
+register_kernel(CudnnBlockSparseKernel)
 register_kernel(CudnnBlockSparseForwardKernel)

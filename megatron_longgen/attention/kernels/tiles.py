@@ -13,10 +13,15 @@ never [S, S]. A tile entry is
 - *partial* otherwise (the diagonal, tiles that only some row sub-blocks keep, the ragged end); kernels
   rebuild the token mask from `bits` (bit r * C + c set = row sub-block r keeps column sub-block c),
   causality and the sequence length.
+
+`classify_tiles` gives the Triton kernels both (bits and full); `tile_occupancy` gives FlexAttention the
+same listed / full split for any keep matrix and positions (a CP rank's non-contiguous keys too), without
+bits, so with no limit on the block pairs per tile.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +109,52 @@ def classify_tiles(
     k_end = (torch.arange(n_kt, device=device)[None, :] + 1) * block_n
     in_range = ((torch.arange(n_qt, device=device)[:, None] + 1) * block_m <= seq_len) & (k_end <= seq_len)
     return bits, (bits == all_rows) & (k_end <= q_start) & in_range
+
+
+def _tile_extent(positions: torch.Tensor, tile: int, num_tiles: int, *, fill: int, lowest: bool) -> torch.Tensor:
+    """Per tile, the lowest (or highest) position; the tail past the last position counts as `fill`."""
+    padded = positions.new_full((num_tiles * tile,), fill)
+    padded[: positions.numel()] = positions
+    view = padded.view(num_tiles, tile)
+    return view.amin(dim=1) if lowest else view.amax(dim=1)
+
+
+def tile_occupancy(
+    keep_QK: torch.Tensor,
+    *,
+    block_size: int,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    tile: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(listed, full) [nQT, nKT] bool for any block keep matrix and token positions (the Flex form of
+    `classify_tiles`, free of its 30-pair limit): listed = some block pair of the tile is kept; full = all
+    are, and every key position of the tile lies below every query position of it (padding never does).
+
+    `keep_QK` is [ceil(S/b), ceil(T/b)] over the query / key tensors' blocks; blocks and tiles are aligned
+    on the grid u = gcd(b, BM, BN), so the work is ((S/u) x (T/u)) booleans, never [S, T].
+    """
+    device = keep_QK.device
+    b, (bm, bn) = block_size, tile
+    n_qt, n_kt = num_blocks(q_positions.numel(), bm), num_blocks(k_positions.numel(), bn)
+    u = math.gcd(b, math.gcd(bm, bn))
+    nqb, nkb = keep_QK.shape
+    # Block index of every u-unit of the padded tile grid; units past the last block keep nothing.
+    q_blk = torch.arange(n_qt * (bm // u), device=device) * u // b
+    k_blk = torch.arange(n_kt * (bn // u), device=device) * u // b
+    keep_u = keep_QK[q_blk.clamp(max=nqb - 1)][:, k_blk.clamp(max=nkb - 1)]
+    keep_u &= (q_blk < nqb)[:, None] & (k_blk < nkb)[None, :]
+    tiles = keep_u.view(n_qt, bm // u, n_kt, bn // u)
+    q_pos, k_pos = q_positions.to(device), k_positions.to(device)
+    never, always = torch.iinfo(torch.int64).max, -1  # padding: a query that sees nothing, an unseen key
+    q_min = _tile_extent(q_pos, bm, n_qt, fill=always, lowest=True)
+    q_max = _tile_extent(q_pos, bm, n_qt, fill=always, lowest=False)
+    k_min = _tile_extent(k_pos, bn, n_kt, fill=never, lowest=True)
+    k_max = _tile_extent(k_pos, bn, n_kt, fill=never, lowest=False)
+    # A kept block pair may still be causally empty in a tile (a block straddling the tile edge).
+    listed = tiles.any(dim=3).any(dim=1) & (k_min[None, :] <= q_max[:, None])
+    full = tiles.all(dim=3).all(dim=1) & (k_max[None, :] < q_min[:, None])
+    return listed, full
 
 
 def _pack_rows(bits: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:

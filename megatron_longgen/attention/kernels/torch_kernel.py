@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from megatron_longgen.attention.kernels.base import SparseAttentionKernel, register_kernel
 from megatron_longgen.attention.kernels.torch_block import block_sparse_attention_torch
 from megatron_longgen.attention.masks import SparsePattern, kv_block_table, num_blocks
@@ -15,7 +13,7 @@ class TorchBlockSparseKernel(SparseAttentionKernel):
     name = "torch"
 
     @classmethod
-    def unavailable_reason(cls, *, device: torch.device, dtype: torch.dtype) -> str | None:
+    def unavailable_reason(cls, *, device, dtype, pattern=None, head_dim=None) -> str | None:
         return None
 
     def __call__(self, q_BNSH, k_BGSH, v_BGSH, *, pattern: SparsePattern, softmax_scale=None):
@@ -26,4 +24,4 @@ class TorchBlockSparseKernel(SparseAttentionKernel):
         )
 
 
-register_kernel(TorchBlockSparseKernel, auto_rank=None)
+register_kernel(TorchBlockSparseKernel)
