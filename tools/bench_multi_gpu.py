@@ -182,9 +182,11 @@ def model_config(kind: str, *, tiny: bool, seq_len: int | None, pattern: str | N
     from megatron_longgen.recipes import llama2_7b_128k, llama2_70b_128k
 
     cfg = llama2_7b_128k() if kind == "7b" else llama2_70b_128k()
-    # The recipes' own layouts (TP8, and PP4 x CP2 for 70B) are replaced by `with_layout`.
+    # The recipes' own layouts (TP8, and PP4 x CP2 for 70B) are replaced by `with_layout`; random weights
+    # and the shipped corpus and tokenizer stand in for the production inputs (throughput does not depend on them).
     extra = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.context_parallel=1",
-             "parallel.sequence_parallel=false"]
+             "parallel.sequence_parallel=false", "train.init_checkpoint=None", "data.corpus=builtin:tiny_stories",
+             "data.tokenizer=builtin:tiny_sp", "data.blend="]
     extra += tiny_overrides(kind) if tiny else []
     if seq_len:
         extra.append(f"train.seq_length={seq_len}")
