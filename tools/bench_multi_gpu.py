@@ -272,6 +272,8 @@ def run_trainer(cfg, *, warmup: int, steps: int, peak_tflops: float | None) -> d
             times.append(time.perf_counter() - start)
             losses.append(metrics["loss"])
         world = trainer.world_size
+        backends = {getattr(m, "kind", "?"): m.resolved.name for chunk in trainer.model for m in chunk.modules()
+                    if getattr(m, "resolved", None) is not None}
         logging_rank_losses = losses if trainer.is_logging_rank else [float("-inf")] * len(losses)
         del trainer
     gc.collect()
@@ -286,7 +288,7 @@ def run_trainer(cfg, *, warmup: int, steps: int, peak_tflops: float | None) -> d
         "pattern": cfg.model.layer_pattern, "seq_length": cfg.train.seq_length,
         "global_batch_size": cfg.train.global_batch_size, "step_time_s": step_time, "step_times_s": times,
         "tokens_per_s": tokens / step_time, "tokens_per_s_per_gpu": tokens / step_time / world,
-        "peak_mem_gib": peak_mem, "losses": losses,
+        "peak_mem_gib": peak_mem, "losses": losses, "attention_backends": backends,
         **throughput_metrics(cfg=cfg, step_time_s=step_time, num_gpus=world, peak_tflops=peak_tflops),
     }
 

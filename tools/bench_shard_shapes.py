@@ -293,10 +293,11 @@ def measure_shard(base, *, model_name: str, tp: int, cp: int, kind: str, num_lay
 
 
 def _backend_used(model) -> str | None:
+    """The backend the sparse layers resolved to (`LongGenCoreAttention.resolved`, logged by the trainer too)."""
     for module in model.modules():
-        kernel = getattr(module, "_kernel", None) or getattr(module, "kernel", None)
-        if kernel is not None and not callable(getattr(kernel, "parameters", None)):
-            return getattr(kernel, "name", type(kernel).__name__)
+        resolved = getattr(module, "resolved", None)
+        if resolved is not None and getattr(module, "kind", None) == "sparse":
+            return resolved.name
     return None
 
 
