@@ -150,6 +150,14 @@ def test_config_pads_the_vocabulary_alike_and_validates_the_layout():
         tool.equivalence_config(opts, tp=4, pp=1, cp=1, distributed_optimizer=True)
 
 
+def test_saved_reference_must_match_the_run(tmp_path):
+    tool = load_tool(TOOL)
+    other = tool.Options(**LAYOUT, **STEPS, pattern="SFFS")
+    torch.save({"options": tool._identity(other), "runs": {}}, tmp_path / "reference.pt")
+    with pytest.raises(ValueError, match="was made for .*SFFS"):
+        tool.run_single(tmp_path, _options(), reference_dir=tmp_path)
+
+
 # ----------------------------------------------------------------------------------------- the CLI
 def _assert_report(report: dict, *, proc, layout: dict) -> None:
     assert report["layout"]["tp"] == layout["tp"] and report["layout"]["cp"] == layout["cp"], report["layout"]
