@@ -31,8 +31,8 @@ time and activation memory are t times what a sequence-parallel run has); the ri
 its K/V double buffers and fp32 dK/dV accumulators; the embedding, output layer and loss; the optimizer step
 and the fp32 gradient buffers of Megatron's DDP (gradients here are bf16 `.grad`).
 
-Writes `benchmarks/results/shard_shapes_<device>.json` (schema in `ROW_FIELDS` and the README section
-"Multi-GPU measurements") after every row, and prints a table.
+Writes `benchmarks/results/shard_shapes_<device>.json` after every row (one row per model x TPxCP x recompute x
+kind; the fields are described in `ROW_FIELDS`, copied into the file as `row_fields`), and prints a table.
 """
 
 from __future__ import annotations
