@@ -14,7 +14,8 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     multi = has_gpu and torch.cuda.device_count() >= 2
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        # Markers, not keywords: keywords also hold package names (tests/multi_gpu/ is not a marker).
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "multi_gpu" in item.keywords and not multi:
+        if item.get_closest_marker("multi_gpu") and not multi:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))

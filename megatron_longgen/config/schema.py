@@ -437,20 +437,23 @@ class LongGenConfig:
             raise ValueError(
                 f"num_layers {self.model.num_layers} must be >= pipeline_parallel*virtual = {pp}*{vpp}"
             )
-        if "S" in self.model.layer_pattern:
-            cp = self.parallel.context_parallel
-            unit = 2 * cp * self.sparse.block_size if cp > 1 else 1
-            if self.train.seq_length % unit:
-                raise ValueError(
-                    f"seq_length {self.train.seq_length} must be a multiple of 2*cp*block_size = "
-                    f"2*{cp}*{self.sparse.block_size} = {unit}"
-                )
-        elif self.parallel.context_parallel > 1:
-            unit = 2 * self.parallel.context_parallel
-            if self.train.seq_length % unit:
-                raise ValueError(
-                    f"seq_length {self.train.seq_length} must be a multiple of 2*cp = {unit}"
-                )
+        unit, rule = self.sequence_unit()
+        if self.train.seq_length % unit:
+            raise ValueError(f"seq_length {self.train.seq_length} must be a multiple of {rule}")
+        for length in self.eval.long_context_lengths:
+            if length % unit:
+                raise ValueError(f"eval.long_context_lengths: {length} must be a multiple of {rule}")
+
+    def sequence_unit(self) -> tuple[int, str]:
+        """(u, why): every sequence the model runs has a multiple of u tokens (CP's zig-zag chunks, whole
+        sparse blocks per chunk)."""
+        cp = self.parallel.context_parallel
+        if "S" in self.model.layer_pattern and cp > 1:
+            unit = 2 * cp * self.sparse.block_size
+            return unit, f"2*cp*block_size = 2*{cp}*{self.sparse.block_size} = {unit}"
+        if cp > 1:
+            return 2 * cp, f"2*cp = {2 * cp}"
+        return 1, "1"
 
     @property
     def is_full_attention(self) -> bool:

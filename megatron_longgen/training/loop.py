@@ -43,6 +43,11 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
     tr.write_config()
     tr._say(_banner(tr, start_step=start_step))
     tr._say(attention_backend_summary(tr.model))
+    if cfg.eval.long_context_interval:  # build the samples now: a bad setting fails before training
+        e = cfg.eval
+        tr._say(f"long-context eval every {e.long_context_interval} steps and at the end: "
+                f"{len(tr.long_context_eval().samples)} samples ({', '.join(e.long_context_tasks)}; lengths "
+                f"{list(e.long_context_lengths) or [t.seq_length]}; depths {list(e.long_context_depths)})")
     logger = tr.loggers(resumed_at=start_step)
     peak = tr._peak_tflops()
     tokens_per_step = t.global_batch_size * t.seq_length
@@ -71,14 +76,19 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                     # time (writers included) and size.
                     save_metrics.update({k: v for k, v in published.metrics().items() if k != "checkpoint_time_s"})
             evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
+            lc_interval = cfg.eval.long_context_interval
+            retrieval = bool(lc_interval) and (done % lc_interval == 0 or done == end_step)
             # Every line carries the training metrics; evaluation steps are always logged.
-            if done % t.log_interval == 0 or done == end_step or evaluating:
+            if done % t.log_interval == 0 or done == end_step or evaluating or retrieval:
                 seconds, steps = timer.window()
                 clock.add_productive(seconds)
                 step_time = seconds / max(steps, 1)
                 if evaluating:
                     with timer.excluded("eval"):
                         metrics["eval_loss"] = tr.evaluate()
+                if retrieval:  # passkey / NIAH accuracy at long context (eval.long_context_*)
+                    with timer.excluded("eval"):
+                        metrics.update(tr.long_context_eval().run(tr) or {})
                 excluded = timer.pop_excluded()
                 metrics.update(
                     step_time_s=step_time,

@@ -241,6 +241,14 @@ class Trainer:
             m.train()
         return self._reduce_loss(losses)
 
+    def long_context_eval(self):
+        """The run's passkey / NIAH eval (`eval.long_context_*`; samples built on first use)."""
+        from megatron_longgen.training.long_context_eval import LongContextEval
+
+        if getattr(self, "_long_context_eval", None) is None:
+            self._long_context_eval = LongContextEval.from_config(self.cfg, self.tokenizer)
+        return self._long_context_eval
+
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoints_dir(self) -> Path:

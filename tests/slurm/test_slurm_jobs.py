@@ -83,22 +83,28 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _kill_trainers(job_id: int) -> list[int]:
-    """SIGKILL this job's trainer processes (found by their SLURM_JOB_ID), as a node failure would."""
+    """SIGKILL this job's trainer processes (found by their SLURM_JOB_ID), as a node failure would; returns
+    the trainers' PIDs. Forks of a trainer (the background checkpoint writer has the trainer's command line)
+    are killed too but not counted: they die with their trainer anyway."""
     import os
     import signal
 
     import psutil
 
-    killed = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    found = {}
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
             if (proc.info["cmdline"] or [])[1:3] == ["-m", "megatron_longgen.train"] and \
                     proc.environ().get("SLURM_JOB_ID") == str(job_id):
-                os.kill(proc.pid, signal.SIGKILL)
-                killed.append(proc.pid)
+                found[proc.pid] = proc.info["ppid"]
         except (psutil.Error, ProcessLookupError):
             continue
-    return killed
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
 
 def _wait_for_first_save(cluster, job_id: int, run_dir: Path) -> None:

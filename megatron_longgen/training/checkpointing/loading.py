@@ -25,6 +25,8 @@ from megatron_longgen.training.checkpointing.state import (
     materialize_adam_state,
     model_sharded_state_dict,
     optimizer_metadata,
+    restore_adam_steps,
+    saved_adam_steps,
     set_rng_state,
 )
 
@@ -123,8 +125,10 @@ def load_training_checkpoint(
         loaded_optim = _read_part(
             ckpt, OPTIM_SUBDIR, lambda: dist_checkpointing.load(request, str(optim_path))
         )
+        steps = saved_adam_steps(optimizer, loaded_optim)
         with torch.no_grad():  # the state is copied into views of the (leaf) parameters
             optimizer.load_state_dict(loaded_optim)
+        restore_adam_steps(optimizer, steps)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     rank_rng = rng_file(ckpt, dist.get_rank())

@@ -84,6 +84,51 @@ def materialize_adam_state(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
+def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
+    """The Adam step count a checkpoint saved for each of `optimizer`'s chained optimizers (None where it
+    saved none): `param_groups[*]["step"]` of each DistributedOptimizer's `optimizer` entry, read before
+    `load_state_dict` consumes `loaded` (one chained optimizer: `loaded` is its own state dict; several:
+    a dict keyed by index)."""
+    chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if len(chained) == 1:
+        parts = [loaded]
+    elif isinstance(loaded, dict):
+        parts = [v for _, v in sorted(loaded.items())]
+    else:
+        parts = list(loaded)
+    steps: list[float | None] = []
+    for part in parts:
+        groups = part.get("optimizer", {}).get("param_groups", []) if isinstance(part, dict) else []
+        found = {float(g["step"]) for g in groups if isinstance(g, dict) and g.get("step") is not None}
+        if len(found) > 1:
+            raise ValueError(f"the checkpoint's optimizer param groups disagree on the Adam step: {sorted(found)}")
+        steps.append(found.pop() if found else None)
+    return steps
+
+
+def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+    """Give every parameter of each DistributedOptimizer's torch Adam its own `step` tensor holding the
+    saved count, after `load_state_dict`.
+
+    Without apex or Transformer Engine, Megatron-Core's DistributedOptimizer (0.16.1 and 0.19.2) falls back
+    to `torch.optim.Adam`, which keeps a 0-dim `step` tensor per parameter, and mishandles it on load:
+    `load_state_dict` gives every parameter *the same* step tensor (so each optimizer step adds the number
+    of parameters to it, since Adam increments the per-parameter step in place), and the dp_reshardable
+    parameter-state load then copies the pre-load value (0) into it. Either way the bias corrections of the
+    steps after a resume differ from an uninterrupted run. TE's FusedAdam keeps the step in the param group
+    and has no per-parameter `step`: nothing to do there.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for chained, step in zip(getattr(optimizer, "chained_optimizers", [optimizer]), steps):
+        if step is None or not isinstance(chained, DistributedOptimizer):
+            continue
+        for state in chained.optimizer.state.values():
+            old = state.get("step")
+            if isinstance(old, torch.Tensor):
+                state["step"] = torch.tensor(step, dtype=old.dtype, device=old.device)
+
+
 def cfg_parallel_sizes() -> tuple[int, int]:
     """(TP, PP) of the running job, from Megatron-Core's parallel state."""
     from megatron.core import parallel_state as ps
