@@ -65,9 +65,13 @@ def with_sparse_variant(cfg: LongGenConfig, variant: str) -> LongGenConfig:
     return dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, variant=variant))
 
 
-def with_rope_scaling(cfg: LongGenConfig, scaling: str, *, factor: float, rotary_base: float = 10000.0) -> LongGenConfig:
+def with_rope_scaling(
+    cfg: LongGenConfig, scaling: str, *, factor: float, rotary_base: float = 10000.0
+) -> LongGenConfig:
     """The same run with another RoPE length extension (`linear` or `yarn`) on the original base."""
-    model = dataclasses.replace(cfg.model, rope_scaling=scaling, rope_scaling_factor=factor, rotary_base=rotary_base)
+    model = dataclasses.replace(
+        cfg.model, rope_scaling=scaling, rope_scaling_factor=factor, rotary_base=rotary_base
+    )
     suffix = {"linear": "_pi", "yarn": "_yarn"}.get(scaling, f"_{scaling}")
     return dataclasses.replace(cfg, name=cfg.name + suffix, model=model)
 
@@ -91,7 +95,11 @@ def debug_tiny() -> LongGenConfig:
             rotary_base=10000.0,
         ),
         sparse=SparseAttentionConfig(
-            variant="sink_window", block_size=16, num_sink_blocks=1, num_window_blocks=4, stride_blocks=4,
+            variant="sink_window",
+            block_size=16,
+            num_sink_blocks=1,
+            num_window_blocks=4,
+            stride_blocks=4,
             num_local_blocks=2,
         ),
         parallel=ParallelConfig(use_distributed_optimizer=False),
@@ -187,7 +195,10 @@ def llama2_70b_128k() -> LongGenConfig:
         layer_pattern=default_layer_pattern(num_layers),
     )
     parallel = ParallelConfig(
-        tensor_parallel=8, pipeline_parallel=1, context_parallel=8, sequence_parallel=True,
+        tensor_parallel=8,
+        pipeline_parallel=1,
+        context_parallel=8,
+        sequence_parallel=True,
         use_distributed_optimizer=True,
     )
     return dataclasses.replace(base, name="llama2_70b_128k", model=model, parallel=parallel)
@@ -236,7 +247,9 @@ def smollm2_32k() -> LongGenConfig:
             norm_epsilon=1e-5,
             tie_embeddings=True,
         ),
-        sparse=SparseAttentionConfig(variant="sink_window", block_size=64, num_sink_blocks=1, num_window_blocks=32),
+        sparse=SparseAttentionConfig(
+            variant="sink_window", block_size=64, num_sink_blocks=1, num_window_blocks=32
+        ),
         parallel=ParallelConfig(use_distributed_optimizer=False),
         train=TrainingConfig(
             seq_length=32768,

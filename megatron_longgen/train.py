@@ -47,32 +47,74 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 def build_parser(*, run_dir_required: bool = True) -> argparse.ArgumentParser:
     """The `longgen-train` flags (`tools/check_launch.py` reuses them, with `--run-dir` optional)."""
     parser = argparse.ArgumentParser(prog="longgen-train", description="Train a LongGen recipe.")
-    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named run (megatron_longgen/recipes.py)")
-    parser.add_argument("--run-dir", required=run_dir_required, help="output folder (metrics, config, checkpoints)")
+    parser.add_argument(
+        "--recipe", required=True, choices=sorted(RECIPES), help="named run (megatron_longgen/recipes.py)"
+    )
+    parser.add_argument(
+        "--run-dir", required=run_dir_required, help="output folder (metrics, config, checkpoints)"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    parser.add_argument("--save-interval", type=int, default=None,
-                        help="override train.save_interval (steps between checkpoints; 0: only on exit)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR/checkpoints/latest (a fresh start when there is none)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a run dir that holds a run, moving its contents to RUN_DIR.old-<time>")
-    parser.add_argument("--allow-change", nargs="*", default=[], choices=("schedule", "layout"), metavar="KIND",
-                        help="with --resume: accept a changed step budget / LR schedule ('schedule') or parallel "
-                             "layout ('layout')")
-    parser.add_argument("--init-checkpoint", default=None, metavar="DIR",
-                        help="initial weights: a converted checkpoint folder (override train.init_checkpoint; "
-                             "env LONGGEN_INIT_CHECKPOINT)")
-    parser.add_argument("--data-blend", default=None, metavar="'PREFIX ...'",
-                        help="Megatron indexed datasets to train on: 'PREFIX ...' or 'W PREFIX W PREFIX' "
-                             "(data.blend; env LONGGEN_DATA_BLEND)")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="SentencePiece .model or HF tokenizer folder (data.tokenizer; env LONGGEN_TOKENIZER)")
-    parser.add_argument("--sparse-variant", choices=SPARSE_VARIANTS, default=None, help="sparse pattern of S layers")
-    parser.add_argument("--attention", choices=("hybrid", "full"), default="hybrid",
-                        help="'full' turns every layer into full attention (the baseline)")
-    parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline unless WANDB_MODE=online)")
+    parser.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="override train.save_interval (steps between checkpoints; 0: only on exit)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR/checkpoints/latest (a fresh start when there is none)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run dir that holds a run, moving its contents to RUN_DIR.old-<time>",
+    )
+    parser.add_argument(
+        "--allow-change",
+        nargs="*",
+        default=[],
+        choices=("schedule", "layout"),
+        metavar="KIND",
+        help="with --resume: accept a changed step budget / LR schedule ('schedule') or parallel "
+        "layout ('layout')",
+    )
+    parser.add_argument(
+        "--init-checkpoint",
+        default=None,
+        metavar="DIR",
+        help="initial weights: a converted checkpoint folder (override train.init_checkpoint; "
+        "env LONGGEN_INIT_CHECKPOINT)",
+    )
+    parser.add_argument(
+        "--data-blend",
+        default=None,
+        metavar="'PREFIX ...'",
+        help="Megatron indexed datasets to train on: 'PREFIX ...' or 'W PREFIX W PREFIX' "
+        "(data.blend; env LONGGEN_DATA_BLEND)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="SentencePiece .model or HF tokenizer folder (data.tokenizer; env LONGGEN_TOKENIZER)",
+    )
+    parser.add_argument(
+        "--sparse-variant", choices=SPARSE_VARIANTS, default=None, help="sparse pattern of S layers"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("hybrid", "full"),
+        default="hybrid",
+        help="'full' turns every layer into full attention (the baseline)",
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log to W&B (offline unless WANDB_MODE=online)"
+    )
     add_override_argument(parser)
-    parser.add_argument("--quiet", action="store_true", help="no console lines (metrics.jsonl is still written)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no console lines (metrics.jsonl is still written)"
+    )
     add_debug_flag(parser)
     return parser
 
@@ -90,8 +132,9 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.save_interval is not None:
         overrides.append(f"train.save_interval={args.save_interval}")
-    cfg = resolve_inputs(cfg, data_blend=args.data_blend, tokenizer=args.tokenizer,
-                         init_checkpoint=args.init_checkpoint)
+    cfg = resolve_inputs(
+        cfg, data_blend=args.data_blend, tokenizer=args.tokenizer, init_checkpoint=args.init_checkpoint
+    )
     cfg = apply_overrides(cfg, overrides)
     if args.wandb:
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=True))
@@ -112,8 +155,10 @@ def preflight(cfg, args: argparse.Namespace, *, quiet: bool = False) -> None:
         mode = os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)
         has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.isfile(os.path.expanduser("~/.netrc"))
         if mode == "online" and not has_key:
-            raise ValueError("W&B mode is online but no API key is set: export WANDB_API_KEY (or run "
-                             "`wandb login`), or use WANDB_MODE=offline and `wandb sync` later")
+            raise ValueError(
+                "W&B mode is online but no API key is set: export WANDB_API_KEY (or run "
+                "`wandb login`), or use WANDB_MODE=offline and `wandb sync` later"
+            )
     checked = cfg
     if args.resume and state.num_checkpoints:  # the run's own checkpoint wins; the initial one is not read
         checked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_checkpoint=None))
@@ -166,8 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longgen.utils.distributed import destroy
 
     try:
-        result = train(cfg, run_dir=args.run_dir, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite,
-                       allow_changes=tuple(args.allow_change), started_unix=started_unix)
+        result = train(
+            cfg,
+            run_dir=args.run_dir,
+            quiet=args.quiet,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            allow_changes=tuple(args.allow_change),
+            started_unix=started_unix,
+        )
     except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a clean stop (training/guards.py)
         print("longgen-train: interrupted", file=sys.stderr, flush=True)
         return cli.EXIT_INTERRUPTED
@@ -187,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 change += f" ({abs(drop):.1f}% {'lower' if drop >= 0 else 'higher'})"
         else:
             change = "no steps to run"
-        print(f"[longgen] {how}: steps {result.start_step}->{result.final_step}, {change} in "
-              f"{result.wall_time_s:.1f} s; checkpoint {result.checkpoint_dir}", flush=True)
+        print(
+            f"[longgen] {how}: steps {result.start_step}->{result.final_step}, {change} in "
+            f"{result.wall_time_s:.1f} s; checkpoint {result.checkpoint_dir}",
+            flush=True,
+        )
     return EXIT_OK
 
 

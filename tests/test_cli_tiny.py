@@ -7,11 +7,26 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("extra", [["--sparse-variant", "block_strided"], ["--attention", "full"]], ids=["block_strided", "full"])
+@pytest.mark.parametrize(
+    "extra", [["--sparse-variant", "block_strided"], ["--attention", "full"]], ids=["block_strided", "full"]
+)
 def test_tiny_run_writes_metrics_and_checkpoint(tmp_path, extra):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(run_dir),
-           "--max-steps", "12", "--override", "train.seq_length=256", "train.log_interval=3", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_longgen.train",
+        "--recipe",
+        "debug_tiny",
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "12",
+        "--override",
+        "train.seq_length=256",
+        "train.log_interval=3",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ETA" in proc.stdout and "tok/s" in proc.stdout
@@ -29,8 +44,17 @@ def test_tiny_run_writes_metrics_and_checkpoint(tmp_path, extra):
 
 
 def test_bad_override_exits_with_a_clear_error(tmp_path):
-    cmd = [sys.executable, "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(tmp_path),
-           "--override", "sparse.num_window_blocks=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_longgen.train",
+        "--recipe",
+        "debug_tiny",
+        "--run-dir",
+        str(tmp_path),
+        "--override",
+        "sparse.num_window_blocks=0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "num_window_blocks must be >= 1, got 0" in proc.stderr

@@ -18,8 +18,14 @@ from megatron_longgen.recipes import RECIPES, debug_tiny, get_recipe
 
 
 def _model(**kw):
-    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100,
-                layer_pattern="SFFS")
+    base = dict(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        vocab_size=100,
+        layer_pattern="SFFS",
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -58,7 +64,9 @@ def test_cross_field_errors_name_numbers():
     train = TrainingConfig(seq_length=1000, max_steps=1)
     with pytest.raises(ValueError, match=r"num_attention_heads 4 must be divisible by tensor_parallel 8"):
         LongGenConfig(name="x", model=_model(), parallel=ParallelConfig(tensor_parallel=8), train=train)
-    with pytest.raises(ValueError, match=r"seq_length 1000 must be a multiple of 2\*cp\*block_size = 2\*2\*64 = 256"):
+    with pytest.raises(
+        ValueError, match=r"seq_length 1000 must be a multiple of 2\*cp\*block_size = 2\*2\*64 = 256"
+    ):
         LongGenConfig(name="x", model=_model(), parallel=ParallelConfig(context_parallel=2), train=train)
     with pytest.raises(ValueError, match=r"num_layers 4 must be >= pipeline_parallel\*virtual = 5\*1"):
         LongGenConfig(name="x", model=_model(), parallel=ParallelConfig(pipeline_parallel=5), train=train)
@@ -69,8 +77,16 @@ def test_cross_field_errors_name_numbers():
 
 
 def test_overrides_coerce_and_reject_unknown():
-    cfg = apply_overrides(debug_tiny(), ["train.lr=1e-3", "train.max_steps=7", "model.tie_embeddings=true",
-                                         "sparse.variant=block_strided", "parallel.virtual_pipeline_parallel=none"])
+    cfg = apply_overrides(
+        debug_tiny(),
+        [
+            "train.lr=1e-3",
+            "train.max_steps=7",
+            "model.tie_embeddings=true",
+            "sparse.variant=block_strided",
+            "parallel.virtual_pipeline_parallel=none",
+        ],
+    )
     assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.model.tie_embeddings is True
     assert cfg.sparse.variant == "block_strided" and cfg.parallel.virtual_pipeline_parallel is None
     with pytest.raises(ValueError, match="unknown field train.learning_rate"):
@@ -94,7 +110,12 @@ def test_recipes_round_trip(name):
 
 def test_paper_defaults():
     sparse = SparseAttentionConfig()
-    assert (sparse.block_size, sparse.num_sink_blocks, sparse.num_window_blocks, sparse.stride_blocks) == (64, 1, 32, 64)
+    assert (sparse.block_size, sparse.num_sink_blocks, sparse.num_window_blocks, sparse.stride_blocks) == (
+        64,
+        1,
+        32,
+        64,
+    )
     seven_b = get_recipe("llama2_7b_128k")
     # TP: the planner's choice for 64 H100s (recipes.py docstring), not the paper's TP=8.
     assert seven_b.train.seq_length == 131072 and seven_b.parallel.tensor_parallel == 2
@@ -102,8 +123,16 @@ def test_paper_defaults():
 
 
 def test_overrides_that_must_change_together():
-    cfg = apply_overrides(debug_tiny(), ["model.num_layers=3", "model.layer_pattern=SFS", "train.max_steps=2",
-                                         "train.max_steps=5", "name=mine"])
+    cfg = apply_overrides(
+        debug_tiny(),
+        [
+            "model.num_layers=3",
+            "model.layer_pattern=SFS",
+            "train.max_steps=2",
+            "train.max_steps=5",
+            "name=mine",
+        ],
+    )
     assert cfg.model.num_layers == 3 and cfg.model.layer_pattern == "SFS"
     assert cfg.train.max_steps == 5 and cfg.name == "mine"
     with pytest.raises(ValueError, match="must look like section.field=value"):

@@ -38,8 +38,15 @@ def test_dry_run_validates_the_70b_layout(tmp_path):
     # The production inputs come from the LONGGEN_* variables the job script exports (a 32K-vocabulary
     # tokenizer, a 5.1B-token blend whose .bin is sparse, a checkpoint folder of the 70B shape).
     inputs = production_env(tmp_path, get_recipe("llama2_70b_128k"), tokens=5_100_000_000)
-    proc = subprocess.run(["bash", "slurm/llama2_70b_128k.sh"], check=False, cwd=ROOT, capture_output=True, text=True,
-                          env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT, **inputs), timeout=300)
+    proc = subprocess.run(
+        ["bash", "slurm/llama2_70b_128k.sh"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT, **inputs),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world 64 = tp 8 x pp 1 x cp 8 x dp 1" in proc.stdout
     assert "plan on NVIDIA H100 SXM5 80GB" in proc.stdout
@@ -47,19 +54,38 @@ def test_dry_run_validates_the_70b_layout(tmp_path):
 
 
 def test_dry_run_refuses_the_70b_recipe_without_its_inputs():
-    proc = subprocess.run(["bash", "slurm/llama2_70b_128k.sh"], check=False, cwd=ROOT, capture_output=True, text=True,
-                          env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT), timeout=300)
+    proc = subprocess.run(
+        ["bash", "slurm/llama2_70b_128k.sh"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(DRY_RUN=1, LONGGEN_HOME=ROOT),
+        timeout=300,
+    )
     assert proc.returncode == 2
-    for flag, var in (("--data-blend", "LONGGEN_DATA_BLEND"), ("--tokenizer", "LONGGEN_TOKENIZER"),
-                      ("--init-checkpoint", "LONGGEN_INIT_CHECKPOINT")):
+    for flag, var in (
+        ("--data-blend", "LONGGEN_DATA_BLEND"),
+        ("--tokenizer", "LONGGEN_TOKENIZER"),
+        ("--init-checkpoint", "LONGGEN_INIT_CHECKPOINT"),
+    ):
         assert flag in proc.stderr and var in proc.stderr
 
 
 def test_dry_run_rejects_a_bad_allocation():
-    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True,
-                          env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=3, LONGGEN_HOME=ROOT), timeout=300)
+    proc = subprocess.run(
+        ["bash", "slurm/train.sbatch"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=3, LONGGEN_HOME=ROOT),
+        timeout=300,
+    )
     assert proc.returncode == 2
-    assert "global_batch_size 32 must be a multiple of micro_batch_size * dp = 1 * 12 on 24 GPUs" in proc.stderr
+    assert (
+        "global_batch_size 32 must be a multiple of micro_batch_size * dp = 1 * 12 on 24 GPUs" in proc.stderr
+    )
 
 
 def _dry_run_passes_extra_args() -> bool:
@@ -67,8 +93,10 @@ def _dry_run_passes_extra_args() -> bool:
     return any("check_launch.py" in line and "EXTRA_ARGS" in line for line in text.splitlines())
 
 
-@pytest.mark.skipif(not _dry_run_passes_extra_args(),
-                    reason="slurm/train.sbatch does not pass $EXTRA_ARGS to tools/check_launch.py yet")
+@pytest.mark.skipif(
+    not _dry_run_passes_extra_args(),
+    reason="slurm/train.sbatch does not pass $EXTRA_ARGS to tools/check_launch.py yet",
+)
 def test_dry_run_checks_what_extra_args_will_train(tmp_path):
     from megatron_longgen.recipes import get_recipe
     from tests.launch.fixtures import production_env
@@ -76,22 +104,50 @@ def test_dry_run_checks_what_extra_args_will_train(tmp_path):
     inputs = production_env(tmp_path, get_recipe("llama2_7b_128k"), tokens=600_000_000)
     tokenizer = inputs.pop("LONGGEN_TOKENIZER")
     extra = f"--tokenizer {tokenizer} --max-steps 100 --override train.global_batch_size=64"
-    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=8, LONGGEN_HOME=ROOT,
-                                   EXTRA_ARGS=extra, **inputs))
+    proc = subprocess.run(
+        ["bash", "slurm/train.sbatch"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=8, LONGGEN_HOME=ROOT, EXTRA_ARGS=extra, **inputs),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "global batch 64 x 131072 tokens" in proc.stdout and "launch OK" in proc.stdout
-    bad = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=_env(DRY_RUN=1, RECIPE="llama2_7b_128k", NNODES=8, LONGGEN_HOME=ROOT,
-                                  EXTRA_ARGS=extra + " --max-steps 5000", **inputs))
+    bad = subprocess.run(
+        ["bash", "slurm/train.sbatch"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(
+            DRY_RUN=1,
+            RECIPE="llama2_7b_128k",
+            NNODES=8,
+            LONGGEN_HOME=ROOT,
+            EXTRA_ARGS=extra + " --max-steps 5000",
+            **inputs,
+        ),
+    )
     assert bad.returncode == 2 and "above the limit of 4 epochs" in bad.stderr
 
 
 def test_run_local_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    args = "--max-steps 4 --quiet --override train.seq_length=128 train.log_interval=2 train.global_batch_size=4"
-    proc = subprocess.run(["bash", "slurm/run_local.sh"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=_env(RECIPE="debug_tiny", GPUS_PER_NODE=2, RUN_DIR=run_dir, EXTRA_ARGS=args))
+    args = (
+        "--max-steps 4 --quiet --override train.seq_length=128 train.log_interval=2 train.global_batch_size=4"
+    )
+    proc = subprocess.run(
+        ["bash", "slurm/run_local.sh"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(RECIPE="debug_tiny", GPUS_PER_NODE=2, RUN_DIR=run_dir, EXTRA_ARGS=args),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
@@ -105,15 +161,41 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path):
 
     run_dir = tmp_path / "run"
     port = free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     procs = []
     for rank in range(2):
-        env = dict(base, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(run_dir),
-               "--max-steps", "2", "--quiet", "--override", "train.seq_length=128", "train.global_batch_size=4",
-               "train.log_interval=1"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            base,
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_longgen.train",
+            "--recipe",
+            "debug_tiny",
+            "--run-dir",
+            str(run_dir),
+            "--max-steps",
+            "2",
+            "--quiet",
+            "--override",
+            "train.seq_length=128",
+            "train.global_batch_size=4",
+            "train.log_interval=1",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -124,9 +206,20 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path):
 
 
 def test_train_sbatch_outside_slurm_points_to_the_local_launcher(tmp_path):
-    env = {k: v for k, v in _env(RECIPE="debug_tiny", RUN_DIR=tmp_path / "run").items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(["bash", "slurm/train.sbatch"], check=False, cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=60)
+    env = {
+        k: v
+        for k, v in _env(RECIPE="debug_tiny", RUN_DIR=tmp_path / "run").items()
+        if not k.startswith("SLURM_")
+    }
+    proc = subprocess.run(
+        ["bash", "slurm/train.sbatch"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "not inside a Slurm job" in proc.stderr and "slurm/run_local.sh" in proc.stderr
     assert not (tmp_path / "run").exists()

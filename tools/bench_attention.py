@@ -167,7 +167,9 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     registry = available_kernels()
     backends = args.backends or [
-        n for n in ("cudnn_bsa", "cudnn_bsa_fwd", "triton", "flex") if registry[n].is_available(device=dev, dtype=dtype)
+        n
+        for n in ("cudnn_bsa", "cudnn_bsa_fwd", "triton", "flex")
+        if registry[n].is_available(device=dev, dtype=dtype)
     ]
     patterns = {"sink_window": SinkWindowPattern(), "block_strided": BlockStridedPattern()}
     kernels = {name: registry[name]() for name in backends}

@@ -63,10 +63,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_cudnn_bsa_rates.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from cudnn.block_sparse_attention import block_sparse_attention_backward as bsa_bwd
     from cudnn.block_sparse_attention import block_sparse_attention_forward as bsa_fwd
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = torch.device("cuda")
     B, N, H = 1, args.heads, 128
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
             computed = float(counts[0, 0].sum().item()) * tile * tile
             kw = {"q2k_block_nums": counts, "sparse_block_size": tile}
 
-            def fwd(kw=kw, index=index):
+            def fwd(kw=kw, index=index, q=q, k=k, v=v):
                 return bsa_fwd(q, k, v, index, allow_empty_block_nums=False, **kw)
 
             res = fwd()
@@ -114,7 +113,17 @@ def main(argv=None) -> int:
             for bucket in args.buckets:
                 bucket_blocks = None if bucket == "default" else int(bucket)
 
-                def bwd(kw=kw, index=index, out=out, lse=lse, bucket_blocks=bucket_blocks):
+                def bwd(
+                    kw=kw,
+                    index=index,
+                    out=out,
+                    lse=lse,
+                    bucket_blocks=bucket_blocks,
+                    q=q,
+                    k=k,
+                    v=v,
+                    d_out=d_out,
+                ):
                     bsa_bwd(d_out, q, k, v, out, lse, index, bucket_size_blocks=bucket_blocks, **kw)
 
                 torch.cuda.synchronize()

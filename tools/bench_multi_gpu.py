@@ -48,7 +48,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
-TARGETS = {"speedup_min": 1.7, "full_mfu_min": 0.40, "sparse_bytes_fraction_max": 0.05, "sparse_cp8_efficiency_min": 0.8}
+TARGETS = {
+    "speedup_min": 1.7,
+    "full_mfu_min": 0.40,
+    "sparse_bytes_fraction_max": 0.05,
+    "sparse_cp8_efficiency_min": 0.8,
+}
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -81,9 +86,13 @@ def parse_layout(text: str, *, world: int, recompute: str) -> RunLayout:
             sizes[key] = int(value)
     model_parallel = sizes["tp"] * sizes["pp"] * sizes["cp"]
     if world % model_parallel:
-        raise ValueError(f"layout {text!r}: world size {world} is not a multiple of tp*pp*cp = {model_parallel}")
+        raise ValueError(
+            f"layout {text!r}: world size {world} is not a multiple of tp*pp*cp = {model_parallel}"
+        )
     if dp is not None and dp * model_parallel != world:
-        raise ValueError(f"layout {text!r}: tp*pp*cp*dp = {dp * model_parallel} but the world has {world} ranks")
+        raise ValueError(
+            f"layout {text!r}: tp*pp*cp*dp = {dp * model_parallel} but the world has {world} ranks"
+        )
     return RunLayout(**sizes, dp=world // model_parallel, recompute=recompute)
 
 
@@ -95,8 +104,14 @@ def _planner():
         from megatron_longgen.launch.plan import evaluate_layout, plan, recommend
     except ImportError:
         return None
-    return {"plan": plan, "recommend": recommend, "evaluate": evaluate_layout, "Layout": Layout,
-            "detect_gpu": detect_gpu, "get_gpu": get_gpu}
+    return {
+        "plan": plan,
+        "recommend": recommend,
+        "evaluate": evaluate_layout,
+        "Layout": Layout,
+        "detect_gpu": detect_gpu,
+        "get_gpu": get_gpu,
+    }
 
 
 def _planner_gpu(planner, name: str | None):
@@ -110,18 +125,29 @@ def planned_layout(cfg, *, world: int, gpu_name: str | None) -> RunLayout:
     """The planner's recommendation for `cfg` on `world` GPUs (ValueError when it has none or is absent)."""
     planner = _planner()
     if planner is None:
-        raise ValueError("--layout planner needs megatron_longgen.launch (tools/plan_parallelism.py); pass an "
-                         "explicit layout instead, e.g. --layout tp8-cp1")
+        raise ValueError(
+            "--layout planner needs megatron_longgen.launch (tools/plan_parallelism.py); pass an "
+            "explicit layout instead, e.g. --layout tp8-cp1"
+        )
     rows = planner["plan"](cfg, world_size=world, gpu=_planner_gpu(planner, gpu_name))
     best = planner["recommend"](rows)
     if best is None:
         raise ValueError(f"the planner finds no layout of {cfg.name} that fits {world} GPUs")
     lay = best.layout
     if lay.vpp > 1 or not lay.distributed_optimizer:
-        raise ValueError(f"the planner picked {lay.describe()}; this tool runs plain 1F1B with the distributed "
-                         "optimizer: pass --layout")
-    return RunLayout(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, recompute=lay.recompute,
-                     micro_batch_size=lay.micro_batch_size, source="planner")
+        raise ValueError(
+            f"the planner picked {lay.describe()}; this tool runs plain 1F1B with the distributed "
+            "optimizer: pass --layout"
+        )
+    return RunLayout(
+        tp=lay.tp,
+        pp=lay.pp,
+        cp=lay.cp,
+        dp=lay.dp,
+        recompute=lay.recompute,
+        micro_batch_size=lay.micro_batch_size,
+        source="planner",
+    )
 
 
 def choose_layout(args, cfg, *, world: int, planner_world: int | None = None) -> RunLayout:
@@ -142,8 +168,10 @@ def choose_layout(args, cfg, *, world: int, planner_world: int | None = None) ->
     if planner_world is None:
         return planned
     if world % (planned.tp * planned.cp):
-        raise ValueError(f"the planner's TP{planned.tp} x CP{planned.cp} for {planner_world} GPUs does not divide "
-                         f"this world of {world}")
+        raise ValueError(
+            f"the planner's TP{planned.tp} x CP{planned.cp} for {planner_world} GPUs does not divide "
+            f"this world of {world}"
+        )
     return dataclasses.replace(planned, pp=1, dp=world // (planned.tp * planned.cp), source="planner (slice)")
 
 
@@ -154,29 +182,64 @@ def planner_prediction(cfg, layout: RunLayout, *, gpu_name: str | None) -> dict 
         return None
     try:
         gpu = _planner_gpu(planner, gpu_name)
-        lay = planner["Layout"](tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp, recompute=layout.recompute,
-                                micro_batch_size=layout.micro_batch_size)
+        lay = planner["Layout"](
+            tp=layout.tp,
+            pp=layout.pp,
+            cp=layout.cp,
+            dp=layout.dp,
+            recompute=layout.recompute,
+            micro_batch_size=layout.micro_batch_size,
+        )
         row = planner["evaluate"](cfg, lay, gpu)
     except ValueError as err:
         return {"error": str(err)}
-    return {"gpu": gpu.name, "step_time_s": row.step.total, "peak_mem_gib": row.peak_bytes / 2**30,
-            "tokens_per_s_per_gpu": row.tokens_per_s_per_gpu, "mfu": row.mfu, "mfu_dense_equiv": row.mfu_dense_equiv}
+    return {
+        "gpu": gpu.name,
+        "step_time_s": row.step.total,
+        "peak_mem_gib": row.peak_bytes / 2**30,
+        "tokens_per_s_per_gpu": row.tokens_per_s_per_gpu,
+        "mfu": row.mfu,
+        "mfu_dense_equiv": row.mfu_dense_equiv,
+    }
 
 
 # ----------------------------------------------------------------------------------------- configs
 def tiny_overrides(kind: str) -> list[str]:
     """Small stand-ins for the 7B / 70B shapes (MHA for 7B, 4:1 GQA like 70B's 64/8)."""
-    common = ["model.hidden_size=64", "train.seq_length=512", "sparse.block_size=16", "sparse.num_window_blocks=4",
-              "sparse.stride_blocks=8", "sparse.num_local_blocks=2", "sparse.backend=auto"]
+    common = [
+        "model.hidden_size=64",
+        "train.seq_length=512",
+        "sparse.block_size=16",
+        "sparse.num_window_blocks=4",
+        "sparse.stride_blocks=8",
+        "sparse.num_local_blocks=2",
+        "sparse.backend=auto",
+    ]
     if kind == "7b":
-        return common + ["model.num_layers=6", "model.layer_pattern=SSFFSS", "model.num_attention_heads=4",
-                         "model.num_query_groups=4", "model.ffn_hidden_size=176"]
-    return common + ["model.num_attention_heads=8", "model.num_query_groups=2", "model.ffn_hidden_size=224",
-                     "train.seq_length=256"]
+        return common + [
+            "model.num_layers=6",
+            "model.layer_pattern=SSFFSS",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=4",
+            "model.ffn_hidden_size=176",
+        ]
+    return common + [
+        "model.num_attention_heads=8",
+        "model.num_query_groups=2",
+        "model.ffn_hidden_size=224",
+        "train.seq_length=256",
+    ]
 
 
-def model_config(kind: str, *, tiny: bool, seq_len: int | None, pattern: str | None = None,
-                 variant: str | None = None, backend: str | None = None):
+def model_config(
+    kind: str,
+    *,
+    tiny: bool,
+    seq_len: int | None,
+    pattern: str | None = None,
+    variant: str | None = None,
+    backend: str | None = None,
+):
     """The 7B (`kind="7b"`) or 70B recipe, shrunk with `tiny`, at `seq_len`, with `pattern` if given."""
     from megatron_longgen.config import apply_overrides
     from megatron_longgen.recipes import llama2_7b_128k, llama2_70b_128k
@@ -184,9 +247,16 @@ def model_config(kind: str, *, tiny: bool, seq_len: int | None, pattern: str | N
     cfg = llama2_7b_128k() if kind == "7b" else llama2_70b_128k()
     # The recipes' own layouts (TP8, and PP4 x CP2 for 70B) are replaced by `with_layout`; random weights
     # and the shipped corpus and tokenizer stand in for the production inputs (throughput does not depend on them).
-    extra = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.context_parallel=1",
-             "parallel.sequence_parallel=false", "train.init_checkpoint=None", "data.corpus=builtin:tiny_stories",
-             "data.tokenizer=builtin:tiny_sp", "data.blend="]
+    extra = [
+        "parallel.tensor_parallel=1",
+        "parallel.pipeline_parallel=1",
+        "parallel.context_parallel=1",
+        "parallel.sequence_parallel=false",
+        "train.init_checkpoint=None",
+        "data.corpus=builtin:tiny_stories",
+        "data.tokenizer=builtin:tiny_sp",
+        "data.blend=",
+    ]
     extra += tiny_overrides(kind) if tiny else []
     if seq_len:
         extra.append(f"train.seq_length={seq_len}")
@@ -205,21 +275,34 @@ def with_layout(cfg, layout: RunLayout, *, microbatches: int | None = None):
     from megatron_longgen.config import apply_overrides
 
     m = microbatches or (1 if layout.pp == 1 else 2 * layout.pp)
-    return apply_overrides(cfg, [
-        f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
-        f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
-        "parallel.use_distributed_optimizer=true", f"train.recompute={layout.recompute}",
-        f"train.micro_batch_size={layout.micro_batch_size}",
-        f"train.global_batch_size={layout.micro_batch_size * layout.dp * m}",
-        "train.lr_warmup_steps=0", "train.save_on_exit=false", "train.eval_interval=0", "data.valid_fraction=0.0",
-    ])
+    return apply_overrides(
+        cfg,
+        [
+            f"parallel.tensor_parallel={layout.tp}",
+            f"parallel.pipeline_parallel={layout.pp}",
+            f"parallel.context_parallel={layout.cp}",
+            f"parallel.sequence_parallel={layout.tp > 1}",
+            "parallel.use_distributed_optimizer=true",
+            f"train.recompute={layout.recompute}",
+            f"train.micro_batch_size={layout.micro_batch_size}",
+            f"train.global_batch_size={layout.micro_batch_size * layout.dp * m}",
+            "train.lr_warmup_steps=0",
+            "train.save_on_exit=false",
+            "train.eval_interval=0",
+            "data.valid_fraction=0.0",
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------- measuring
 def _device():
     import torch
 
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _sync() -> None:
@@ -272,8 +355,12 @@ def run_trainer(cfg, *, warmup: int, steps: int, peak_tflops: float | None) -> d
             times.append(time.perf_counter() - start)
             losses.append(metrics["loss"])
         world = trainer.world_size
-        backends = {getattr(m, "kind", "?"): m.resolved.name for chunk in trainer.model for m in chunk.modules()
-                    if getattr(m, "resolved", None) is not None}
+        backends = {
+            getattr(m, "kind", "?"): m.resolved.name
+            for chunk in trainer.model
+            for m in chunk.modules()
+            if getattr(m, "resolved", None) is not None
+        }
         logging_rank_losses = losses if trainer.is_logging_rank else [float("-inf")] * len(losses)
         del trainer
     gc.collect()
@@ -285,10 +372,16 @@ def run_trainer(cfg, *, warmup: int, steps: int, peak_tflops: float | None) -> d
         peak_tflops = peak_tflops_for_device(torch.cuda.get_device_name())
     tokens = cfg.train.global_batch_size * cfg.train.seq_length
     return {
-        "pattern": cfg.model.layer_pattern, "seq_length": cfg.train.seq_length,
-        "global_batch_size": cfg.train.global_batch_size, "step_time_s": step_time, "step_times_s": times,
-        "tokens_per_s": tokens / step_time, "tokens_per_s_per_gpu": tokens / step_time / world,
-        "peak_mem_gib": peak_mem, "losses": losses, "attention_backends": backends,
+        "pattern": cfg.model.layer_pattern,
+        "seq_length": cfg.train.seq_length,
+        "global_batch_size": cfg.train.global_batch_size,
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "tokens_per_s": tokens / step_time,
+        "tokens_per_s_per_gpu": tokens / step_time / world,
+        "peak_mem_gib": peak_mem,
+        "losses": losses,
+        "attention_backends": backends,
         **throughput_metrics(cfg=cfg, step_time_s=step_time, num_gpus=world, peak_tflops=peak_tflops),
     }
 
@@ -325,8 +418,14 @@ def attention_scaling(cfg, *, cp: int, tp: int, iters: int, ring_kernel: str, sp
     bcp._DEVICE[0] = _device()  # the device its timer reduces on; set by its own main() otherwise
     world, rank = dist.get_world_size(), dist.get_rank()
     m, seq = cfg.model, cfg.train.seq_length
-    args = types.SimpleNamespace(batch=1, heads=m.num_attention_heads // tp, kv_heads=m.kv_heads // tp,
-                                 head_dim=m.head_dim, iters=iters, sparse_iters=iters)
+    args = types.SimpleNamespace(
+        batch=1,
+        heads=m.num_attention_heads // tp,
+        kv_heads=m.kv_heads // tp,
+        head_dim=m.head_dim,
+        iters=iters,
+        sparse_iters=iters,
+    )
     mine = None
     for members in cp_groups(world=world, tp=tp, cp=cp):
         group = dist.new_group(members)  # collective: every rank creates every group
@@ -341,7 +440,13 @@ def attention_scaling(cfg, *, cp: int, tp: int, iters: int, ring_kernel: str, sp
         dist.barrier()
         tc = bcp.bench_layer(name, pat, group=mine, seq_len=seq, args=args, kernel=kernel, device=_device())
         t1, tc = _max_over_ranks([t1, tc])
-        out[kind] = {"kernel": kernel, "cp1_ms": t1, "cp_ms": tc, "ratio": tc / t1, "efficiency": t1 / (cp * tc)}
+        out[kind] = {
+            "kernel": kernel,
+            "cp1_ms": t1,
+            "cp_ms": tc,
+            "ratio": tc / t1,
+            "efficiency": t1 / (cp * tc),
+        }
     out.update(exchange_bytes(cfg, cp=cp, kv_heads=args.kv_heads))
     return out
 
@@ -363,24 +468,35 @@ def exchange_bytes(cfg, *, cp: int, kv_heads: int) -> dict:
     pattern = pattern_from_config(cfg.sparse)
     received = max(
         plan_sparse_exchange(pattern, cp_rank=r, cp_size=cp, seq_len=seq).forward_bytes(
-            batch=1, kv_heads=kv_heads, head_dim=m.head_dim, element_size=elem)["received"]
+            batch=1, kv_heads=kv_heads, head_dim=m.head_dim, element_size=elem
+        )["received"]
         for r in range(cp)
     )
     allgather = (cp - 1) * kv_shard
-    return {"bytes": {"F": allgather, "S": received, "allgather": allgather,
-                      "S_fraction_of_allgather": received / allgather}}
+    return {
+        "bytes": {
+            "F": allgather,
+            "S": received,
+            "allgather": allgather,
+            "S_fraction_of_allgather": received / allgather,
+        }
+    }
 
 
 # ----------------------------------------------------------------------------------------- modes
 def mode_headline(args, *, world: int) -> Iterator[dict]:
     from megatron_longgen.recipes import with_full_attention
 
-    longgen = model_config("7b", tiny=args.tiny, seq_len=args.seq_len, variant=args.sparse_variant,
-                           backend=args.backend)
+    longgen = model_config(
+        "7b", tiny=args.tiny, seq_len=args.seq_len, variant=args.sparse_variant, backend=args.backend
+    )
     full = with_full_attention(longgen)
     layout = choose_layout(args, full, world=world)
-    result = {"layout": layout.as_dict(), "targets": {k: TARGETS[k] for k in ("speedup_min", "full_mfu_min")},
-              "planner_prediction": {}}
+    result = {
+        "layout": layout.as_dict(),
+        "targets": {k: TARGETS[k] for k in ("speedup_min", "full_mfu_min")},
+        "planner_prediction": {},
+    }
     for name, cfg in (("longgen", longgen), ("full", full)):
         cfg = with_layout(cfg, layout, microbatches=args.microbatches)
         result["layout"]["global_batch_size"] = cfg.train.global_batch_size
@@ -397,13 +513,17 @@ def mode_headline(args, *, world: int) -> Iterator[dict]:
 def mode_cp_scaling(args, *, world: int) -> Iterator[dict]:
     from megatron_longgen.recipes import with_full_attention
 
-    result = {"targets": {k: TARGETS[k] for k in ("sparse_bytes_fraction_max", "sparse_cp8_efficiency_min")},
-              "rows": []}
+    result = {
+        "targets": {k: TARGETS[k] for k in ("sparse_bytes_fraction_max", "sparse_cp8_efficiency_min")},
+        "rows": [],
+    }
     cuda = _device().type == "cuda"
     ring_kernel = args.ring_kernel or ("cudnn" if cuda else "math")
     sparse_kernel = args.sparse_cp_kernel or ("flex" if cuda else "torch")
     for seq in args.seq_lengths or ([512] if args.tiny else [131072, 262144]):
-        longgen = model_config("7b", tiny=args.tiny, seq_len=seq, variant=args.sparse_variant, backend=args.backend)
+        longgen = model_config(
+            "7b", tiny=args.tiny, seq_len=seq, variant=args.sparse_variant, backend=args.backend
+        )
         models = {"longgen": longgen, "full": with_full_attention(longgen)}
         for cp in args.cp_sizes or [c for c in (1, 2, 4, 8) if world % c == 0]:
             tp = args.tp or world // cp
@@ -411,26 +531,49 @@ def mode_cp_scaling(args, *, world: int) -> Iterator[dict]:
             row = {"seq_length": seq, "layout": layout.as_dict(), "train_step": {}}
             result["rows"].append(row)
             for name in args.models:
-                row["train_step"][name] = run_trainer(with_layout(models[name], layout), warmup=args.warmup,
-                                                      steps=args.steps, peak_tflops=args.peak_tflops)
+                row["train_step"][name] = run_trainer(
+                    with_layout(models[name], layout),
+                    warmup=args.warmup,
+                    steps=args.steps,
+                    peak_tflops=args.peak_tflops,
+                )
                 yield result
-            row["attention"] = attention_scaling(longgen, cp=cp, tp=tp, iters=args.attention_iters,
-                                                 ring_kernel=ring_kernel, sparse_kernel=sparse_kernel)
+            row["attention"] = attention_scaling(
+                longgen,
+                cp=cp,
+                tp=tp,
+                iters=args.attention_iters,
+                ring_kernel=ring_kernel,
+                sparse_kernel=sparse_kernel,
+            )
             yield result
 
 
 def mode_slice70b(args, *, world: int) -> Iterator[dict]:
-    whole = model_config("70b", tiny=args.tiny, seq_len=args.seq_len, variant=args.sparse_variant,
-                         backend=args.backend)
+    whole = model_config(
+        "70b", tiny=args.tiny, seq_len=args.seq_len, variant=args.sparse_variant, backend=args.backend
+    )
     layout = choose_layout(args, whole, world=world, planner_world=args.planner_world)
     result = {"layout": layout.as_dict(), "runs": [], "per_layer": {}}
     for kind in args.kinds:
         for depth in args.layers:
-            cfg = with_layout(model_config("70b", tiny=args.tiny, seq_len=args.seq_len, pattern=kind * depth,
-                                           variant=args.sparse_variant, backend=args.backend), layout)
+            cfg = with_layout(
+                model_config(
+                    "70b",
+                    tiny=args.tiny,
+                    seq_len=args.seq_len,
+                    pattern=kind * depth,
+                    variant=args.sparse_variant,
+                    backend=args.backend,
+                ),
+                layout,
+            )
             run = run_trainer(cfg, warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops)
-            run.update(kind=kind, layers=depth,
-                       planner_prediction=planner_prediction(cfg, layout, gpu_name=args.planner_gpu))
+            run.update(
+                kind=kind,
+                layers=depth,
+                planner_prediction=planner_prediction(cfg, layout, gpu_name=args.planner_gpu),
+            )
             result["runs"].append(run)
             yield result
         result["per_layer"][kind] = per_layer(result["runs"], kind=kind)
@@ -458,8 +601,11 @@ def per_layer(runs: list[dict], *, kind: str) -> dict | None:
         pa, pb = a.get("planner_prediction") or {}, b.get("planner_prediction") or {}
         if key in pa and key in pb:
             p_slope, p_rest = line(key, pa, pb)
-            out[key].update(predicted_per_layer=p_slope, predicted_rest=p_rest,
-                            measured_over_predicted=slope / p_slope if p_slope else None)
+            out[key].update(
+                predicted_per_layer=p_slope,
+                predicted_rest=p_rest,
+                measured_over_predicted=slope / p_slope if p_slope else None,
+            )
     return out
 
 
@@ -475,30 +621,57 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=sorted(MODES))
     p.add_argument("--tiny", action="store_true", help="small models for CPU/gloo tests")
-    p.add_argument("--layout", default=None, help="tp8-cp1 / tp2-pp2-cp2 / planner / auto (default: auto for "
-                   "headline, tp8-cp1 for slice70b, auto with --tiny)")
-    p.add_argument("--recompute", default="full", choices=("none", "selective", "full"),
-                   help="with an explicit layout (the planner picks its own)")
+    p.add_argument(
+        "--layout",
+        default=None,
+        help="tp8-cp1 / tp2-pp2-cp2 / planner / auto (default: auto for "
+        "headline, tp8-cp1 for slice70b, auto with --tiny)",
+    )
+    p.add_argument(
+        "--recompute",
+        default="full",
+        choices=("none", "selective", "full"),
+        help="with an explicit layout (the planner picks its own)",
+    )
     p.add_argument("--planner-gpu", default=None, help="GPU spec for the planner (default: this GPU)")
-    p.add_argument("--planner-world", type=int, default=64, help="slice70b --layout planner: GPUs of the real run")
-    p.add_argument("--seq-len", type=int, default=None, help="headline / slice70b (default: the recipe's 131072)")
-    p.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="cp_scaling (default 131072 262144)")
-    p.add_argument("--cp-sizes", type=int, nargs="+", default=None, help="cp_scaling (default 1 2 4 8 that divide)")
+    p.add_argument(
+        "--planner-world", type=int, default=64, help="slice70b --layout planner: GPUs of the real run"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="headline / slice70b (default: the recipe's 131072)"
+    )
+    p.add_argument(
+        "--seq-lengths", type=int, nargs="+", default=None, help="cp_scaling (default 131072 262144)"
+    )
+    p.add_argument(
+        "--cp-sizes", type=int, nargs="+", default=None, help="cp_scaling (default 1 2 4 8 that divide)"
+    )
     p.add_argument("--tp", type=int, default=None, help="cp_scaling: fixed TP (default world / CP)")
-    p.add_argument("--models", nargs="+", default=["longgen"], choices=("longgen", "full"),
-                   help="cp_scaling: which models' train steps to time")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["longgen"],
+        choices=("longgen", "full"),
+        help="cp_scaling: which models' train steps to time",
+    )
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="slice70b depths")
     p.add_argument("--kinds", nargs="+", default=["S", "F"], choices=("S", "F"), help="slice70b layer kinds")
     p.add_argument("--microbatches", type=int, default=None, help="per DP rank (default 1, or 2*PP)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--attention-iters", type=int, default=3, help="cp_scaling attention timings")
-    p.add_argument("--ring-kernel", default=None, help="cp_scaling: ring step kernel (default cudnn; math on CPU)")
-    p.add_argument("--sparse-cp-kernel", default=None, help="cp_scaling: sparse CP kernel (default flex; torch on CPU)")
+    p.add_argument(
+        "--ring-kernel", default=None, help="cp_scaling: ring step kernel (default cudnn; math on CPU)"
+    )
+    p.add_argument(
+        "--sparse-cp-kernel", default=None, help="cp_scaling: sparse CP kernel (default flex; torch on CPU)"
+    )
     p.add_argument("--sparse-variant", default=None, choices=("sink_window", "block_strided"))
     p.add_argument("--backend", default=None, help="sparse kernel backend of the trained models")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (CPU)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<mode file>_<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/<mode file>_<device>.json)"
+    )
     return p
 
 
@@ -517,41 +690,57 @@ def format_result(mode: str, result: dict) -> str:
     """The table `main` prints for a mode's final result."""
     lines = []
     if mode == "headline":
-        lines.append(f"{'model':<9}{'pattern':<34}{'step s':>8}{'tok/s/GPU':>11}{'MFU':>7}{'MFU dense':>10}"
-                     f"{'mem GiB':>9}{'pred tok/s/GPU':>15}{'pred GiB':>9}")
+        lines.append(
+            f"{'model':<9}{'pattern':<34}{'step s':>8}{'tok/s/GPU':>11}{'MFU':>7}{'MFU dense':>10}"
+            f"{'mem GiB':>9}{'pred tok/s/GPU':>15}{'pred GiB':>9}"
+        )
         for name in ("longgen", "full"):
             r, pred = result.get(name), (result.get("planner_prediction") or {}).get(name) or {}
             if r:
-                lines.append(f"{name:<9}{r['pattern']:<34}{r['step_time_s']:>8.2f}{r['tokens_per_s_per_gpu']:>11.0f}"
-                             f"{_fmt(r.get('mfu'), '.3f'):>7}{_fmt(r.get('mfu_dense_equiv'), '.3f'):>10}"
-                             f"{r['peak_mem_gib']:>9.1f}{_fmt(pred.get('tokens_per_s_per_gpu'), '.0f'):>15}"
-                             f"{_fmt(pred.get('peak_mem_gib'), '.1f'):>9}")
+                lines.append(
+                    f"{name:<9}{r['pattern']:<34}{r['step_time_s']:>8.2f}{r['tokens_per_s_per_gpu']:>11.0f}"
+                    f"{_fmt(r.get('mfu'), '.3f'):>7}{_fmt(r.get('mfu_dense_equiv'), '.3f'):>10}"
+                    f"{r['peak_mem_gib']:>9.1f}{_fmt(pred.get('tokens_per_s_per_gpu'), '.0f'):>15}"
+                    f"{_fmt(pred.get('peak_mem_gib'), '.1f'):>9}"
+                )
         if "speedup" in result:
-            lines.append(f"speedup (LongGen tokens/s over full) {result['speedup']:.3f}, target >= "
-                         f"{TARGETS['speedup_min']}; full MFU target >= {TARGETS['full_mfu_min']}")
+            lines.append(
+                f"speedup (LongGen tokens/s over full) {result['speedup']:.3f}, target >= "
+                f"{TARGETS['speedup_min']}; full MFU target >= {TARGETS['full_mfu_min']}"
+            )
     elif mode == "cp_scaling":
-        lines.append(f"{'seq':>8}{'TP':>4}{'CP':>4}{'step s':>8}{'F cp1 ms':>10}{'F ms':>9}{'F eff':>7}"
-                     f"{'S cp1 ms':>10}{'S ms':>9}{'S eff':>7}{'S bytes/AG':>11}")
+        lines.append(
+            f"{'seq':>8}{'TP':>4}{'CP':>4}{'step s':>8}{'F cp1 ms':>10}{'F ms':>9}{'F eff':>7}"
+            f"{'S cp1 ms':>10}{'S ms':>9}{'S eff':>7}{'S bytes/AG':>11}"
+        )
         for row in result["rows"]:
             att, lay = row.get("attention", {}), row["layout"]
-            step = (row["train_step"].get("longgen") or next(iter(row["train_step"].values()), {})).get("step_time_s")
+            step = (row["train_step"].get("longgen") or next(iter(row["train_step"].values()), {})).get(
+                "step_time_s"
+            )
             f, s = att.get("F", {}), att.get("S", {})
             frac = att.get("bytes", {}).get("S_fraction_of_allgather")
-            lines.append(f"{row['seq_length']:>8}{lay['tp']:>4}{lay['cp']:>4}{_fmt(step, '.2f'):>8}"
-                         f"{_fmt(f.get('cp1_ms'), '.1f'):>10}{_fmt(f.get('cp_ms'), '.1f'):>9}"
-                         f"{_fmt(f.get('efficiency'), '.2f'):>7}{_fmt(s.get('cp1_ms'), '.1f'):>10}"
-                         f"{_fmt(s.get('cp_ms'), '.1f'):>9}{_fmt(s.get('efficiency'), '.2f'):>7}{_fmt(frac, '.4f'):>11}")
+            lines.append(
+                f"{row['seq_length']:>8}{lay['tp']:>4}{lay['cp']:>4}{_fmt(step, '.2f'):>8}"
+                f"{_fmt(f.get('cp1_ms'), '.1f'):>10}{_fmt(f.get('cp_ms'), '.1f'):>9}"
+                f"{_fmt(f.get('efficiency'), '.2f'):>7}{_fmt(s.get('cp1_ms'), '.1f'):>10}"
+                f"{_fmt(s.get('cp_ms'), '.1f'):>9}{_fmt(s.get('efficiency'), '.2f'):>7}{_fmt(frac, '.4f'):>11}"
+            )
     else:
         lines.append(f"{'kind':<5}{'layers':>7}{'step s':>8}{'mem GiB':>9}{'pred step s':>12}{'pred GiB':>9}")
         for r in result["runs"]:
             pred = r.get("planner_prediction") or {}
-            lines.append(f"{r['kind']:<5}{r['layers']:>7}{r['step_time_s']:>8.2f}{r['peak_mem_gib']:>9.1f}"
-                         f"{_fmt(pred.get('step_time_s'), '.2f'):>12}{_fmt(pred.get('peak_mem_gib'), '.1f'):>9}")
+            lines.append(
+                f"{r['kind']:<5}{r['layers']:>7}{r['step_time_s']:>8.2f}{r['peak_mem_gib']:>9.1f}"
+                f"{_fmt(pred.get('step_time_s'), '.2f'):>12}{_fmt(pred.get('peak_mem_gib'), '.1f'):>9}"
+            )
         for kind, fit in result["per_layer"].items():
             if fit:
                 t, m = fit["step_time_s"], fit["peak_mem_gib"]
-                lines.append(f"per {kind} layer: {t['per_layer']:.3f} s (predicted {_fmt(t.get('predicted_per_layer'), '.3f')}),"
-                             f" {m['per_layer']:.2f} GiB (predicted {_fmt(m.get('predicted_per_layer'), '.2f')})")
+                lines.append(
+                    f"per {kind} layer: {t['per_layer']:.3f} s (predicted {_fmt(t.get('predicted_per_layer'), '.3f')}),"
+                    f" {m['per_layer']:.2f} GiB (predicted {_fmt(m.get('predicted_per_layer'), '.2f')})"
+                )
     return "\n".join(lines)
 
 
@@ -580,11 +769,20 @@ def main(argv: list[str] | None = None) -> int:
     except PackageNotFoundError:
         megatron_version = None
     header = {
-        "mode": args.mode, "device": device, "gpus": world,
+        "mode": args.mode,
+        "device": device,
+        "gpus": world,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "megatron_core": megatron_version,
-                     "python": sys.version.split()[0]},
-        "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "args": vars(args),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "megatron_core": megatron_version,
+            "python": sys.version.split()[0],
+        },
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "args": vars(args),
     }
     result: dict = {}
     try:

@@ -85,10 +85,15 @@ def base_config(model: str):
     if model == "70b":
         return llama2_70b_128k()
     if model == "tiny":
-        return apply_overrides(debug_tiny(), [
-            "model.num_query_groups=2", "model.ffn_hidden_size=256", "train.seq_length=512",
-            "sparse.num_window_blocks=2",
-        ])
+        return apply_overrides(
+            debug_tiny(),
+            [
+                "model.num_query_groups=2",
+                "model.ffn_hidden_size=256",
+                "train.seq_length=512",
+                "sparse.num_window_blocks=2",
+            ],
+        )
     raise ValueError(f"model must be one of {(*MODELS, 'tiny')}, got {model!r}")
 
 
@@ -103,32 +108,54 @@ def parse_shard(text: str) -> tuple[int, int]:
     return tp, cp
 
 
-def shard_config(base, *, tp: int, cp: int, kind: str, num_layers: int, dtype: str, recompute: str, backend: str):
+def shard_config(
+    base, *, tp: int, cp: int, kind: str, num_layers: int, dtype: str, recompute: str, backend: str
+):
     """(LongGenConfig, TransformerConfig) of one GPU's shard: TP=CP=1, `num_layers` layers of `kind`, heads
     and SwiGLU width divided by `tp`, `seq_length / cp` tokens; head dim kept (`kv_channels` set explicitly,
     since hidden / (N/t) would not be it)."""
     from megatron_longgen.megatron_bridge import to_transformer_config
 
     m, s = base.model, base.train.seq_length
-    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.kv_heads),
-                        ("ffn_hidden_size", m.ffn_hidden_size)):
+    for name, value in (
+        ("num_attention_heads", m.num_attention_heads),
+        ("num_query_groups", m.kv_heads),
+        ("ffn_hidden_size", m.ffn_hidden_size),
+    ):
         if value % tp:
             raise ValueError(f"{name} {value} is not divisible by tp {tp}: no such TP shard")
     unit = 2 * cp * (base.sparse.block_size if kind == "S" else 1)
     if cp > 1 and s % unit:
         raise ValueError(f"seq_length {s} must be a multiple of 2*cp*block = {unit} for cp {cp}")
     model = dataclasses.replace(
-        m, num_layers=num_layers, layer_pattern=kind * num_layers, num_attention_heads=m.num_attention_heads // tp,
-        num_query_groups=m.kv_heads // tp, ffn_hidden_size=m.ffn_hidden_size // tp,
+        m,
+        num_layers=num_layers,
+        layer_pattern=kind * num_layers,
+        num_attention_heads=m.num_attention_heads // tp,
+        num_query_groups=m.kv_heads // tp,
+        ffn_hidden_size=m.ffn_hidden_size // tp,
     )
-    parallel = dataclasses.replace(base.parallel, tensor_parallel=1, pipeline_parallel=1, context_parallel=1,
-                                   virtual_pipeline_parallel=None, sequence_parallel=False,
-                                   use_distributed_optimizer=False)
-    train = dataclasses.replace(base.train, seq_length=s // cp, micro_batch_size=1, global_batch_size=1,
-                                dtype=dtype, recompute=recompute)
+    parallel = dataclasses.replace(
+        base.parallel,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        context_parallel=1,
+        virtual_pipeline_parallel=None,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+    )
+    train = dataclasses.replace(
+        base.train,
+        seq_length=s // cp,
+        micro_batch_size=1,
+        global_batch_size=1,
+        dtype=dtype,
+        recompute=recompute,
+    )
     sparse = dataclasses.replace(base.sparse, backend=backend)
-    cfg = dataclasses.replace(base, name=f"shard_tp{tp}_cp{cp}_{kind}", model=model, parallel=parallel,
-                              train=train, sparse=sparse)
+    cfg = dataclasses.replace(
+        base, name=f"shard_tp{tp}_cp{cp}_{kind}", model=model, parallel=parallel, train=train, sparse=sparse
+    )
     tcfg = to_transformer_config(cfg)
     tcfg.kv_channels = m.head_dim  # Megatron reads it when it builds the attention projections
     return cfg, tcfg
@@ -145,7 +172,9 @@ def shard_flops(base, *, tp: int, cp: int, kind: str) -> float:
     m, s = base.model, base.train.seq_length
     one = dataclasses.replace(m, num_layers=1, layer_pattern=kind)
     pairs = attended_pairs_per_layer(model=one, sparse=base.sparse, seq_length=s)[0]
-    forward = (s / cp) * linear_flops_per_token_per_layer(m) / tp + pairs * attention_flops_per_pair(m) / (tp * cp)
+    forward = (s / cp) * linear_flops_per_token_per_layer(m) / tp + pairs * attention_flops_per_pair(m) / (
+        tp * cp
+    )
     return 3.0 * forward
 
 
@@ -186,8 +215,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_core_attention(core, *, tokens: int, heads: int, kv_heads: int, head_dim: int, device, dtype, iters: int,
-                        warmup: int) -> float:
+def time_core_attention(
+    core, *, tokens: int, heads: int, kv_heads: int, head_dim: int, device, dtype, iters: int, warmup: int
+) -> float:
     """Median seconds of forward + backward of a core-attention module alone at `tokens` tokens ([s, b, n, d])."""
     import torch
 
@@ -208,16 +238,37 @@ def time_core_attention(core, *, tokens: int, heads: int, kv_heads: int, head_di
     return statistics.median(times)
 
 
-def measure_shard(base, *, model_name: str, tp: int, cp: int, kind: str, num_layers: int, recompute: str,
-                  backend: str, dtype: str, iters: int, warmup: int, device) -> dict:
+def measure_shard(
+    base,
+    *,
+    model_name: str,
+    tp: int,
+    cp: int,
+    kind: str,
+    num_layers: int,
+    recompute: str,
+    backend: str,
+    dtype: str,
+    iters: int,
+    warmup: int,
+    device,
+) -> dict:
     """One row of the results (see ROW_FIELDS)."""
     import torch
 
     from megatron_longgen.models.builder import build_model
     from megatron_longgen.utils.distributed import initialize_model_parallel, set_seed
 
-    cfg, tcfg = shard_config(base, tp=tp, cp=cp, kind=kind, num_layers=num_layers, dtype=dtype,
-                             recompute=recompute, backend=backend)
+    cfg, tcfg = shard_config(
+        base,
+        tp=tp,
+        cp=cp,
+        kind=kind,
+        num_layers=num_layers,
+        dtype=dtype,
+        recompute=recompute,
+        backend=backend,
+    )
     initialize_model_parallel(cfg)
     set_seed(1234)
     model = build_model(cfg, transformer_config=tcfg, pre_process=False, post_process=False).to(device)
@@ -267,21 +318,44 @@ def measure_shard(base, *, model_name: str, tp: int, cp: int, kind: str, num_lay
     m = cfg.model
     fwd_s, bwd_s = statistics.median(fwd) / num_layers, statistics.median(bwd) / num_layers
     row = {
-        "model": model_name, "tp": tp, "cp": cp, "kind": kind, "recompute": recompute, "dtype": dtype,
-        "seq_len": base.train.seq_length, "num_layers_measured": num_layers,
-        "shard": {"hidden": h, "heads": m.num_attention_heads, "kv_heads": m.kv_heads, "head_dim": tcfg.kv_channels,
-                  "ffn": m.ffn_hidden_size, "local_tokens": tokens},
+        "model": model_name,
+        "tp": tp,
+        "cp": cp,
+        "kind": kind,
+        "recompute": recompute,
+        "dtype": dtype,
+        "seq_len": base.train.seq_length,
+        "num_layers_measured": num_layers,
+        "shard": {
+            "hidden": h,
+            "heads": m.num_attention_heads,
+            "kv_heads": m.kv_heads,
+            "head_dim": tcfg.kv_channels,
+            "ffn": m.ffn_hidden_size,
+            "local_tokens": tokens,
+        },
         "sparse": None if kind == "F" else {"variant": cfg.sparse.variant, "backend": _backend_used(model)},
-        "fwd_s_per_layer": fwd_s, "bwd_s_per_layer": bwd_s, "fwd_bwd_s_per_layer": fwd_s + bwd_s,
-        "weight_bytes_per_layer": weight_bytes / num_layers, "grad_bytes_per_layer": grad_bytes / num_layers,
-        "saved_bytes_per_layer": saved.total / num_layers, "peak_transient_bytes": peak_transient,
+        "fwd_s_per_layer": fwd_s,
+        "bwd_s_per_layer": bwd_s,
+        "fwd_bwd_s_per_layer": fwd_s + bwd_s,
+        "weight_bytes_per_layer": weight_bytes / num_layers,
+        "grad_bytes_per_layer": grad_bytes / num_layers,
+        "saved_bytes_per_layer": saved.total / num_layers,
+        "peak_transient_bytes": peak_transient,
         "peak_mem_gib": peak_gib,
     }
     compute = fwd_s + bwd_s
     if cp > 1:
         core = model.decoder.layers[0].self_attention.core_attention
-        args = {"heads": m.num_attention_heads, "kv_heads": m.kv_heads, "head_dim": tcfg.kv_channels,
-                "device": device, "dtype": torch_dtype, "iters": iters, "warmup": warmup}
+        args = {
+            "heads": m.num_attention_heads,
+            "kv_heads": m.kv_heads,
+            "head_dim": tcfg.kv_channels,
+            "device": device,
+            "dtype": torch_dtype,
+            "iters": iters,
+            "warmup": warmup,
+        }
         local = time_core_attention(core, tokens=tokens, **args)
         whole = time_core_attention(core, tokens=base.train.seq_length, **args)
         row["attention"] = {"local_fwd_bwd_s": local, "full_seq_fwd_bwd_s": whole}
@@ -309,8 +383,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'model':<6}{'TPxCP':>7}{'kind':>5}{'recomp':>8}{'tokens':>8}{'fwd ms':>9}{'bwd ms':>9}"
-              f"{'compute ms':>11}{'TF/s':>7}{'saved GiB':>10}{'transient':>10}{'peak GiB':>9}")
+    header = (
+        f"{'model':<6}{'TPxCP':>7}{'kind':>5}{'recomp':>8}{'tokens':>8}{'fwd ms':>9}{'bwd ms':>9}"
+        f"{'compute ms':>11}{'TF/s':>7}{'saved GiB':>10}{'transient':>10}{'peak GiB':>9}"
+    )
     lines = [header]
     for r in rows:
         if "error" in r:
@@ -322,16 +398,23 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['model']:<6}{r['tp']:>4}x{r['cp']:<2}{r['kind']:>5}{r['recompute']:>8}{r['shard']['local_tokens']:>8}"
             f"{r['fwd_s_per_layer'] * 1e3:>9.1f}{r['bwd_s_per_layer'] * 1e3:>9.1f}{r['compute_s_per_layer'] * 1e3:>11.1f}"
-            f"{r['tflops_per_s']:>7.0f}{r['saved_bytes_per_layer'] / gib:>10.2f}{transient:>10}{peak:>9}")
+            f"{r['tflops_per_s']:>7.0f}{r['saved_bytes_per_layer'] / gib:>10.2f}{transient:>10}{peak:>9}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=(*MODELS, "tiny"))
-    p.add_argument("--shards", nargs="+", default=None, help="TPxCP list (default per model: 7b 8x1 4x2 2x4 1x8, "
-                   "70b 8x1 8x2)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length S (default: the recipe's, 131072)")
+    p.add_argument(
+        "--shards",
+        nargs="+",
+        default=None,
+        help="TPxCP list (default per model: 7b 8x1 4x2 2x4 1x8, 70b 8x1 8x2)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="sequence length S (default: the recipe's, 131072)"
+    )
     p.add_argument("--layers", type=int, default=2, help="layers of one kind per measured block")
     p.add_argument("--kinds", nargs="+", default=["F", "S"], choices=("F", "S"))
     p.add_argument("--recompute", nargs="+", default=["none"], choices=("none", "selective", "full"))
@@ -340,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model, fp32, 512 tokens")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shard_shapes_<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/shard_shapes_<device>.json)"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -362,10 +447,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": device_name,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]},
-        "dtype": dtype, "iters": args.iters, "warmup": args.warmup,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+        },
+        "dtype": dtype,
+        "iters": args.iters,
+        "warmup": args.warmup,
         "what": "one GPU's shard of one layer (TP=CP=1 build with per-GPU dims), compute only; see left_out",
-        "left_out": LEFT_OUT, "row_fields": ROW_FIELDS, "rows": [],
+        "left_out": LEFT_OUT,
+        "row_fields": ROW_FIELDS,
+        "rows": [],
     }
     started = time.perf_counter()
     try:
@@ -380,20 +473,39 @@ def main(argv: list[str] | None = None) -> int:
                 for recompute in args.recompute:
                     for kind in args.kinds:
                         try:
-                            row = measure_shard(base, model_name=name, tp=tp, cp=cp, kind=kind,
-                                                num_layers=args.layers, recompute=recompute, backend=args.backend,
-                                                dtype=dtype, iters=args.iters, warmup=args.warmup, device=device)
+                            row = measure_shard(
+                                base,
+                                model_name=name,
+                                tp=tp,
+                                cp=cp,
+                                kind=kind,
+                                num_layers=args.layers,
+                                recompute=recompute,
+                                backend=args.backend,
+                                dtype=dtype,
+                                iters=args.iters,
+                                warmup=args.warmup,
+                                device=device,
+                            )
                         except torch.OutOfMemoryError as err:
-                            row = {"model": name, "tp": tp, "cp": cp, "kind": kind, "recompute": recompute,
-                                   "error": f"out of memory: {err}"[:300]}
+                            row = {
+                                "model": name,
+                                "tp": tp,
+                                "cp": cp,
+                                "kind": kind,
+                                "recompute": recompute,
+                                "error": f"out of memory: {err}"[:300],
+                            }
                         gc.collect()  # the shard's model and activations die with measure_shard's frame
                         if cuda:
                             torch.cuda.empty_cache()
                         result["rows"].append(row)
                         result["elapsed_s"] = time.perf_counter() - started
                         write_json_atomic(out, result)  # after every row: a run cut short keeps its numbers
-                        print(f"[{time.perf_counter() - started:6.0f} s] {format_table([row]).splitlines()[-1]}",
-                              flush=True)
+                        print(
+                            f"[{time.perf_counter() - started:6.0f} s] {format_table([row]).splitlines()[-1]}",
+                            flush=True,
+                        )
     finally:
         destroy()
     print(f"\n{device_name}, {dtype}, per layer, compute only (no communication, no sequence parallelism)")

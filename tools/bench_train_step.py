@@ -34,8 +34,9 @@ from pathlib import Path
 def bench_config(*, pattern: str, seq_length: int, recompute: str, variant: str, backend: str):
     from megatron_longgen.launch.validation import bench_model_config
 
-    return bench_model_config(pattern=pattern, seq_length=seq_length, recompute=recompute, variant=variant,
-                              backend=backend)
+    return bench_model_config(
+        pattern=pattern, seq_length=seq_length, recompute=recompute, variant=variant, backend=backend
+    )
 
 
 def _sparse_backend_in_use(trainer) -> str | None:
@@ -76,8 +77,12 @@ def measure_rates(*, hidden: int, ffn: int, tokens: int = 32768) -> dict:
     del x, w, g, src
     torch.cuda.empty_cache()
     flops_weighted = statistics.harmonic_mean(gemms.values())
-    return {"gemm_tflops": gemms, "gemm_tflops_harmonic_mean": flops_weighted,
-            "copy_gbps": 2 * 2**31 / copy_s / 1e9, "tokens": tokens}
+    return {
+        "gemm_tflops": gemms,
+        "gemm_tflops_harmonic_mean": flops_weighted,
+        "copy_gbps": 2 * 2**31 / copy_s / 1e9,
+        "tokens": tokens,
+    }
 
 
 def run_one(cfg, *, warmup: int, steps: int) -> dict:
@@ -132,13 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[32768])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--recompute", choices=("none", "selective", "full"), nargs="+", default=["full"],
-                        help="one or several activation recompute modes")
+    parser.add_argument(
+        "--recompute",
+        choices=("none", "selective", "full"),
+        nargs="+",
+        default=["full"],
+        help="one or several activation recompute modes",
+    )
     parser.add_argument("--sparse-variant", default="sink_window")
     parser.add_argument("--backend", default="auto", help="sparse kernel backend")
     parser.add_argument("--no-rates", action="store_true", help="skip the GEMM / copy rate measurements")
-    parser.add_argument("--time-budget-s", type=float, default=330.0,
-                        help="start no new run after this many seconds (default 330)")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=330.0,
+        help="start no new run after this many seconds (default 330)",
+    )
     parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)"
     )
@@ -171,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
     }
 
-    def write() -> None:  # after every row (to a temporary name, then renamed), so a cut run keeps its numbers
+    def write() -> (
+        None
+    ):  # after every row (to a temporary name, then renamed), so a cut run keeps its numbers
         payload = dict(header, date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), rows=rows)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -179,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not args.no_rates:
-            base = bench_config(pattern=args.pattern, seq_length=args.seq_lengths[0], recompute="full",
-                                variant=args.sparse_variant, backend=args.backend)
+            base = bench_config(
+                pattern=args.pattern,
+                seq_length=args.seq_lengths[0],
+                recompute="full",
+                variant=args.sparse_variant,
+                backend=args.backend,
+            )
             header["rates"] = measure_rates(hidden=base.model.hidden_size, ffn=base.model.ffn_hidden_size)
             print(json.dumps({"rates": header["rates"]}), flush=True)
             write()
@@ -189,26 +210,42 @@ def main(argv: list[str] | None = None) -> int:
                 pair = {}
                 for pattern in (args.pattern, full):
                     if time.perf_counter() - began > args.time_budget_s:
-                        row = {"pattern": pattern, "seq_length": seq, "recompute": mode,
-                               "error": f"not run: time budget of {args.time_budget_s:g} s spent"}
+                        row = {
+                            "pattern": pattern,
+                            "seq_length": seq,
+                            "recompute": mode,
+                            "error": f"not run: time budget of {args.time_budget_s:g} s spent",
+                        }
                     else:
-                        cfg = bench_config(pattern=pattern, seq_length=seq, recompute=mode,
-                                           variant=args.sparse_variant, backend=args.backend)
+                        cfg = bench_config(
+                            pattern=pattern,
+                            seq_length=seq,
+                            recompute=mode,
+                            variant=args.sparse_variant,
+                            backend=args.backend,
+                        )
                         error = None
                         try:
                             row = run_one(cfg, warmup=args.warmup, steps=args.steps)
                         except torch.OutOfMemoryError as exc:
                             error = f"out of memory: {exc}"[:300]
                         if error is not None:  # outside the handler: the traceback no longer pins tensors
-                            row = {"pattern": pattern, "seq_length": seq, "recompute": mode, "error": error,
-                                   "sparse_variant": cfg.sparse.variant if "S" in pattern else None,
-                                   "peak_mem_gib_at_oom": torch.cuda.max_memory_allocated() / 2**30}
+                            row = {
+                                "pattern": pattern,
+                                "seq_length": seq,
+                                "recompute": mode,
+                                "error": error,
+                                "sparse_variant": cfg.sparse.variant if "S" in pattern else None,
+                                "peak_mem_gib_at_oom": torch.cuda.max_memory_allocated() / 2**30,
+                            }
                         gc.collect()
                         torch.cuda.empty_cache()
                     pair[pattern] = row
                     rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_times_s")}),
-                          flush=True)
+                    print(
+                        json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_times_s")}),
+                        flush=True,
+                    )
                     write()
                 if "step_time_s" in pair[args.pattern] and "step_time_s" in pair[full]:
                     pair[args.pattern]["step_time_ratio_vs_full"] = (
@@ -221,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{device}, 7B-shaped {len(args.pattern)}-layer model, bf16, one GPU")
     if "rates" in header:
         r = header["rates"]
-        print(f"GEMM {r['gemm_tflops_harmonic_mean']:.0f} TFLOP/s (harmonic mean of "
-              f"{len(r['gemm_tflops'])} shapes), copy {r['copy_gbps']:.0f} GB/s")
-    print(f"{'pattern':<10}{'seq':>8}{'recompute':>10}{'step s':>9}{'tok/s':>10}{'TF/s exec':>11}"
-          f"{'TF/s dense':>11}{'MFU':>7}{'mem GiB':>9}{'ratio':>7}")
+        print(
+            f"GEMM {r['gemm_tflops_harmonic_mean']:.0f} TFLOP/s (harmonic mean of "
+            f"{len(r['gemm_tflops'])} shapes), copy {r['copy_gbps']:.0f} GB/s"
+        )
+    print(
+        f"{'pattern':<10}{'seq':>8}{'recompute':>10}{'step s':>9}{'tok/s':>10}{'TF/s exec':>11}"
+        f"{'TF/s dense':>11}{'MFU':>7}{'mem GiB':>9}{'ratio':>7}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['pattern']:<10}{r['seq_length']:>8}{r['recompute']:>10}  {r['error'][:60]}")

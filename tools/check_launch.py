@@ -32,18 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("allocation and plan")
     group.add_argument("--nodes", type=int, default=1)
     group.add_argument("--gpus-per-node", type=int, default=8)
-    group.add_argument("--gpu", default=os.environ.get("LONGGEN_GPU", "h100-80gb"),
-                       help=f"GPU model for the memory / step-time plan: {sorted(GPUS)} or none")
-    group.add_argument("--signal-lead-s", type=float, default=None,
-                       help="seconds between Slurm's USR1 and the time limit (default $LONGGEN_SIGNAL_LEAD_S or 180)")
-    group.add_argument("--fs-write-gbps", type=float, default=10.0,
-                       help="aggregate file-system write bandwidth for checkpoints, GB/s (default 10)")
-    group.add_argument("--max-data-epochs", type=float, default=4.0,
-                       help="refuse a data blend the run would repeat more often than this (default 4)")
-    group.add_argument("--memory-check", choices=("error", "warn", "off"), default="error",
-                       help="what a predicted out-of-memory does (default error)")
-    group.add_argument("--no-check-files", action="store_true",
-                       help="do not read the tokenizer, the data blend or the initial checkpoint")
+    group.add_argument(
+        "--gpu",
+        default=os.environ.get("LONGGEN_GPU", "h100-80gb"),
+        help=f"GPU model for the memory / step-time plan: {sorted(GPUS)} or none",
+    )
+    group.add_argument(
+        "--signal-lead-s",
+        type=float,
+        default=None,
+        help="seconds between Slurm's USR1 and the time limit (default $LONGGEN_SIGNAL_LEAD_S or 180)",
+    )
+    group.add_argument(
+        "--fs-write-gbps",
+        type=float,
+        default=10.0,
+        help="aggregate file-system write bandwidth for checkpoints, GB/s (default 10)",
+    )
+    group.add_argument(
+        "--max-data-epochs",
+        type=float,
+        default=4.0,
+        help="refuse a data blend the run would repeat more often than this (default 4)",
+    )
+    group.add_argument(
+        "--memory-check",
+        choices=("error", "warn", "off"),
+        default="error",
+        help="what a predicted out-of-memory does (default error)",
+    )
+    group.add_argument(
+        "--no-check-files",
+        action="store_true",
+        help="do not read the tokenizer, the data blend or the initial checkpoint",
+    )
     return parser
 
 
@@ -59,18 +81,34 @@ def check(args: argparse.Namespace):
             args.signal_lead_s = float(text)
         except ValueError:
             raise ValueError(f"LONGGEN_SIGNAL_LEAD_S must be a number of seconds, got {text!r}") from None
-    bad = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
-           for name in ("nodes", "gpus_per_node") if getattr(args, name) < 1]
-    bad += [f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
-            for name in ("signal_lead_s", "fs_write_gbps", "max_data_epochs") if not getattr(args, name) > 0]
+    bad = [
+        f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+        for name in ("nodes", "gpus_per_node")
+        if getattr(args, name) < 1
+    ]
+    bad += [
+        f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
+        for name in ("signal_lead_s", "fs_write_gbps", "max_data_epochs")
+        if not getattr(args, name) > 0
+    ]
     if bad:
         raise ValueError("\n".join(bad))
     gpu = None if args.gpu.lower() == "none" else get_gpu(args.gpu)
     cfg = config_from_args(args)
-    policy = LaunchPolicy(max_data_epochs=args.max_data_epochs, signal_lead_s=args.signal_lead_s,
-                          fs_write_gbps=args.fs_write_gbps, memory_check=args.memory_check)
-    return validate_launch(cfg, world_size=args.nodes * args.gpus_per_node, gpu=gpu,
-                           gpus_per_node=args.gpus_per_node, check_files=not args.no_check_files, policy=policy)
+    policy = LaunchPolicy(
+        max_data_epochs=args.max_data_epochs,
+        signal_lead_s=args.signal_lead_s,
+        fs_write_gbps=args.fs_write_gbps,
+        memory_check=args.memory_check,
+    )
+    return validate_launch(
+        cfg,
+        world_size=args.nodes * args.gpus_per_node,
+        gpu=gpu,
+        gpus_per_node=args.gpus_per_node,
+        check_files=not args.no_check_files,
+        policy=policy,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

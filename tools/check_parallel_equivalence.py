@@ -56,15 +56,46 @@ FP32_TENSOR_RTOL = 1e-4
 BF16_FACTOR = 3.0
 SIZES = {
     # CPU: seconds per step on 8 gloo ranks. 16-token blocks keep the S layers sparse at 128 tokens.
-    "tiny": {"hidden": 64, "heads": 4, "groups": 2, "ffn": 128, "seq": 128, "block": 16, "window": 2, "stride": 3,
-             "local": 2},
+    "tiny": {
+        "hidden": 64,
+        "heads": 4,
+        "groups": 2,
+        "ffn": 128,
+        "seq": 128,
+        "block": 16,
+        "window": 2,
+        "stride": 3,
+        "local": 2,
+    },
     # GPU: head dim 64 and 64-token blocks, the shapes the fast kernels take.
-    "small": {"hidden": 256, "heads": 4, "groups": 2, "ffn": 704, "seq": 2048, "block": 64, "window": 4, "stride": 8,
-              "local": 1},
+    "small": {
+        "hidden": 256,
+        "heads": 4,
+        "groups": 2,
+        "ffn": 704,
+        "seq": 2048,
+        "block": 64,
+        "window": 4,
+        "stride": 8,
+        "local": 1,
+    },
 }
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-             "SLURM_LOCALID")
+_DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,8 +116,16 @@ class Options:
     global_batch_size: int = 4
 
 
-def equivalence_config(opts: Options, *, tp: int, pp: int, cp: int, dtype: str | None = None,
-                       distributed_optimizer: bool, init_checkpoint: str | None = None):
+def equivalence_config(
+    opts: Options,
+    *,
+    tp: int,
+    pp: int,
+    cp: int,
+    dtype: str | None = None,
+    distributed_optimizer: bool,
+    init_checkpoint: str | None = None,
+):
     """The run config at one layout: debug_tiny's data and tokenizer, `opts.pattern` at `opts.size`,
     sequence parallelism whenever TP > 1, constant LR without warm-up (every step moves the weights)."""
     from megatron_longgen.config import apply_overrides
@@ -98,21 +137,44 @@ def equivalence_config(opts: Options, *, tp: int, pp: int, cp: int, dtype: str |
     base = debug_tiny()
     model = dataclasses.replace(base.model, num_layers=len(opts.pattern), layer_pattern=opts.pattern)
     cfg = dataclasses.replace(base, name=f"equivalence_tp{tp}_pp{pp}_cp{cp}", model=model)
-    return apply_overrides(cfg, [
-        f"model.hidden_size={s['hidden']}", f"model.num_attention_heads={s['heads']}",
-        f"model.num_query_groups={s['groups']}", f"model.ffn_hidden_size={s['ffn']}",
-        f"sparse.variant={opts.variant}", f"sparse.block_size={s['block']}", "sparse.num_sink_blocks=1",
-        f"sparse.num_window_blocks={s['window']}", f"sparse.stride_blocks={s['stride']}",
-        f"sparse.num_local_blocks={s['local']}", f"sparse.backend={backend}",
-        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"parallel.context_parallel={cp}",
-        f"parallel.sequence_parallel={tp > 1}", f"parallel.use_distributed_optimizer={distributed_optimizer}",
-        f"train.seq_length={s['seq']}", "train.micro_batch_size=1", f"train.global_batch_size={opts.global_batch_size}",
-        f"train.max_steps={opts.steps_before_save + opts.steps_after_save}", "train.lr=1e-3", "train.min_lr=1e-3",
-        "train.lr_warmup_steps=0", "train.lr_decay_style=constant", f"train.clip_grad={1.0 if distributed_optimizer else 0.0}",
-        f"train.dtype={dtype}", "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0",
-        "train.save_on_exit=true", "train.optimizer_checkpoint_format=fully_reshardable",
-        f"train.init_checkpoint={init_checkpoint}", "data.valid_fraction=0.0",
-    ])
+    return apply_overrides(
+        cfg,
+        [
+            f"model.hidden_size={s['hidden']}",
+            f"model.num_attention_heads={s['heads']}",
+            f"model.num_query_groups={s['groups']}",
+            f"model.ffn_hidden_size={s['ffn']}",
+            f"sparse.variant={opts.variant}",
+            f"sparse.block_size={s['block']}",
+            "sparse.num_sink_blocks=1",
+            f"sparse.num_window_blocks={s['window']}",
+            f"sparse.stride_blocks={s['stride']}",
+            f"sparse.num_local_blocks={s['local']}",
+            f"sparse.backend={backend}",
+            f"parallel.tensor_parallel={tp}",
+            f"parallel.pipeline_parallel={pp}",
+            f"parallel.context_parallel={cp}",
+            f"parallel.sequence_parallel={tp > 1}",
+            f"parallel.use_distributed_optimizer={distributed_optimizer}",
+            f"train.seq_length={s['seq']}",
+            "train.micro_batch_size=1",
+            f"train.global_batch_size={opts.global_batch_size}",
+            f"train.max_steps={opts.steps_before_save + opts.steps_after_save}",
+            "train.lr=1e-3",
+            "train.min_lr=1e-3",
+            "train.lr_warmup_steps=0",
+            "train.lr_decay_style=constant",
+            f"train.clip_grad={1.0 if distributed_optimizer else 0.0}",
+            f"train.dtype={dtype}",
+            "train.log_interval=1",
+            "train.eval_interval=0",
+            "train.save_interval=0",
+            "train.save_on_exit=true",
+            "train.optimizer_checkpoint_format=fully_reshardable",
+            f"train.init_checkpoint={init_checkpoint}",
+            "data.valid_fraction=0.0",
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------- global tensors
@@ -132,7 +194,7 @@ def _global_name(module, name: str) -> str:
     prefix = "decoder.layers."
     if not name.startswith(prefix):
         return name
-    index, rest = name[len(prefix):].split(".", 1)
+    index, rest = name[len(prefix) :].split(".", 1)
     return f"{prefix}{module.decoder.layers[int(index)].layer_number - 1}.{rest}"
 
 
@@ -184,8 +246,9 @@ def _grad_norms(run_dir: Path) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------- one layout
-def run_layout(work: Path, opts: Options, *, tp: int, pp: int, cp: int, dtype: str, tag: str,
-               init_dir: Path | None) -> dict | None:
+def run_layout(
+    work: Path, opts: Options, *, tp: int, pp: int, cp: int, dtype: str, tag: str, init_dir: Path | None
+) -> dict | None:
     """Collective: runs 1 and 2 of the module docstring at one layout; the results on rank 0.
 
     Without `init_dir`, run 1's initial weights are saved to `work/init` and used by run 2."""
@@ -197,20 +260,29 @@ def run_layout(work: Path, opts: Options, *, tp: int, pp: int, cp: int, dtype: s
     k1, k2 = opts.steps_before_save, opts.steps_after_save
     init = None if init_dir is None else str(init_dir / "step_0000000")
     grads_run = Trainer(
-        equivalence_config(opts, tp=tp, pp=pp, cp=cp, dtype=dtype, distributed_optimizer=False, init_checkpoint=init),
-        run_dir=work / f"{tag}_grads", quiet=True,
+        equivalence_config(
+            opts, tp=tp, pp=pp, cp=cp, dtype=dtype, distributed_optimizer=False, init_checkpoint=init
+        ),
+        run_dir=work / f"{tag}_grads",
+        quiet=True,
     )
     if init_dir is None:
-        save_training_checkpoint(checkpoints_dir=work / "init", step=0, cfg=grads_run.cfg,
-                                 model_chunks=grads_run.model)
+        save_training_checkpoint(
+            checkpoints_dir=work / "init", step=0, cfg=grads_run.cfg, model_chunks=grads_run.model
+        )
         init = str(work / "init" / "step_0000000")
     else:
         grads_run.restore(resume=False)  # loads train.init_checkpoint
     metrics = grads_run.train_step(0)
     pgs = grads_run.pgs
     out = {
-        "layout_seen": {"tp": pgs.tp.size(), "pp": pgs.pp.size(), "cp": pgs.cp.size(), "dp": pgs.dp.size(),
-                        "world": grads_run.world_size},
+        "layout_seen": {
+            "tp": pgs.tp.size(),
+            "pp": pgs.pp.size(),
+            "cp": pgs.cp.size(),
+            "dp": pgs.dp.size(),
+            "world": grads_run.world_size,
+        },
         "grads_loss": _from_logging_rank(grads_run, metrics["loss"]),
         "grads_grad_norm": metrics["grad_norm"],
         "grads": global_tensors(grads_run, grads=True),
@@ -218,7 +290,9 @@ def run_layout(work: Path, opts: Options, *, tp: int, pp: int, cp: int, dtype: s
     del grads_run
 
     run_dir = work / f"{tag}_train"
-    cfg = equivalence_config(opts, tp=tp, pp=pp, cp=cp, dtype=dtype, distributed_optimizer=True, init_checkpoint=init)
+    cfg = equivalence_config(
+        opts, tp=tp, pp=pp, cp=cp, dtype=dtype, distributed_optimizer=True, init_checkpoint=init
+    )
     trainer = Trainer(cfg, run_dir=run_dir, quiet=True)
     result = trainer.fit(stop_after_steps=k1)  # the production path: init weights, k1 steps, save on exit
     out["weights_saved"] = global_tensors(trainer, grads=False)
@@ -231,7 +305,9 @@ def run_layout(work: Path, opts: Options, *, tp: int, pp: int, cp: int, dtype: s
     losses = _from_logging_rank(trainer, losses)
     dist.barrier()
     if dist.get_rank() == 0:
-        out.update(losses=losses, grad_norms=_grad_norms(run_dir) + norms, checkpoint=str(result.checkpoint_dir))
+        out.update(
+            losses=losses, grad_norms=_grad_norms(run_dir) + norms, checkpoint=str(result.checkpoint_dir)
+        )
         return out
     return None
 
@@ -265,8 +341,10 @@ def run_single(work: Path, opts: Options, *, reference_dir: Path | None) -> dict
     else:
         dtypes = [opts.dtype] + (["fp32"] if opts.dtype != "fp32" else [])
         init = work / "init"
-        reference = {d: run_layout(work, opts, tp=1, pp=1, cp=1, dtype=d, tag=f"single_{d}", init_dir=init)
-                     for d in dtypes}
+        reference = {
+            d: run_layout(work, opts, tp=1, pp=1, cp=1, dtype=d, tag=f"single_{d}", init_dir=init)
+            for d in dtypes
+        }
         torch.save({"options": _identity(opts), "runs": reference}, work / "reference.pt")
     return {"reference": reference, "resume": resume_single(work, opts)}
 
@@ -307,8 +385,11 @@ def compare_values(name: str, got, want, *, rtol: float = 0.0, noise: tuple | No
     count = len(want)
     same = set(got) == set(want) if isinstance(want, dict) else len(got) == count
     checks = [_check(f"{name}: {count} items, same set", 0.0 if same else 1.0, 0.0)]
-    bounds = [rtol] * count if noise is None else [
-        BF16_FACTOR * rel_err(s, g) + BF16_ROUNDOFF for _, s, g in _aligned(*noise)]
+    bounds = (
+        [rtol] * count
+        if noise is None
+        else [BF16_FACTOR * rel_err(s, g) + BF16_ROUNDOFF for _, s, g in _aligned(*noise)]
+    )
     for (label, g, w), bound in zip(_aligned(got, want), bounds):
         checks.append(_check(name + label, math.inf if g is None else rel_err(g, w), bound))
     return checks
@@ -347,7 +428,9 @@ def compare(parallel: dict, single: dict, *, dtype: str) -> list[dict]:
     # The resume starts from the saved tensors themselves: any difference is a resharding bug.
     checks += compare_values("resume: loaded weights", resumed["weights_loaded"], parallel["weights_saved"])
     checks += against_parallel("resume: losses after", resumed["losses"], "losses", FP32_LOSS_RTOL, after=k1)
-    checks += against_parallel("resume: final weights", resumed["weights_end"], "weights_end", FP32_TENSOR_RTOL)
+    checks += against_parallel(
+        "resume: final weights", resumed["weights_end"], "weights_end", FP32_TENSOR_RTOL
+    )
     return checks
 
 
@@ -401,28 +484,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="CPU sizes (width 64, 128 tokens); default on CPU")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
     p.add_argument("--pattern", default="SSFFFFSS")
     p.add_argument("--sparse-variant", default="sink_window", choices=("sink_window", "block_strided"))
     p.add_argument("--sparse-backend", default="auto", help="kernel of the S layers in the checked runs")
     p.add_argument("--steps-before-save", type=int, default=2)
     p.add_argument("--steps-after-save", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=4)
-    p.add_argument("--work-dir", default=None, help="where runs and checkpoints go (default: a temporary dir)")
+    p.add_argument(
+        "--work-dir", default=None, help="where runs and checkpoints go (default: a temporary dir)"
+    )
     p.add_argument("--keep-work-dir", action="store_true", help="keep it (reusable with --reference-dir)")
-    p.add_argument("--reference-dir", default=None, help="a kept work dir: reuse its init weights and reference")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/parallel_equivalence_...)")
-    p.add_argument("--single-process-timeout", type=float, default=1800.0, help="seconds for rank 0's child run")
-    p.add_argument("--single-process", action="store_true", help=argparse.SUPPRESS)  # internal: rank 0's child
+    p.add_argument(
+        "--reference-dir", default=None, help="a kept work dir: reuse its init weights and reference"
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/parallel_equivalence_...)"
+    )
+    p.add_argument(
+        "--single-process-timeout", type=float, default=1800.0, help="seconds for rank 0's child run"
+    )
+    p.add_argument(
+        "--single-process", action="store_true", help=argparse.SUPPRESS
+    )  # internal: rank 0's child
     return p
 
 
 def options_from_args(args, *, cuda: bool) -> Options:
     return Options(
-        tp=args.tp, pp=args.pp, cp=args.cp, dtype=args.dtype or ("bf16" if cuda else "fp32"),
-        size="tiny" if (args.tiny or not cuda) else "small", pattern=args.pattern, variant=args.sparse_variant,
-        backend=args.sparse_backend, steps_before_save=args.steps_before_save,
-        steps_after_save=args.steps_after_save, global_batch_size=args.global_batch_size,
+        tp=args.tp,
+        pp=args.pp,
+        cp=args.cp,
+        dtype=args.dtype or ("bf16" if cuda else "fp32"),
+        size="tiny" if (args.tiny or not cuda) else "small",
+        pattern=args.pattern,
+        variant=args.sparse_variant,
+        backend=args.sparse_backend,
+        steps_before_save=args.steps_before_save,
+        steps_after_save=args.steps_after_save,
+        global_batch_size=args.global_batch_size,
     )
 
 
@@ -468,47 +570,85 @@ def main(argv: list[str] | None = None) -> int:
     if reference_dir is not None and rank == 0:
         shutil.copytree(reference_dir / "init", work / "init", dirs_exist_ok=True)
     dist.barrier()
-    parallel = run_layout(work, opts, tp=opts.tp, pp=opts.pp, cp=opts.cp, dtype=opts.dtype, tag="parallel",
-                          init_dir=work / "init" if reference_dir is not None else None)
+    parallel = run_layout(
+        work,
+        opts,
+        tp=opts.tp,
+        pp=opts.pp,
+        cp=opts.cp,
+        dtype=opts.dtype,
+        tag="parallel",
+        init_dir=work / "init" if reference_dir is not None else None,
+    )
     destroy()
     if rank != 0:
         return 0
-    cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
-           "--single-process", "--work-dir", str(work)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *(argv if argv is not None else sys.argv[1:]),
+        "--single-process",
+        "--work-dir",
+        str(work),
+    ]
     try:
-        proc = subprocess.run(cmd, env=_single_process_env(), check=False, timeout=args.single_process_timeout)
+        proc = subprocess.run(
+            cmd, env=_single_process_env(), check=False, timeout=args.single_process_timeout
+        )
     except subprocess.TimeoutExpired:
-        print(f"check_parallel_equivalence: the single-process run took over {args.single_process_timeout} s",
-              file=sys.stderr)
+        print(
+            f"check_parallel_equivalence: the single-process run took over {args.single_process_timeout} s",
+            file=sys.stderr,
+        )
         return 2
     if proc.returncode != 0:
-        print(f"check_parallel_equivalence: the single-process run failed (exit {proc.returncode})", file=sys.stderr)
+        print(
+            f"check_parallel_equivalence: the single-process run failed (exit {proc.returncode})",
+            file=sys.stderr,
+        )
         return 2
     single = torch.load(work / "single.pt", weights_only=False)
     checks = compare(parallel, single, dtype=opts.dtype)
     device = _device_name()
     slug = device.split()[-1].lower() if cuda else "cpu"
-    out = Path(args.out or f"benchmarks/results/parallel_equivalence_tp{opts.tp}_pp{opts.pp}_cp{opts.cp}_{slug}.json")
+    out = Path(
+        args.out or f"benchmarks/results/parallel_equivalence_tp{opts.tp}_pp{opts.pp}_cp{opts.cp}_{slug}.json"
+    )
     report = {
         "device": device,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "world_size": world,
-        "layout": {"tp": opts.tp, "pp": opts.pp, "cp": opts.cp, "dp": world // model_parallel,
-                   "sequence_parallel": opts.tp > 1, "distributed_optimizer": "run 2",
-                   "optimizer_checkpoint_format": "fully_reshardable"},
+        "layout": {
+            "tp": opts.tp,
+            "pp": opts.pp,
+            "cp": opts.cp,
+            "dp": world // model_parallel,
+            "sequence_parallel": opts.tp > 1,
+            "distributed_optimizer": "run 2",
+            "optimizer_checkpoint_format": "fully_reshardable",
+        },
         "options": dataclasses.asdict(opts),
-        "tolerances": {"fp32_loss_rtol": FP32_LOSS_RTOL, "fp32_tensor_rtol": FP32_TENSOR_RTOL,
-                       "bf16_rule": "|par - gold| <= 3 |single_bf16 - gold| + 2^-8 (relative)"},
-        "losses": {"parallel": parallel["losses"], "single": single["reference"][opts.dtype]["losses"],
-                   "resumed": single["resume"]["losses"]},
+        "tolerances": {
+            "fp32_loss_rtol": FP32_LOSS_RTOL,
+            "fp32_tensor_rtol": FP32_TENSOR_RTOL,
+            "bf16_rule": "|par - gold| <= 3 |single_bf16 - gold| + 2^-8 (relative)",
+        },
+        "losses": {
+            "parallel": parallel["losses"],
+            "single": single["reference"][opts.dtype]["losses"],
+            "resumed": single["resume"]["losses"],
+        },
         "ok": all(c["ok"] for c in checks),
         "num_checks": len(checks),
         "checks": checks,
     }
     write_json_atomic(out, report)
-    _print_report(checks, header=f"TP{opts.tp} x PP{opts.pp} x CP{opts.cp} x DP{world // model_parallel} vs one "
-                                 f"process, {opts.dtype}, {device}")
+    _print_report(
+        checks,
+        header=f"TP{opts.tp} x PP{opts.pp} x CP{opts.cp} x DP{world // model_parallel} vs one "
+        f"process, {opts.dtype}, {device}",
+    )
     print(f"wrote {out}")
     if made_work and not args.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)

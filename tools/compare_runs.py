@@ -19,7 +19,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="run dirs or W&B offline run folders")
     parser.add_argument("--out", required=True, help="output folder for report.md, report.json and the PNGs")
     args = parser.parse_args(argv)
@@ -39,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         images = []
     else:
         images = plot(runs, out)
-    body = "# LongGen vs full attention\n\n" + markdown + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    body = (
+        "# LongGen vs full attention\n\n"
+        + markdown
+        + "\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    )
     for name, text in (("report.md", body), ("report.json", json.dumps(numbers, indent=2) + "\n")):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

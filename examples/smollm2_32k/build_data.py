@@ -121,15 +121,27 @@ def scan(roots: list[Path], *, max_doc_chars: int) -> tuple[list[Candidate], lis
             files = sorted(filenames)
             py = [here / f for f in files if f.endswith(CODE_SUFFIXES)]
             if py:
-                code.extend((f"{root.name}/{rel}", chunk, root) for chunk in size_chunks(py, max_bytes=max_doc_chars))
+                code.extend(
+                    (f"{root.name}/{rel}", chunk, root) for chunk in size_chunks(py, max_bytes=max_doc_chars)
+                )
             if top.endswith((".dist-info", ".egg-info")):
-                docs.setdefault((top.split("-")[0], root), []).extend(here / f for f in files if f == "METADATA")
-                licenses.extend(here / f for f in files if f.upper().startswith(LICENSE_PREFIXES)
-                                or here.name == "licenses")
+                docs.setdefault((top.split("-")[0], root), []).extend(
+                    here / f for f in files if f == "METADATA"
+                )
+                licenses.extend(
+                    here / f
+                    for f in files
+                    if f.upper().startswith(LICENSE_PREFIXES) or here.name == "licenses"
+                )
             elif top:
-                docs.setdefault((top, root), []).extend(here / f for f in files if f.endswith(DOC_SUFFIXES)
-                                                        and not f.upper().startswith(LICENSE_PREFIXES))
-    doc_candidates = [(f"{root.name}/{top}", files, root) for (top, root), files in sorted(docs.items()) if files]
+                docs.setdefault((top, root), []).extend(
+                    here / f
+                    for f in files
+                    if f.endswith(DOC_SUFFIXES) and not f.upper().startswith(LICENSE_PREFIXES)
+                )
+    doc_candidates = [
+        (f"{root.name}/{top}", files, root) for (top, root), files in sorted(docs.items()) if files
+    ]
     return code, doc_candidates, licenses
 
 
@@ -188,9 +200,11 @@ def histogram(lengths: np.ndarray) -> dict:
     edges = np.asarray(HIST_BINS + (np.iinfo(np.int64).max,))
     which = np.searchsorted(edges, lengths, side="right") - 1
     labels = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(HIST_BINS)] + [f">={HIST_BINS[-1]}"]
-    return {"bins_tokens": labels,
-            "documents": np.bincount(which, minlength=len(labels)).tolist(),
-            "tokens": np.bincount(which, weights=lengths, minlength=len(labels)).astype(np.int64).tolist()}
+    return {
+        "bins_tokens": labels,
+        "documents": np.bincount(which, minlength=len(labels)).tolist(),
+        "tokens": np.bincount(which, weights=lengths, minlength=len(labels)).astype(np.int64).tolist(),
+    }
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -207,8 +221,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default WORKDIR/hf/original)")
     p.add_argument("--target-tokens", type=int, default=20_000_000, help="tokens in the training dataset")
     p.add_argument("--synthetic-fraction", type=float, default=0.15, help="token share of retrieval docs")
-    p.add_argument("--synthetic-doc-chars", type=int, nargs="+", default=[16_000, 32_000, 64_000, 128_000],
-                   help="lengths of retrieval documents, drawn uniformly (default: ~4K-35K tokens)")
+    p.add_argument(
+        "--synthetic-doc-chars",
+        type=int,
+        nargs="+",
+        default=[16_000, 32_000, 64_000, 128_000],
+        help="lengths of retrieval documents, drawn uniformly (default: ~4K-35K tokens)",
+    )
     p.add_argument("--oversample", type=float, default=1.5, help="natural tokens read / natural tokens kept")
     p.add_argument("--max-doc-chars", type=int, default=600_000, help="longest document (~140K tokens)")
     p.add_argument("--heldout-docs", type=int, default=8, help="long documents held out for perplexity")
@@ -242,8 +261,14 @@ def select_heldout(code: list[Candidate], *, count: int, min_chars: int, max_cha
     return heldout
 
 
-def read_natural(code: list[Candidate], doc_candidates: list[Candidate], license_files: list[Path], *,
-                 args: argparse.Namespace, tokenizer: str) -> tuple[dict[str, list[str]], dict[str, float]]:
+def read_natural(
+    code: list[Candidate],
+    doc_candidates: list[Candidate],
+    license_files: list[Path],
+    *,
+    args: argparse.Namespace,
+    tokenizer: str,
+) -> tuple[dict[str, list[str]], dict[str, float]]:
     """({source: documents}, characters per token of code and of prose). Licences and package documentation (the prose; small)
     in full, then code directories in a seeded random order until the character budget, judged by file
     sizes, is reached; the chosen directories are read by `args.workers` processes."""
@@ -274,11 +299,31 @@ def read_natural(code: list[Candidate], doc_candidates: list[Candidate], license
 def tokenize(inputs: list[str], *, prefix: Path, tokenizer: str, args: argparse.Namespace) -> float:
     """tools/preprocess_data.py: tokens with <bos> per document, long documents up-sampled per source, to
     `args.target_tokens`. Returns the CPU seconds of the tool and its workers."""
-    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", *inputs, "--tokenizer",
-           tokenizer, "--output-prefix", str(prefix), "--workers", str(args.workers), "--long-threshold",
-           str(args.long_threshold), "--long-weight", str(args.long_weight), "--target-tokens",
-           str(args.target_tokens), "--seed", str(args.seed), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "preprocess_data.py"),
+        "--input",
+        *inputs,
+        "--tokenizer",
+        tokenizer,
+        "--output-prefix",
+        str(prefix),
+        "--workers",
+        str(args.workers),
+        "--long-threshold",
+        str(args.long_threshold),
+        "--long-weight",
+        str(args.long_weight),
+        "--target-tokens",
+        str(args.target_tokens),
+        "--seed",
+        str(args.seed),
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the tool and its (joined) workers
@@ -305,11 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not code:
         raise SystemExit(f"build_data: no .py files under {[str(r) for r in roots]}")
     lap("scan_s")
-    heldout = select_heldout(code, count=args.heldout_docs, min_chars=args.heldout_min_chars,
-                             max_chars=args.max_doc_chars)
+    heldout = select_heldout(
+        code, count=args.heldout_docs, min_chars=args.heldout_min_chars, max_chars=args.max_doc_chars
+    )
     held = {d["name"] for d in heldout}
-    natural, cpt = read_natural([c for c in code if c[0] not in held], doc_candidates, license_files,
-                                args=args, tokenizer=tokenizer)
+    natural, cpt = read_natural(
+        [c for c in code if c[0] not in held], doc_candidates, license_files, args=args, tokenizer=tokenizer
+    )
     lap("read_s")
 
     # Synthetic retrieval documents: their token share is set from their own measured characters per token.
@@ -318,11 +365,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.synthetic_fraction > 0:
         probe, _ = retrieval_documents(natural_docs, total_chars=200_000, doc_chars=(20_000,), seed=args.seed)
         synth_cpt = chars_per_token(tokenizer, probe)
-        natural_tokens = (sum(map(len, natural["code"])) / cpt["code"]
-                          + sum(len(d) for d in natural["docs"] + natural["licenses"]) / cpt["prose"])
+        natural_tokens = (
+            sum(map(len, natural["code"])) / cpt["code"]
+            + sum(len(d) for d in natural["docs"] + natural["licenses"]) / cpt["prose"]
+        )
         want_tokens = natural_tokens * args.synthetic_fraction / (1 - args.synthetic_fraction)
-        synthetic, num_records = retrieval_documents(natural_docs, total_chars=int(want_tokens * synth_cpt),
-                                                     doc_chars=tuple(args.synthetic_doc_chars), seed=args.seed + 1)
+        synthetic, num_records = retrieval_documents(
+            natural_docs,
+            total_chars=int(want_tokens * synth_cpt),
+            doc_chars=tuple(args.synthetic_doc_chars),
+            seed=args.seed + 1,
+        )
     sources = {**natural, "synthetic": synthetic}
     inputs = []
     for source, docs in sources.items():
@@ -340,7 +393,14 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_longgen.data.indexed import read_document_lengths
 
     pre = json.loads(Path(f"{prefix}.stats.json").read_text())
-    keys = ("documents_in", "tokens_in", "documents_out", "tokens_out", "share_out", "long_token_fraction_out")
+    keys = (
+        "documents_in",
+        "tokens_in",
+        "documents_out",
+        "tokens_out",
+        "share_out",
+        "long_token_fraction_out",
+    )
     per_source = {name.removesuffix(".jsonl"): {k: s[k] for k in keys} for name, s in pre["sources"].items()}
     stats = {
         "roots": [str(r) for r in roots],
@@ -363,11 +423,15 @@ def main(argv: list[str] | None = None) -> dict:
     os.replace(tmp, out / "build_stats.json")
     synthetic_share = per_source.get("synthetic", {}).get("share_out", 0.0)
     if synthetic_share > 0.25:
-        raise SystemExit(f"build_data: synthetic documents are {synthetic_share:.1%} of the tokens (> 25%); "
-                         "lower --synthetic-fraction")
-    print(f"build_data: {pre['tokens_out']:,} tokens in {pre['documents_out']:,} documents ("
-          + ", ".join(f"{k} {v['share_out']:.1%}" for k, v in per_source.items())
-          + f"); {len(heldout)} held-out documents; {timings['total_s']:.1f} s; stats in {out / 'build_stats.json'}")
+        raise SystemExit(
+            f"build_data: synthetic documents are {synthetic_share:.1%} of the tokens (> 25%); "
+            "lower --synthetic-fraction"
+        )
+    print(
+        f"build_data: {pre['tokens_out']:,} tokens in {pre['documents_out']:,} documents ("
+        + ", ".join(f"{k} {v['share_out']:.1%}" for k, v in per_source.items())
+        + f"); {len(heldout)} held-out documents; {timings['total_s']:.1f} s; stats in {out / 'build_stats.json'}"
+    )
     return stats
 
 

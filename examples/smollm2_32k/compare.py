@@ -80,7 +80,9 @@ def cells(report: dict) -> dict[int, dict[float, float]]:
             for depth, value in row.items():
                 table.setdefault(int(length), {}).setdefault(float(depth), []).append(float(value))
     else:
-        raise ValueError(f"unrecognised eval report (keys {sorted(report)}): expected 'results' or 'accuracy'")
+        raise ValueError(
+            f"unrecognised eval report (keys {sorted(report)}): expected 'results' or 'accuracy'"
+        )
     return {n: {d: sum(v) / len(v) for d, v in sorted(row.items())} for n, row in sorted(table.items())}
 
 
@@ -92,7 +94,10 @@ def ppl_curve(report: dict) -> dict:
     """{"positions": [bin centres], "ppl": [per bin]} from tools/eval_ppl_by_position.py's JSON, whose
     `bins` are `{"start", "end", "ppl", ...}` (`ppl` at the top level is the whole-document value)."""
     bins = report["bins"]
-    return {"positions": [(int(b["start"]) + int(b["end"])) / 2 for b in bins], "ppl": [float(b["ppl"]) for b in bins]}
+    return {
+        "positions": [(int(b["start"]) + int(b["end"])) / 2 for b in bins],
+        "ppl": [float(b["ppl"]) for b in bins],
+    }
 
 
 def check_targets(passkey: dict, niah: dict, training: dict) -> dict:
@@ -104,8 +109,14 @@ def check_targets(passkey: dict, niah: dict, training: dict) -> dict:
     rivals = [m for m in ("sparse_only", "attnsink_inference") if m in passkey]
     # "Better at every length beyond the window": strictly, except where both are perfect.
     out["longgen_beats_sparse_and_attnsink_beyond_window"] = (
-        all(lg[n] > passkey[m].get(n, 0.0) or lg[n] == passkey[m].get(n) == 1.0 for n in beyond for m in rivals)
-        if beyond and rivals else None)
+        all(
+            lg[n] > passkey[m].get(n, 0.0) or lg[n] == passkey[m].get(n) == 1.0
+            for n in beyond
+            for m in rivals
+        )
+        if beyond and rivals
+        else None
+    )
     if "longgen" in niah and "full" in niah:
         common = sorted(set(niah["longgen"]) & set(niah["full"]))
         gap = sum(niah["full"][n] - niah["longgen"][n] for n in common) / max(1, len(common))
@@ -152,8 +163,15 @@ def heatmaps(tables: dict[str, dict[int, dict[float, float]]], *, title: str, pa
     save_figure(fig, path)
 
 
-def curves(series: dict[str, tuple[list[float], list[float]]], *, xlabel: str, ylabel: str, title: str,
-           path: Path, logy: bool = False) -> None:
+def curves(
+    series: dict[str, tuple[list[float], list[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    logy: bool = False,
+) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -173,7 +191,9 @@ def curves(series: dict[str, tuple[list[float], list[float]]], *, xlabel: str, y
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "smollm2_32k")
-    p.add_argument("--device", default=None, help="name in the output file (default: WORKDIR/device.json or cpu)")
+    p.add_argument(
+        "--device", default=None, help="name in the output file (default: WORKDIR/device.json or cpu)"
+    )
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--no-plots", action="store_true", help="JSON only (no matplotlib needed)")
     args = p.parse_args(argv)
@@ -205,11 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     result = {
-        "device": device, "device_info": device_info,
+        "device": device,
+        "device_info": device_info,
         "date": datetime.date.today().isoformat(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "passkey": passkey, "niah": niah, "training": training,
-        "passkey_cells": passkey_cells, "niah_cells": niah_cells, "ppl_by_position": ppl,
+        "passkey": passkey,
+        "niah": niah,
+        "training": training,
+        "passkey_cells": passkey_cells,
+        "niah_cells": niah_cells,
+        "ppl_by_position": ppl,
         "targets": check_targets(passkey, niah, training),
         "data": read_json(w / "data" / "build_stats.json"),
         "model": read_json(w / "hf" / "original" / "prepare_report.json"),
@@ -221,30 +246,49 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, f"{stem}.json")
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
-        print("compare: matplotlib is not installed: no plots (pip install matplotlib, or pass --no-plots)",
-              file=sys.stderr)
+        print(
+            "compare: matplotlib is not installed: no plots (pip install matplotlib, or pass --no-plots)",
+            file=sys.stderr,
+        )
     elif not args.no_plots:
         if passkey_cells:
             heatmaps(passkey_cells, title="passkey retrieval accuracy", path=Path(f"{stem}_passkey.png"))
         if niah_cells:
             heatmaps(niah_cells, title="needle in a haystack accuracy", path=Path(f"{stem}_niah.png"))
         if rows:
-            curves({v: ([r["tokens"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
-                   xlabel="training tokens", ylabel="loss", title="loss vs tokens",
-                   path=Path(f"{stem}_loss_tokens.png"))
-            curves({v: ([r["wall_time_s"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
-                   xlabel="wall-clock (s)", ylabel="loss", title="loss vs wall-clock",
-                   path=Path(f"{stem}_loss_wallclock.png"))
+            curves(
+                {v: ([r["tokens"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
+                xlabel="training tokens",
+                ylabel="loss",
+                title="loss vs tokens",
+                path=Path(f"{stem}_loss_tokens.png"),
+            )
+            curves(
+                {v: ([r["wall_time_s"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
+                xlabel="wall-clock (s)",
+                ylabel="loss",
+                title="loss vs wall-clock",
+                path=Path(f"{stem}_loss_wallclock.png"),
+            )
         if ppl:
-            curves({m: (c["positions"], c["ppl"]) for m, c in ppl.items()}, xlabel="token position",
-                   ylabel="perplexity", title="perplexity by position (held-out documents)",
-                   path=Path(f"{stem}_ppl_position.png"), logy=True)
+            curves(
+                {m: (c["positions"], c["ppl"]) for m, c in ppl.items()},
+                xlabel="token position",
+                ylabel="perplexity",
+                title="perplexity by position (held-out documents)",
+                path=Path(f"{stem}_ppl_position.png"),
+                logy=True,
+            )
     lines = [f"{'variant':<12} {'tokens':>10} {'steps':>6} {'train s':>8} {'tok/s':>9}"]
-    lines += [f"{v:<12} {t['tokens']:>10,} {t['steps']:>6} {t['wall_clock_s']:>8.1f} {t['tokens_per_s']:>9,.0f}"
-              for v, t in training.items()]
+    lines += [
+        f"{v:<12} {t['tokens']:>10,} {t['steps']:>6} {t['wall_clock_s']:>8.1f} {t['tokens_per_s']:>9,.0f}"
+        for v, t in training.items()
+    ]
     for kind, table in (("passkey", passkey), ("niah", niah)):
         for model, accs in table.items():
-            lines.append(f"{kind:<8} {model:<20} " + "  ".join(f"{n // 1024}K {a:.2f}" for n, a in accs.items()))
+            lines.append(
+                f"{kind:<8} {model:<20} " + "  ".join(f"{n // 1024}K {a:.2f}" for n, a in accs.items())
+            )
     print("\n".join(lines))
     print(f"compare: wrote {stem}.json" + (f"; missing: {', '.join(missing)}" if missing else ""))
     return result

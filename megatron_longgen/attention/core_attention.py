@@ -88,7 +88,13 @@ class _ExchangeSparse:
 
     def __call__(self, kernel, q_BNSH, k_BGSH, v_BGSH, *, scale: float) -> torch.Tensor:
         out, _ = sparse_cp_attention(
-            q_BNSH, k_BGSH, v_BGSH, pattern=self.pattern, cp_group=self.cp_group, kernel=kernel, softmax_scale=scale
+            q_BNSH,
+            k_BGSH,
+            v_BGSH,
+            pattern=self.pattern,
+            cp_group=self.cp_group,
+            kernel=kernel,
+            softmax_scale=scale,
         )
         return out
 
@@ -115,7 +121,9 @@ class _RingFull:
         return step_kernel(name, device=device, dtype=dtype)
 
     def __call__(self, kernel, q_BNSH, k_BGSH, v_BGSH, *, scale: float) -> torch.Tensor:
-        out, _ = ring_attention(q_BNSH, k_BGSH, v_BGSH, cp_group=self.cp_group, kernel=kernel, softmax_scale=scale)
+        out, _ = ring_attention(
+            q_BNSH, k_BGSH, v_BGSH, cp_group=self.cp_group, kernel=kernel, softmax_scale=scale
+        )
         return out
 
 
@@ -137,7 +145,11 @@ def _cp_group(config: TransformerConfig, pg_collection):
 
 def _run_device() -> torch.device:
     """Where Megatron puts the model: the current CUDA device if there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 class LongGenCoreAttention(MegatronModule):
@@ -165,10 +177,14 @@ class LongGenCoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"LongGen {kind} attention supports attn_mask_type=causal only, got {attn_mask_type}")
+            raise ValueError(
+                f"LongGen {kind} attention supports attn_mask_type=causal only, got {attn_mask_type}"
+            )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"LongGen {kind} attention has no dropout; got attention_dropout {dropout} (set it to 0)")
+            raise ValueError(
+                f"LongGen {kind} attention has no dropout; got attention_dropout {dropout} (set it to 0)"
+            )
         if kind == "sparse" and sparse is None:
             raise ValueError("a sparse layer needs sparse= (its SparseAttentionConfig)")
         cp_group = _cp_group(config, pg_collection)
@@ -179,7 +195,9 @@ class LongGenCoreAttention(MegatronModule):
         self.cp_size = cp_group.size() if cp_group is not None else 1
         self.form = form_for(kind=kind, cp_size=self.cp_size)
         self.head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
         self.strategy = {
             ("sparse", "local"): lambda: _LocalSparse(self.pattern),
             ("sparse", "exchange"): lambda: _ExchangeSparse(self.pattern, cp_group),
@@ -221,9 +239,13 @@ class LongGenCoreAttention(MegatronModule):
                 f"(got a mask of shape {tuple(attention_mask.shape)}; padding / document masks are not supported)"
             )
         if attn_mask_type not in (None, AttnMaskType.causal):
-            raise ValueError(f"LongGen {self.kind} attention supports attn_mask_type=causal only, got {attn_mask_type}")
+            raise ValueError(
+                f"LongGen {self.kind} attention supports attn_mask_type=causal only, got {attn_mask_type}"
+            )
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError(f"LongGen {self.kind} attention supports neither packed_seq_params nor attention_bias")
+            raise ValueError(
+                f"LongGen {self.kind} attention supports neither packed_seq_params nor attention_bias"
+            )
         self.resolved, kernel = self._bind(query.device, query.dtype)
         out = self.strategy(kernel, to_bnsh(query), to_bnsh(key), to_bnsh(value), scale=self.softmax_scale)
         return from_bnsh(out)

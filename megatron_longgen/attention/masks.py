@@ -149,7 +149,9 @@ def token_mask_fn(pattern: SparsePattern, name: str) -> MaskFn:
 def make_sink_window_mask(*, block_size: int, num_sink_blocks: int, num_window_blocks: int) -> MaskFn:
     """Token-level mask function (FlexAttention `mask_mod` signature) for the sink + window pattern."""
     return token_mask_fn(
-        SinkWindowPattern(block_size=block_size, num_sink_blocks=num_sink_blocks, num_window_blocks=num_window_blocks),
+        SinkWindowPattern(
+            block_size=block_size, num_sink_blocks=num_sink_blocks, num_window_blocks=num_window_blocks
+        ),
         f"sink_window_b{block_size}_s{num_sink_blocks}_w{num_window_blocks}",
     )
 
@@ -157,7 +159,9 @@ def make_sink_window_mask(*, block_size: int, num_sink_blocks: int, num_window_b
 def make_block_strided_mask(*, block_size: int, stride_blocks: int, num_local_blocks: int) -> MaskFn:
     """Token-level mask function (FlexAttention `mask_mod` signature) for the block-strided pattern."""
     return token_mask_fn(
-        BlockStridedPattern(block_size=block_size, stride_blocks=stride_blocks, num_local_blocks=num_local_blocks),
+        BlockStridedPattern(
+            block_size=block_size, stride_blocks=stride_blocks, num_local_blocks=num_local_blocks
+        ),
         f"block_strided_b{block_size}_st{stride_blocks}_l{num_local_blocks}",
     )
 
@@ -167,7 +171,9 @@ def dense_causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
 
 
-def dense_mask_from_rule(pattern: SparsePattern, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def dense_mask_from_rule(
+    pattern: SparsePattern, seq_len: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[S, S] boolean token mask of a pattern. N^2 memory: tests, the oracle and visualisation only."""
     pos = torch.arange(seq_len, device=device)
     q, k = pos[:, None], pos[None, :]

@@ -18,6 +18,10 @@ What changed between them, and how each is handled:
 - **DDP + distributed optimizer** (`wrap_in_ddp`): 0.19 expects the caller to compute the parameter layout
   (`DistributedOptimizer.compute_full_param_layout`) and pass it to DDP, else it computes one itself with a
   warning; 0.16.1 has no such argument.
+- **Background checkpoint saves** (`async_save_kwargs`): 0.19's `dist_checkpointing.save(...,
+  async_sharded_save=True)` defaults to `async_strategy="nvrx"`, which needs `nvidia-resiliency-ext` and
+  returns NVRx requests; the saver runs Megatron-Core's own requests and queue (`async_utils`), so it asks
+  for `async_strategy="mcore"` (0.19 logs once that it is deprecated); 0.16.1 has only that one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ _GPT_DEPRECATION_PREFIX = "GPTModel IS DEPRECATED"
 
 def mcore_at_least(version: str) -> bool:
     return _V >= Version(version)
+
+
+def async_save_kwargs() -> dict:
+    """Extra keyword arguments of `dist_checkpointing.save(..., async_sharded_save=True)` so that it returns
+    a Megatron-Core `AsyncRequest` (what `training/checkpointing/saver.py` schedules) on every version."""
+    if not mcore_at_least("0.19"):
+        return {}
+    # The deprecation notice is about Megatron-Core's plans, not something a user of this trainer can act on.
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+    if not any(isinstance(f, _DropMcoreAsyncDeprecation) for f in logger.filters):
+        logger.addFilter(_DropMcoreAsyncDeprecation())
+    return {"async_strategy": "mcore"}
+
+
+class _DropMcoreAsyncDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MCore's async save is deprecated")
 
 
 def mlp_submodule(*, linear_fc1, linear_fc2):

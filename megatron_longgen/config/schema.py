@@ -265,7 +265,9 @@ class TrainingConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_decay_style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+            raise ValueError(
+                f"lr_decay_style must be cosine, linear or constant, got {self.lr_decay_style!r}"
+            )
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute must be none, selective or full, got {self.recompute!r}")
         if self.global_batch_size % self.micro_batch_size:

@@ -85,7 +85,6 @@ class _FetchBlocks(torch.autograd.Function):
         return dkv[0], dkv[1], None, None
 
 
-
 _FLEX_MASKS: dict[tuple, tuple] = {}
 
 
@@ -123,7 +122,9 @@ def attend_exchanged(
     scale = default_scale(q_BNSH.shape[-1], softmax_scale)
     if kernel == "flex":
         mask = exchange_block_mask(plan, q_BNSH.device)
-        return flex_attention_lse(q_BNSH, k_BGTH, v_BGTH, block_mask=mask, softmax_scale=scale, compiled=compiled)
+        return flex_attention_lse(
+            q_BNSH, k_BGTH, v_BGTH, block_mask=mask, softmax_scale=scale, compiled=compiled
+        )
     if kernel == "torch":
         return block_sparse_attention_torch(
             q_BNSH,

@@ -63,7 +63,7 @@ def build_packed_datasets(
 ) -> tuple[PackedTokens, PackedTokens | None]:
     """Train (and held-out) datasets from a text corpus; the last `valid_fraction` of documents are held out."""
     docs = read_documents(corpus)
-    num_valid = int(round(len(docs) * valid_fraction))
+    num_valid = round(len(docs) * valid_fraction)
     if valid_fraction > 0 and num_valid == 0:
         num_valid = 1
     train_docs, valid_docs = docs[: len(docs) - num_valid], docs[len(docs) - num_valid :]
@@ -78,5 +78,7 @@ def build_packed_datasets(
     valid = None
     if valid_docs:
         valid_stream = stream(valid_docs)
-        valid = PackedTokens(valid_stream, seq_length=seq_length) if valid_stream.numel() > seq_length else None
+        valid = (
+            PackedTokens(valid_stream, seq_length=seq_length) if valid_stream.numel() > seq_length else None
+        )
     return train, valid

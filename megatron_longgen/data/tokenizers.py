@@ -28,7 +28,9 @@ def resolve_builtin(spec: str, table: dict[str, str], kind: str) -> str:
         return spec
     key = spec[len(BUILTIN_PREFIX) :]
     if key not in table:
-        raise ValueError(f"unknown built-in {kind} {spec!r}; available: {[BUILTIN_PREFIX + k for k in table]}")
+        raise ValueError(
+            f"unknown built-in {kind} {spec!r}; available: {[BUILTIN_PREFIX + k for k in table]}"
+        )
     return str(asset_path(table[key]))
 
 
@@ -104,7 +106,11 @@ class Tokenizer:
 
     @property
     def unique_identifiers(self) -> dict:
-        return {"class": "megatron_longgen.Tokenizer", "path": os.path.abspath(self.path), "vocab": self.vocab_size}
+        return {
+            "class": "megatron_longgen.Tokenizer",
+            "path": os.path.abspath(self.path),
+            "vocab": self.vocab_size,
+        }
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -133,7 +133,9 @@ GPUS: dict[str, GpuSpec] = {
         hbm_gbps=0.85 * 2039.0,
         dense_attn_tflops=(576.0 * 312.0 / 989.0, 525.0 * 312.0 / 989.0),
         # cuDNN block-sparse attention needs Hopper; the rest scaled by the peak ratio.
-        sparse_attn_tflops={k: v for k, v in _scaled(_H200_SPARSE, 312.0 / 989.0).items() if "cudnn" not in k},
+        sparse_attn_tflops={
+            k: v for k, v in _scaled(_H200_SPARSE, 312.0 / 989.0).items() if "cudnn" not in k
+        },
         nvlink_gbps=230.0,
         ib_gbps=0.9 * 25.0,
     ),

@@ -41,8 +41,9 @@ ENV_INIT_CHECKPOINT = "LONGGEN_INIT_CHECKPOINT"
 _HOW = {
     "data": f"pass --data-blend 'PREFIX ...' (tools/preprocess_data.py output) or set {ENV_DATA_BLEND}",
     "tokenizer": f"pass --tokenizer PATH (SentencePiece .model or HF tokenizer folder) or set {ENV_TOKENIZER}",
-    "init_checkpoint": (f"pass --init-checkpoint DIR (tools/convert_hf_to_mcore.py output) or set "
-                        f"{ENV_INIT_CHECKPOINT}"),
+    "init_checkpoint": (
+        f"pass --init-checkpoint DIR (tools/convert_hf_to_mcore.py output) or set {ENV_INIT_CHECKPOINT}"
+    ),
 }
 
 
@@ -61,12 +62,18 @@ def resolve_inputs(
     blend = data_blend if data_blend is not None else (env.get(ENV_DATA_BLEND, "") if no_data else None)
     if blend:
         data = dataclasses.replace(data, blend=blend)
-    tok = tokenizer if tokenizer is not None else (
-        env.get(ENV_TOKENIZER) if data.tokenizer == FROM_COMMAND_LINE else None)
+    tok = (
+        tokenizer
+        if tokenizer is not None
+        else (env.get(ENV_TOKENIZER) if data.tokenizer == FROM_COMMAND_LINE else None)
+    )
     if tok:
         data = dataclasses.replace(data, tokenizer=tok)
-    init = init_checkpoint if init_checkpoint is not None else (
-        env.get(ENV_INIT_CHECKPOINT) if train.init_checkpoint == FROM_COMMAND_LINE else None)
+    init = (
+        init_checkpoint
+        if init_checkpoint is not None
+        else (env.get(ENV_INIT_CHECKPOINT) if train.init_checkpoint == FROM_COMMAND_LINE else None)
+    )
     if init:
         # `none` asks for random initialisation explicitly (training from scratch).
         train = dataclasses.replace(train, init_checkpoint=None if init.lower() in ("none", "null") else init)
@@ -96,16 +103,25 @@ def check_tokenizer(cfg: LongGenConfig) -> tuple[int, list[str]]:
         return 0, [f"tokenizer {cfg.data.tokenizer!r} cannot be loaded: {exc}"]
     if tok.vocab_size != cfg.model.vocab_size:
         return tok.vocab_size, [
-            (f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}: they must be equal (use the tokenizer the checkpoint was trained with, "
-            f"or --override model.vocab_size={tok.vocab_size} for a model trained from scratch)")
+            (
+                f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}: they must be equal (use the tokenizer the checkpoint was trained with, "
+                f"or --override model.vocab_size={tok.vocab_size} for a model trained from scratch)"
+            )
         ]
     return tok.vocab_size, []
 
 
 # ----------------------------------------------------------------------------------------- checkpoint
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_hidden_size", "vocab_size",
-                 "tie_embeddings")
+_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "kv_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "tie_embeddings",
+)
 
 
 def check_init_checkpoint(cfg: LongGenConfig) -> list[str]:
@@ -118,14 +134,21 @@ def check_init_checkpoint(cfg: LongGenConfig) -> list[str]:
     if not os.path.isdir(path):
         return [f"init checkpoint {path} does not exist ({_HOW['init_checkpoint']})"]
     if not is_checkpoint(path):
-        return [(f"init checkpoint {path} is not a LongGen checkpoint (needs longgen_config.json and "
-                f"model/metadata.json: convert one with tools/convert_hf_to_mcore.py)")]
+        return [
+            (
+                f"init checkpoint {path} is not a LongGen checkpoint (needs longgen_config.json and "
+                f"model/metadata.json: convert one with tools/convert_hf_to_mcore.py)"
+            )
+        ]
     try:
         src = load_config(path).model
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return [f"init checkpoint {path}: {exc}"]
-    diffs = [f"{name} {getattr(src, name)} (run: {getattr(cfg.model, name)})"
-             for name in _SHAPE_FIELDS if getattr(src, name) != getattr(cfg.model, name)]
+    diffs = [
+        f"{name} {getattr(src, name)} (run: {getattr(cfg.model, name)})"
+        for name in _SHAPE_FIELDS
+        if getattr(src, name) != getattr(cfg.model, name)
+    ]
     if diffs:
         return [f"init checkpoint {path} holds another model: " + ", ".join(diffs)]
     return []
@@ -175,8 +198,16 @@ def blend_stats(cfg: LongGenConfig) -> tuple[list[PrefixStats], list[str]]:
         samples = max(train_tokens - 1, 0) // t.seq_length
         share = weight / total_weight
         epochs = share * needed / samples if samples else float("inf")
-        stats.append(PrefixStats(prefix=info.prefix, weight=share, num_tokens=info.num_tokens,
-                                 train_tokens=train_tokens, samples_per_epoch=samples, epochs=epochs))
+        stats.append(
+            PrefixStats(
+                prefix=info.prefix,
+                weight=share,
+                num_tokens=info.num_tokens,
+                train_tokens=train_tokens,
+                samples_per_epoch=samples,
+                epochs=epochs,
+            )
+        )
         if samples == 0:
             problems.append(
                 f"data blend: {info.prefix} has {train_tokens:,} training tokens (of {info.num_tokens:,}; "
@@ -204,7 +235,9 @@ def check_blend_tokenizer(cfg: LongGenConfig, *, vocab_size: int) -> list[str]:
             problems.append(f"data blend: {path} is unreadable: {exc}")
             continue
         if recorded is not None and recorded != vocab_size:
-            problems.append(f"data blend: {prefix} was tokenized with a {recorded}-token vocabulary, the run's "
-                            f"tokenizer has {vocab_size}: re-run tools/preprocess_data.py with --tokenizer "
-                            f"{cfg.data.tokenizer}")
+            problems.append(
+                f"data blend: {prefix} was tokenized with a {recorded}-token vocabulary, the run's "
+                f"tokenizer has {vocab_size}: re-run tools/preprocess_data.py with --tokenizer "
+                f"{cfg.data.tokenizer}"
+            )
     return problems

@@ -44,8 +44,10 @@ class Layout:
 
     def describe(self) -> str:
         vpp = f" vpp {self.vpp}" if self.vpp > 1 else ""
-        return (f"tp {self.tp} pp {self.pp}{vpp} cp {self.cp} dp {self.dp}, recompute {self.recompute}, "
-                f"micro-batch {self.micro_batch_size}")
+        return (
+            f"tp {self.tp} pp {self.pp}{vpp} cp {self.cp} dp {self.dp}, recompute {self.recompute}, "
+            f"micro-batch {self.micro_batch_size}"
+        )
 
     def short(self) -> str:
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}"
@@ -78,7 +80,9 @@ def apply_layout(cfg: LongGenConfig, layout: Layout) -> LongGenConfig:
         sequence_parallel=layout.sp,
         use_distributed_optimizer=layout.distributed_optimizer,
     )
-    train = dataclasses.replace(cfg.train, recompute=layout.recompute, micro_batch_size=layout.micro_batch_size)
+    train = dataclasses.replace(
+        cfg.train, recompute=layout.recompute, micro_batch_size=layout.micro_batch_size
+    )
     return dataclasses.replace(cfg, parallel=parallel, train=train)
 
 
@@ -137,7 +141,10 @@ def placement(layout: Layout, *, gpus_per_node: int) -> dict[str, bool]:
         "tp": group_is_intra_node(inner=1, size=layout.tp, gpus_per_node=gpus_per_node),
         "cp": group_is_intra_node(inner=layout.tp, size=layout.cp, gpus_per_node=gpus_per_node),
         "dp": group_is_intra_node(inner=layout.tp * layout.cp, size=layout.dp, gpus_per_node=gpus_per_node),
-        "dp_cp": group_is_intra_node(inner=layout.tp, size=layout.dp * layout.cp, gpus_per_node=gpus_per_node),
-        "pp": group_is_intra_node(inner=layout.tp * layout.cp * layout.dp, size=layout.pp,
-                                  gpus_per_node=gpus_per_node),
+        "dp_cp": group_is_intra_node(
+            inner=layout.tp, size=layout.dp * layout.cp, gpus_per_node=gpus_per_node
+        ),
+        "pp": group_is_intra_node(
+            inner=layout.tp * layout.cp * layout.dp, size=layout.pp, gpus_per_node=gpus_per_node
+        ),
     }

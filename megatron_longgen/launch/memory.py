@@ -53,7 +53,13 @@ def padded_vocab(model: ModelConfig, *, tp: int) -> int:
 
 def layer_parameters(model: ModelConfig) -> dict[str, int]:
     """Parameters of one decoder layer, by module (the whole layer, before TP)."""
-    h, d, n, g, f = model.hidden_size, model.head_dim, model.num_attention_heads, model.kv_heads, model.ffn_hidden_size
+    h, d, n, g, f = (
+        model.hidden_size,
+        model.head_dim,
+        model.num_attention_heads,
+        model.kv_heads,
+        model.ffn_hidden_size,
+    )
     return {
         "linear_qkv": h * (n + 2 * g) * d,
         "linear_proj": n * d * h,
@@ -107,7 +113,13 @@ def halo_fraction(cfg: LongGenConfig, *, cp: int, local_tokens: float) -> float:
 
 
 def layer_saved_terms(
-    model: ModelConfig, *, kind: str, recompute: str, tp: int, sp: bool, cp_sparse_halo: float | None = None,
+    model: ModelConfig,
+    *,
+    kind: str,
+    recompute: str,
+    tp: int,
+    sp: bool,
+    cp_sparse_halo: float | None = None,
     act_bytes: int = 2,
 ) -> dict[str, float]:
     """Bytes per local token one layer keeps for its backward, by term (module docstring).
@@ -117,7 +129,13 @@ def layer_saved_terms(
     """
     if recompute == "full":
         return {"layer_input": act_bytes * model.hidden_size * (1 / tp if sp else 1)}
-    h, d, n, g, f = model.hidden_size, model.head_dim, model.num_attention_heads, model.kv_heads, model.ffn_hidden_size
+    h, d, n, g, f = (
+        model.hidden_size,
+        model.head_dim,
+        model.num_attention_heads,
+        model.kv_heads,
+        model.ffn_hidden_size,
+    )
     a, sigma = act_bytes, (1 / tp if sp else 1)
     terms = {
         "norms": sigma * 2 * (4 * h + 4 * h + a * h + 4),
@@ -136,7 +154,9 @@ def layer_saved_terms(
     return terms
 
 
-def attention_backward_transient(model: ModelConfig, *, kind: str, tp: int, cp: int, act_bytes: int = 2) -> float:
+def attention_backward_transient(
+    model: ModelConfig, *, kind: str, tp: int, cp: int, act_bytes: int = 2
+) -> float:
     """Bytes per local token the attention backward allocates: dq, dk, dv, d_out and the fused QKV
     gradient; under CP the ring keeps fp32 dq and two travelling fp32 dK/dV buffers plus K/V in flight."""
     d, n, g = model.head_dim, model.num_attention_heads, model.kv_heads
@@ -228,8 +248,15 @@ def estimate_memory(cfg: LongGenConfig, layout: Layout) -> MemoryPlan:
         params = local_parameters(m, kinds=kinds, tp=tp, first=first, last=last)
 
         def saved(kind: str, mode: str) -> float:
-            terms = layer_saved_terms(m, kind=kind, recompute=mode, tp=tp, sp=sp, act_bytes=a,
-                                      cp_sparse_halo=halo if (cp > 1 and kind == "S") else None)
+            terms = layer_saved_terms(
+                m,
+                kind=kind,
+                recompute=mode,
+                tp=tp,
+                sp=sp,
+                act_bytes=a,
+                cp_sparse_halo=halo if (cp > 1 and kind == "S") else None,
+            )
             return sum(terms.values())
 
         per_mb = sum(saved(k, layout.recompute) for k in kinds) + 4 * m.head_dim  # + fp32 RoPE table
@@ -241,8 +268,15 @@ def estimate_memory(cfg: LongGenConfig, layout: Layout) -> MemoryPlan:
         gather = a * h if sp else 0.0
         working, phase, cp_buf = 0.0, "", 0.0
         for kind in sorted(set(kinds)):
-            none_terms = layer_saved_terms(m, kind=kind, recompute="none", tp=tp, sp=sp, act_bytes=a,
-                                           cp_sparse_halo=halo if (cp > 1 and kind == "S") else None)
+            none_terms = layer_saved_terms(
+                m,
+                kind=kind,
+                recompute="none",
+                tp=tp,
+                sp=sp,
+                act_bytes=a,
+                cp_sparse_halo=halo if (cp > 1 and kind == "S") else None,
+            )
             # Full recompute rebuilds the whole layer in its backward; otherwise it is already stored.
             recomputed = sum(none_terms.values()) if layout.recompute == "full" else 0.0
             mlp_phase = recomputed + grads_io + 2 * a * f / tp + gather
@@ -251,9 +285,11 @@ def estimate_memory(cfg: LongGenConfig, layout: Layout) -> MemoryPlan:
             attn_transient = attention_backward_transient(m, kind=kind, tp=tp, cp=cp, act_bytes=a)
             attn_phase = recomputed - freed + grads_io + attn_transient + gather
             ring_fwd = ring_forward_buffers(m, tp=tp, act_bytes=a) if (cp > 1 and kind == "F") else 0.0
-            for name, value in ((f"{kind} layer backward (MLP)", mlp_phase),
-                                (f"{kind} layer backward (attention)", attn_phase),
-                                (f"{kind} ring forward", ring_fwd + gather)):
+            for name, value in (
+                (f"{kind} layer backward (MLP)", mlp_phase),
+                (f"{kind} layer backward (attention)", attn_phase),
+                (f"{kind} ring forward", ring_fwd + gather),
+            ):
                 if value * tokens > working:
                     working, phase = value * tokens, name
             if cp > 1 and kind == "F":
@@ -266,19 +302,21 @@ def estimate_memory(cfg: LongGenConfig, layout: Layout) -> MemoryPlan:
             if logits > working:
                 working, phase = logits, "loss (logits + cross-entropy)"
         opt_params = params / opt_shard
-        stages.append(StageMemory(
-            stage=r,
-            layers=kinds,
-            parameters=params,
-            weights=a * params,
-            grads=4 * params,
-            optimizer=optimizer_bytes_per_param * opt_params,
-            activations=activations,
-            in_flight=flight,
-            working=working,
-            peak_phase=phase,
-            logits=logits,
-            cp_buffers=cp_buf,
-            optimizer_step=4 * opt_params,
-        ))
+        stages.append(
+            StageMemory(
+                stage=r,
+                layers=kinds,
+                parameters=params,
+                weights=a * params,
+                grads=4 * params,
+                optimizer=optimizer_bytes_per_param * opt_params,
+                activations=activations,
+                in_flight=flight,
+                working=working,
+                peak_phase=phase,
+                logits=logits,
+                cp_buffers=cp_buf,
+                optimizer_step=4 * opt_params,
+            )
+        )
     return MemoryPlan(stages=stages)

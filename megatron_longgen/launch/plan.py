@@ -68,16 +68,25 @@ def checkpoint_save_estimate(
     (`fs_write_gbps`, GB/s), and the busiest GPU's bytes at one writer's rate (`per_gpu_write_gbps`,
     ~2 GB/s for a process writing through a node's storage link shared by 8 GPUs)."""
     if fs_write_gbps <= 0 or per_gpu_write_gbps <= 0:
-        raise ValueError(f"file-system write bandwidths must be > 0 GB/s, got {fs_write_gbps} and {per_gpu_write_gbps}")
+        raise ValueError(
+            f"file-system write bandwidths must be > 0 GB/s, got {fs_write_gbps} and {per_gpu_write_gbps}"
+        )
     params = model_parameters(cfg.model, tp=layout.tp)["total"]
     a = 4 if cfg.train.dtype == "fp32" else 2
     opt = 12 if a == 2 else 8
     total = (a + opt) * params
     model_shard = a * params / (layout.tp * layout.pp)
-    opt_shard = opt * params / (layout.tp * layout.pp * (layout.dp * layout.cp if layout.distributed_optimizer else 1))
+    opt_shard = (
+        opt
+        * params
+        / (layout.tp * layout.pp * (layout.dp * layout.cp if layout.distributed_optimizer else 1))
+    )
     busiest = model_shard + opt_shard
-    return CheckpointEstimate(total_bytes=total, busiest_gpu_bytes=busiest,
-                              save_s=max(total / (fs_write_gbps * 1e9), busiest / (per_gpu_write_gbps * 1e9)))
+    return CheckpointEstimate(
+        total_bytes=total,
+        busiest_gpu_bytes=busiest,
+        save_s=max(total / (fs_write_gbps * 1e9), busiest / (per_gpu_write_gbps * 1e9)),
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -157,12 +166,19 @@ def plan(
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
     rows = [
         evaluate_layout(cfg, layout, gpu, gpus_per_node=gpus_per_node, fs_write_gbps=fs_write_gbps)
-        for layout in candidate_layouts(cfg, world_size=world_size, gpus_per_node=gpus_per_node,
-                                        recompute_modes=recompute_modes)
+        for layout in candidate_layouts(
+            cfg, world_size=world_size, gpus_per_node=gpus_per_node, recompute_modes=recompute_modes
+        )
     ]
     # Tiers: fits with headroom, fits, does not fit; then faster first, then less memory.
-    return sorted(rows, key=lambda r: (0 if r.fits_within(headroom) else 1 if r.fits else 2,
-                                       -r.tokens_per_s_per_gpu, r.peak_bytes))
+    return sorted(
+        rows,
+        key=lambda r: (
+            0 if r.fits_within(headroom) else 1 if r.fits else 2,
+            -r.tokens_per_s_per_gpu,
+            r.peak_bytes,
+        ),
+    )
 
 
 def recommend(rows: list[PlanRow], *, headroom: float = 0.10, tie: float = 0.05) -> PlanRow | None:
@@ -178,18 +194,22 @@ def recommend(rows: list[PlanRow], *, headroom: float = 0.10, tie: float = 0.05)
 
 
 # ----------------------------------------------------------------------------------------- formatting
-HEADER = (f"{'rank':>4}  {'layout':<22}{'recompute':<10}{'mbs':>4}{'mem GiB':>9}{'of usable':>10}{'step s':>9}"
-          f"{'tok/s/GPU':>11}{'MFU':>7}{'MFU(dense)':>11}{'bubble':>8}{'comm':>7}")
+HEADER = (
+    f"{'rank':>4}  {'layout':<22}{'recompute':<10}{'mbs':>4}{'mem GiB':>9}{'of usable':>10}{'step s':>9}"
+    f"{'tok/s/GPU':>11}{'MFU':>7}{'MFU(dense)':>11}{'bubble':>8}{'comm':>7}"
+)
 
 
 def format_row(rank: int, row: PlanRow) -> str:
     s = row.step
     comm = (s.tp_comm + s.cp_comm + s.pp_comm + s.dp_comm) / s.total
     share = f"{row.peak_bytes / row.usable_bytes:.0%}" + ("" if row.fits else " OOM")
-    return (f"{rank:>4}  {row.layout.short():<22}{row.layout.recompute:<10}{row.layout.micro_batch_size:>4}"
-            f"{row.peak_bytes / GIB:>9.1f}{share:>10}{s.total:>9.2f}"
-            f"{row.tokens_per_s_per_gpu:>11.0f}{row.mfu:>7.3f}{row.mfu_dense_equiv:>11.3f}"
-            f"{s.bubble / s.total:>8.1%}{comm:>7.1%}")
+    return (
+        f"{rank:>4}  {row.layout.short():<22}{row.layout.recompute:<10}{row.layout.micro_batch_size:>4}"
+        f"{row.peak_bytes / GIB:>9.1f}{share:>10}{s.total:>9.2f}"
+        f"{row.tokens_per_s_per_gpu:>11.0f}{row.mfu:>7.3f}{row.mfu_dense_equiv:>11.3f}"
+        f"{s.bubble / s.total:>8.1%}{comm:>7.1%}"
+    )
 
 
 def describe_row(row: PlanRow) -> list[str]:
@@ -198,16 +218,22 @@ def describe_row(row: PlanRow) -> list[str]:
     s = row.step
     lines = [
         f"layout {row.layout.describe()}",
-        (f"  memory (pipeline rank {st.stage}, {len(st.layers)} layers '{st.layers}'): "
-        f"{st.total / GIB:.1f} GiB of {row.usable_bytes / GIB:.1f} usable = weights {st.weights / GIB:.1f} + grads "
-        f"{st.grads / GIB:.1f} + optimizer {st.optimizer / GIB:.1f} + activations {st.activations / GIB:.1f} "
-        f"({st.in_flight:g} micro-batch(es) in flight) + peak transient {st.working / GIB:.1f} ({st.peak_phase}; "
-        f"logits {st.logits / GIB:.1f}, CP buffers {st.cp_buffers / GIB:.1f})"),
-        (f"  step {s.total:.2f} s for {s.num_microbatches} micro-batch(es): GEMM {s.gemm:.2f}, attention "
-        f"{s.attention:.2f}, element-wise {s.elementwise:.2f}, recompute {s.recompute:.2f}, TP {s.tp_comm:.2f}, "
-        f"CP {s.cp_comm:.2f}, PP {s.pp_comm:.2f}, bubble {s.bubble:.2f}, DP {s.dp_comm:.2f}, optimizer "
-        f"{s.optimizer:.2f}"),
-        (f"  {row.tokens_per_s_per_gpu:.0f} tokens/s/GPU, MFU {row.mfu:.3f} executed / {row.mfu_dense_equiv:.3f} "
-        f"dense-equivalent; checkpoint save ~{row.checkpoint_save_s:.0f} s"),
+        (
+            f"  memory (pipeline rank {st.stage}, {len(st.layers)} layers '{st.layers}'): "
+            f"{st.total / GIB:.1f} GiB of {row.usable_bytes / GIB:.1f} usable = weights {st.weights / GIB:.1f} + grads "
+            f"{st.grads / GIB:.1f} + optimizer {st.optimizer / GIB:.1f} + activations {st.activations / GIB:.1f} "
+            f"({st.in_flight:g} micro-batch(es) in flight) + peak transient {st.working / GIB:.1f} ({st.peak_phase}; "
+            f"logits {st.logits / GIB:.1f}, CP buffers {st.cp_buffers / GIB:.1f})"
+        ),
+        (
+            f"  step {s.total:.2f} s for {s.num_microbatches} micro-batch(es): GEMM {s.gemm:.2f}, attention "
+            f"{s.attention:.2f}, element-wise {s.elementwise:.2f}, recompute {s.recompute:.2f}, TP {s.tp_comm:.2f}, "
+            f"CP {s.cp_comm:.2f}, PP {s.pp_comm:.2f}, bubble {s.bubble:.2f}, DP {s.dp_comm:.2f}, optimizer "
+            f"{s.optimizer:.2f}"
+        ),
+        (
+            f"  {row.tokens_per_s_per_gpu:.0f} tokens/s/GPU, MFU {row.mfu:.3f} executed / {row.mfu_dense_equiv:.3f} "
+            f"dense-equivalent; checkpoint save ~{row.checkpoint_save_s:.0f} s"
+        ),
     ]
     return lines

@@ -66,11 +66,23 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return (self.gemm + self.attention + self.elementwise + self.recompute + self.tp_comm + self.cp_comm
-                + self.pp_comm + self.bubble + self.dp_comm + self.optimizer)
+        return (
+            self.gemm
+            + self.attention
+            + self.elementwise
+            + self.recompute
+            + self.tp_comm
+            + self.cp_comm
+            + self.pp_comm
+            + self.bubble
+            + self.dp_comm
+            + self.optimizer
+        )
 
 
-def collective_s(*, size: int, nbytes: float, bandwidth_gbps: float, latency_s: float, allreduce: bool = False) -> float:
+def collective_s(
+    *, size: int, nbytes: float, bandwidth_gbps: float, latency_s: float, allreduce: bool = False
+) -> float:
     """Ring all-gather / reduce-scatter (allreduce: twice the traffic) of `nbytes` over `size` ranks."""
     if size <= 1:
         return 0.0
@@ -82,13 +94,24 @@ def elementwise_bytes_per_token(cfg: LongGenConfig, *, tp: int, sp: bool) -> flo
     """Forward bytes moved by one layer's element-wise ops for one local token (module docstring)."""
     m = cfg.model
     sigma = 1 / tp if sp else 1
-    return sigma * 68 * m.hidden_size + (21 * (m.num_attention_heads + m.kv_heads) * m.head_dim
-                                         + 14 * m.ffn_hidden_size) / tp
+    return (
+        sigma * 68 * m.hidden_size
+        + (21 * (m.num_attention_heads + m.kv_heads) * m.head_dim + 14 * m.ffn_hidden_size) / tp
+    )
 
 
 def cp_exposed_seconds(
-    *, attn_fwd_s: float, attn_bwd_s: float, kind: str, cp: int, kv_token_elems: float, act_bytes: int,
-    local_tokens: float, halo_tokens: float, bandwidth_gbps: float, latency_s: float,
+    *,
+    attn_fwd_s: float,
+    attn_bwd_s: float,
+    kind: str,
+    cp: int,
+    kv_token_elems: float,
+    act_bytes: int,
+    local_tokens: float,
+    halo_tokens: float,
+    bandwidth_gbps: float,
+    latency_s: float,
 ) -> tuple[float, float]:
     """(forward, backward) seconds of CP communication one attention layer does *not* hide.
 
@@ -127,7 +150,9 @@ def _attention_rates(cfg: LongGenConfig, gpu: GpuSpec, *, kind: str, cp: int) ->
     return gpu.sparse_rate(cfg.sparse.variant, backend)
 
 
-def estimate_step_time(cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus_per_node: int = 8) -> StepTime:
+def estimate_step_time(
+    cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus_per_node: int = 8
+) -> StepTime:
     """Seconds of one optimizer step of `cfg` under `layout` on `gpu` (module docstring)."""
     from megatron_longgen.training.flops import (
         attended_pairs_per_layer,
@@ -150,7 +175,9 @@ def estimate_step_time(cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus
     tp_bw, tp_lat = link("tp")
     cp_bw, cp_lat = link("cp")
     mm, hbm = gpu.matmul_tflops * 1e12, gpu.hbm_gbps * 1e9
-    pairs = dict(zip(m.layer_pattern, attended_pairs_per_layer(model=m, sparse=cfg.sparse, seq_length=t.seq_length)))
+    pairs = dict(
+        zip(m.layer_pattern, attended_pairs_per_layer(model=m, sparse=cfg.sparse, seq_length=t.seq_length))
+    )
     per_pair = attention_flops_per_pair(m)
     lin = tokens * linear_flops_per_token_per_layer(m) / tp / mm
     elem = tokens * elementwise_bytes_per_token(cfg, tp=tp, sp=sp) / hbm
@@ -159,7 +186,9 @@ def estimate_step_time(cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus
         tp_fwd = 4 * collective_s(size=tp, nbytes=act_bytes, bandwidth_gbps=tp_bw, latency_s=tp_lat)
         tp_bwd = 6 * collective_s(size=tp, nbytes=act_bytes, bandwidth_gbps=tp_bw, latency_s=tp_lat)
     else:
-        tp_fwd = 2 * collective_s(size=tp, nbytes=act_bytes, bandwidth_gbps=tp_bw, latency_s=tp_lat, allreduce=True)
+        tp_fwd = 2 * collective_s(
+            size=tp, nbytes=act_bytes, bandwidth_gbps=tp_bw, latency_s=tp_lat, allreduce=True
+        )
         tp_bwd = tp_fwd
     kv_token = 2 * m.kv_heads / tp * m.head_dim  # K and V elements per token
     halo = halo_fraction(cfg, cp=cp, local_tokens=tokens)
@@ -171,10 +200,29 @@ def estimate_step_time(cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus
         attn_f = attn_flops / (rate_f * 1e12)
         attn_b = 2.5 * attn_flops / (rate_b * 1e12)
         cp_f, cp_b = cp_exposed_seconds(
-            attn_fwd_s=attn_f, attn_bwd_s=attn_b, kind=kind, cp=cp, kv_token_elems=kv_token, act_bytes=a,
-            local_tokens=tokens, halo_tokens=halo * tokens, bandwidth_gbps=cp_bw, latency_s=cp_lat)
-        return {"gemm_f": lin, "attn_f": attn_f, "elem_f": elem, "tp_f": tp_fwd, "cp_f": cp_f,
-                "gemm_b": 2 * lin, "attn_b": attn_b, "elem_b": 2 * elem, "tp_b": tp_bwd, "cp_b": cp_b}
+            attn_fwd_s=attn_f,
+            attn_bwd_s=attn_b,
+            kind=kind,
+            cp=cp,
+            kv_token_elems=kv_token,
+            act_bytes=a,
+            local_tokens=tokens,
+            halo_tokens=halo * tokens,
+            bandwidth_gbps=cp_bw,
+            latency_s=cp_lat,
+        )
+        return {
+            "gemm_f": lin,
+            "attn_f": attn_f,
+            "elem_f": elem,
+            "tp_f": tp_fwd,
+            "cp_f": cp_f,
+            "gemm_b": 2 * lin,
+            "attn_b": attn_b,
+            "elem_b": 2 * elem,
+            "tp_b": tp_bwd,
+            "cp_b": cp_b,
+        }
 
     costs = {kind: layer(kind) for kind in set(m.layer_pattern)}
     vocab = padded_vocab(m, tp=tp)
@@ -214,12 +262,14 @@ def estimate_step_time(cfg: LongGenConfig, layout: Layout, gpu: GpuSpec, *, gpus
     kinds = stage_layer_kinds(cfg, layout)[slow_rank]
     params = local_parameters(m, kinds=kinds, tp=tp, first=slow_rank == 0, last=slow_rank == pp - 1)
     if layout.distributed_optimizer:
-        dp_comm = (collective_s(size=dp_size, nbytes=4 * params, bandwidth_gbps=dp_bw, latency_s=dp_lat)
-                   + collective_s(size=dp_size, nbytes=a * params, bandwidth_gbps=dp_bw, latency_s=dp_lat))
+        dp_comm = collective_s(
+            size=dp_size, nbytes=4 * params, bandwidth_gbps=dp_bw, latency_s=dp_lat
+        ) + collective_s(size=dp_size, nbytes=a * params, bandwidth_gbps=dp_bw, latency_s=dp_lat)
         shard = params / dp_size
     else:
-        dp_comm = collective_s(size=dp_size, nbytes=4 * params, bandwidth_gbps=dp_bw, latency_s=dp_lat,
-                               allreduce=True)
+        dp_comm = collective_s(
+            size=dp_size, nbytes=4 * params, bandwidth_gbps=dp_bw, latency_s=dp_lat, allreduce=True
+        )
         shard = params
     optimizer = (98 * shard + 9 * params + 10 * micro * params) / hbm
 

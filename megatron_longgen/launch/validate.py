@@ -78,7 +78,9 @@ def _flops(value: float) -> str:
     return f"{value:.0f} FLOP"
 
 
-def _sizes(cfg: LongGenConfig, *, world_size: int, gpus_per_node: int, lines, warnings, problems) -> Layout | None:
+def _sizes(
+    cfg: LongGenConfig, *, world_size: int, gpus_per_node: int, lines, warnings, problems
+) -> Layout | None:
     from megatron_longgen.launch.memory import padded_vocab
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
@@ -89,8 +91,10 @@ def _sizes(cfg: LongGenConfig, *, world_size: int, gpus_per_node: int, lines, wa
         return None
     lines += [
         f"recipe {cfg.name}: {m.num_layers} layers, pattern {m.layer_pattern}",
-        (f"world {world_size} = tp {p.tensor_parallel} x pp {p.pipeline_parallel} x cp {p.context_parallel} x dp "
-        f"{layout.dp}"),
+        (
+            f"world {world_size} = tp {p.tensor_parallel} x pp {p.pipeline_parallel} x cp {p.context_parallel} x dp "
+            f"{layout.dp}"
+        ),
     ]
     try:
         micro = num_microbatches(cfg, layout)
@@ -98,13 +102,17 @@ def _sizes(cfg: LongGenConfig, *, world_size: int, gpus_per_node: int, lines, wa
         problems.append(f"{exc}: pick a global_batch_size that divides, or another layout")
         return None
     lines += [
-        (f"global batch {t.global_batch_size} x {t.seq_length} tokens = {t.global_batch_size * t.seq_length:,} "
-        f"tokens/step; {micro} micro-batches of {t.micro_batch_size} per DP rank"),
+        (
+            f"global batch {t.global_batch_size} x {t.seq_length} tokens = {t.global_batch_size * t.seq_length:,} "
+            f"tokens/step; {micro} micro-batches of {t.micro_batch_size} per DP rank"
+        ),
         f"vocab {m.vocab_size} padded to {padded_vocab(m, tp=p.tensor_parallel)}",
     ]
     if p.tensor_parallel > gpus_per_node:
-        warnings.append(f"tensor_parallel {p.tensor_parallel} > {gpus_per_node} GPUs per node: TP traffic "
-                        f"crosses nodes (slow); keep TP within a node")
+        warnings.append(
+            f"tensor_parallel {p.tensor_parallel} > {gpus_per_node} GPUs per node: TP traffic "
+            f"crosses nodes (slow); keep TP within a node"
+        )
     return layout
 
 
@@ -117,8 +125,10 @@ def _pipeline_and_flops(cfg: LongGenConfig, layout: Layout, lines) -> None:
             lines.append(f"pipeline stage {stage}: {len(kinds)} layers '{kinds}'")
     executed = training_flops_per_step(cfg)
     dense = training_flops_per_step(cfg, dense_equivalent=True)
-    lines.append(f"training FLOPs/step: {_flops(executed)} executed, {_flops(dense)} dense-equivalent "
-                 f"({dense / executed:.2f}x)")
+    lines.append(
+        f"training FLOPs/step: {_flops(executed)} executed, {_flops(dense)} dense-equivalent "
+        f"({dense / executed:.2f}x)"
+    )
 
 
 def _files(cfg: LongGenConfig, policy: LaunchPolicy, lines, warnings, problems) -> None:
@@ -149,17 +159,23 @@ def _files(cfg: LongGenConfig, policy: LaunchPolicy, lines, warnings, problems) 
         problems += check_blend_tokenizer(cfg, vocab_size=vocab)
     needed = t.max_steps * t.global_batch_size * t.seq_length
     for s in stats:
-        lines.append(f"data {s.prefix}: {s.num_tokens:,} tokens ({s.train_tokens:,} train), weight {s.weight:.3f}, "
-                     f"{s.samples_per_epoch:,} sequences/epoch -> {s.epochs:.2f} epochs over the run")
+        lines.append(
+            f"data {s.prefix}: {s.num_tokens:,} tokens ({s.train_tokens:,} train), weight {s.weight:.3f}, "
+            f"{s.samples_per_epoch:,} sequences/epoch -> {s.epochs:.2f} epochs over the run"
+        )
     finite = [s for s in stats if s.samples_per_epoch]
     if finite:
         worst = max(finite, key=lambda s: s.epochs)
-        what = (f"the run needs max_steps {t.max_steps} x global_batch_size {t.global_batch_size} x seq_length "
-                f"{t.seq_length} = {needed:,} tokens; {worst.prefix} ({worst.train_tokens:,} train tokens, weight "
-                f"{worst.weight:.3f}) would be read {worst.epochs:.2f} times")
+        what = (
+            f"the run needs max_steps {t.max_steps} x global_batch_size {t.global_batch_size} x seq_length "
+            f"{t.seq_length} = {needed:,} tokens; {worst.prefix} ({worst.train_tokens:,} train tokens, weight "
+            f"{worst.weight:.3f}) would be read {worst.epochs:.2f} times"
+        )
         if worst.epochs > policy.max_data_epochs:
-            problems.append(f"{what}, above the limit of {policy.max_data_epochs:g} epochs: add data, lower "
-                            f"--max-steps, or raise the limit (--max-data-epochs)")
+            problems.append(
+                f"{what}, above the limit of {policy.max_data_epochs:g} epochs: add data, lower "
+                f"--max-steps, or raise the limit (--max-data-epochs)"
+            )
         elif worst.epochs > 1.0:
             warnings.append(f"{what}: the data repeats")
 
@@ -172,28 +188,48 @@ def _plan(cfg, layout, gpu: GpuSpec, *, gpus_per_node, policy: LaunchPolicy, lin
     lines += ["  " + line for line in describe_row(row)]
     peak, usable = row.peak_bytes, row.usable_bytes
     if peak > usable and policy.memory_check != "off":
-        fitting = [r for r in plan(cfg, world_size=layout.world_size, gpu=gpu, gpus_per_node=gpus_per_node,
-                                   fs_write_gbps=policy.fs_write_gbps) if r.fits]
-        hint = (f"the planner's best layout that fits is {fitting[0].layout.describe()} "
-                f"({fitting[0].peak_bytes / GIB:.1f} GiB)" if fitting else "no layout fits on this many GPUs")
-        msg = (f"predicted peak memory {peak / GIB:.1f} GiB (pipeline rank {row.memory.peak.stage}) exceeds the "
-               f"{usable / GIB:.1f} GiB usable on a {gpu.description}: {hint} "
-               f"(python tools/plan_parallelism.py --recipe {cfg.name} --gpus {layout.world_size} --gpu {gpu.name}; "
-               f"to try anyway: LONGGEN_MEMORY_CHECK=warn, or --memory-check warn for tools/check_launch.py)")
+        fitting = [
+            r
+            for r in plan(
+                cfg,
+                world_size=layout.world_size,
+                gpu=gpu,
+                gpus_per_node=gpus_per_node,
+                fs_write_gbps=policy.fs_write_gbps,
+            )
+            if r.fits
+        ]
+        hint = (
+            f"the planner's best layout that fits is {fitting[0].layout.describe()} "
+            f"({fitting[0].peak_bytes / GIB:.1f} GiB)"
+            if fitting
+            else "no layout fits on this many GPUs"
+        )
+        msg = (
+            f"predicted peak memory {peak / GIB:.1f} GiB (pipeline rank {row.memory.peak.stage}) exceeds the "
+            f"{usable / GIB:.1f} GiB usable on a {gpu.description}: {hint} "
+            f"(python tools/plan_parallelism.py --recipe {cfg.name} --gpus {layout.world_size} --gpu {gpu.name}; "
+            f"to try anyway: LONGGEN_MEMORY_CHECK=warn, or --memory-check warn for tools/check_launch.py)"
+        )
         (problems if policy.memory_check == "error" else warnings).append(msg)
     elif peak > (1 - policy.memory_headroom) * usable and policy.memory_check != "off":
-        warnings.append(f"predicted peak memory {peak / GIB:.1f} GiB uses {peak / usable:.0%} of the {usable / GIB:.1f} "
-                        f"GiB usable: little room for fragmentation or a larger kernel workspace")
+        warnings.append(
+            f"predicted peak memory {peak / GIB:.1f} GiB uses {peak / usable:.0%} of the {usable / GIB:.1f} "
+            f"GiB usable: little room for fragmentation or a larger kernel workspace"
+        )
     ckpt = checkpoint_save_estimate(cfg, layout, fs_write_gbps=policy.fs_write_gbps)
     needed = row.step.total + ckpt.save_s
-    lines.append(f"checkpoint: {ckpt.total_bytes / 1e9:.0f} GB ({ckpt.busiest_gpu_bytes / 1e9:.1f} GB from the busiest "
-                 f"GPU), ~{ckpt.save_s:.0f} s at {policy.fs_write_gbps:g} GB/s aggregate")
+    lines.append(
+        f"checkpoint: {ckpt.total_bytes / 1e9:.0f} GB ({ckpt.busiest_gpu_bytes / 1e9:.1f} GB from the busiest "
+        f"GPU), ~{ckpt.save_s:.0f} s at {policy.fs_write_gbps:g} GB/s aggregate"
+    )
     if needed > policy.signal_lead_s:
         warnings.append(
             f"after Slurm's signal the trainer finishes its step (~{row.step.total:.0f} s) and saves (~{ckpt.save_s:.0f} s "
             f"for {ckpt.total_bytes / 1e9:.0f} GB at {policy.fs_write_gbps:g} GB/s): ~{needed:.0f} s, more than the "
             f"signal lead time of {policy.signal_lead_s:g} s; raise the lead time, save asynchronously or use a "
-            f"faster file system")
+            f"faster file system"
+        )
     return row
 
 
@@ -216,11 +252,23 @@ def validate_launch(
     warnings: list[str] = []
     problems: list[str] = []
     if world_size < 1 or gpus_per_node < 1:
-        raise LaunchError([(f"world size {world_size} with {gpus_per_node} GPUs per node: need at least one GPU "
-                           f"(--nodes >= 1 and --gpus-per-node >= 1)")])
+        raise LaunchError(
+            [
+                (
+                    f"world size {world_size} with {gpus_per_node} GPUs per node: need at least one GPU "
+                    f"(--nodes >= 1 and --gpus-per-node >= 1)"
+                )
+            ]
+        )
     spec = get_gpu(gpu) if isinstance(gpu, str) else gpu
-    layout = _sizes(cfg, world_size=world_size, gpus_per_node=gpus_per_node, lines=lines, warnings=warnings,
-                    problems=problems)
+    layout = _sizes(
+        cfg,
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        lines=lines,
+        warnings=warnings,
+        problems=problems,
+    )
     if layout is not None:
         _pipeline_and_flops(cfg, layout, lines)
     missing = missing_inputs(cfg)
@@ -229,8 +277,16 @@ def validate_launch(
         _files(cfg, policy, lines, warnings, problems)
     row = None
     if spec is not None and layout is not None:
-        row = _plan(cfg, layout, spec, gpus_per_node=gpus_per_node, policy=policy, lines=lines,
-                    warnings=warnings, problems=problems)
+        row = _plan(
+            cfg,
+            layout,
+            spec,
+            gpus_per_node=gpus_per_node,
+            policy=policy,
+            lines=lines,
+            warnings=warnings,
+            problems=problems,
+        )
     report = LaunchReport(lines=lines, warnings=warnings, layout=layout, plan=row)
     if problems:
         raise LaunchError(problems, report=report)
@@ -279,5 +335,11 @@ def validate_launch_from_env(cfg: LongGenConfig, *, check_files: bool = True, en
     from megatron_longgen.launch.gpus import detect_gpu
 
     world, per_node = job_size_from_env(environ)
-    return validate_launch(cfg, world_size=world, gpu=detect_gpu(), gpus_per_node=per_node,
-                           check_files=check_files, policy=policy_from_env(environ))
+    return validate_launch(
+        cfg,
+        world_size=world,
+        gpu=detect_gpu(),
+        gpus_per_node=per_node,
+        check_files=check_files,
+        policy=policy_from_env(environ),
+    )

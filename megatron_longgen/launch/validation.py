@@ -26,8 +26,9 @@ MEMORY_TOLERANCE = 0.10
 TIME_TOLERANCE = 0.20
 
 
-
-def bench_model_config(*, pattern: str, seq_length: int, recompute: str, variant: str, backend: str) -> LongGenConfig:
+def bench_model_config(
+    *, pattern: str, seq_length: int, recompute: str, variant: str, backend: str
+) -> LongGenConfig:
     """The config `tools/bench_train_step.py` trains: llama2_7b_128k's shape with `len(pattern)` layers on one
     GPU (TP=PP=CP=1, micro/global batch 1, distributed optimizer), the shipped corpus and tokenizer."""
     from megatron_longgen.config import apply_overrides
@@ -78,8 +79,13 @@ def train_step_rows(paths: list[str]) -> list[dict]:
                 continue
             recompute = r.get("recompute") or data.get("recompute", "full")
             backend = r.get("sparse_backend") or "auto"
-            cfg = bench_model_config(pattern=r["pattern"], seq_length=r["seq_length"], recompute=recompute,
-                                     variant=r.get("sparse_variant") or "sink_window", backend=backend)
+            cfg = bench_model_config(
+                pattern=r["pattern"],
+                seq_length=r["seq_length"],
+                recompute=recompute,
+                variant=r.get("sparse_variant") or "sink_window",
+                backend=backend,
+            )
             layout = Layout(tp=1, pp=1, cp=1, dp=1, recompute=recompute, sequence_parallel=False)
             mem = estimate_memory(cfg, layout).peak_bytes
             row = {
@@ -94,8 +100,10 @@ def train_step_rows(paths: list[str]) -> list[dict]:
                 "predicted_fits": mem <= (1 - LaunchPolicy().memory_headroom) * gpu.usable_bytes,
             }
             if "error" in r:
-                row.update(measured="OOM" if "out of memory" in r["error"] else r["error"][:80],
-                           ok=not row["predicted_fits"] if "out of memory" in r["error"] else None)
+                row.update(
+                    measured="OOM" if "out of memory" in r["error"] else r["error"][:80],
+                    ok=not row["predicted_fits"] if "out of memory" in r["error"] else None,
+                )
                 out.append(row)
                 continue
             step = estimate_step_time(cfg, layout, gpu).total
@@ -124,24 +132,48 @@ def context_parallel_rows(path: str) -> list[dict]:
     tokens = seq // cp
     out = []
 
-    def add(kind: str, name: str, kernel: str, timing: dict, rates: tuple[float, float] | None, pairs: int,
-            halo_tokens: float) -> None:
+    def add(
+        kind: str,
+        name: str,
+        kernel: str,
+        timing: dict,
+        rates: tuple[float, float] | None,
+        pairs: int,
+        halo_tokens: float,
+    ) -> None:
         measured_cp1, measured_cp2 = timing["cp1_ms"] / 1e3, timing["cp2_ms"] / 1e3
         # Forward / backward shares of the measured time from the kernel's rates (equal rates when unknown).
         rf, rb = rates or (1.0, 1.0)
         fwd_share = (1 / rf) / (1 / rf + 2.5 / rb)
         predicted = cp_attention_seconds(
-            attn_fwd_s=measured_cp1 * fwd_share / cp, attn_bwd_s=measured_cp1 * (1 - fwd_share) / cp,
-            kind=kind, cp=cp, kv_token_elems=2 * kv_heads * head_dim, act_bytes=2, local_tokens=tokens,
-            halo_tokens=halo_tokens, bandwidth_gbps=gpu.nvlink_gbps, latency_s=gpu.intra_latency_s)
-        row = {"source": os.path.basename(path), "layer": name, "kernel": kernel, "seq_length": seq,
-               "measured_cp1_s": measured_cp1, "measured_cp2_s": measured_cp2, "predicted_cp2_s": predicted,
-               "time_error": _pct(predicted, measured_cp2)}
+            attn_fwd_s=measured_cp1 * fwd_share / cp,
+            attn_bwd_s=measured_cp1 * (1 - fwd_share) / cp,
+            kind=kind,
+            cp=cp,
+            kv_token_elems=2 * kv_heads * head_dim,
+            act_bytes=2,
+            local_tokens=tokens,
+            halo_tokens=halo_tokens,
+            bandwidth_gbps=gpu.nvlink_gbps,
+            latency_s=gpu.intra_latency_s,
+        )
+        row = {
+            "source": os.path.basename(path),
+            "layer": name,
+            "kernel": kernel,
+            "seq_length": seq,
+            "measured_cp1_s": measured_cp1,
+            "measured_cp2_s": measured_cp2,
+            "predicted_cp2_s": predicted,
+            "time_error": _pct(predicted, measured_cp2),
+        }
         if rates is not None and kernel != "flex":  # the table's flex rates come from these CP=1 rows
             flops = 4 * pairs * heads * head_dim
             table_cp1 = flops / (rates[0] * 1e12) + 2.5 * flops / (rates[1] * 1e12)
             row.update(predicted_cp1_s=table_cp1, rate_error=_pct(table_cp1, measured_cp1))
-        row["ok"] = abs(row["time_error"]) <= TIME_TOLERANCE and abs(row.get("rate_error", 0.0)) <= TIME_TOLERANCE
+        row["ok"] = (
+            abs(row["time_error"]) <= TIME_TOLERANCE and abs(row.get("rate_error", 0.0)) <= TIME_TOLERANCE
+        )
         out.append(row)
 
     full_pairs = seq * (seq + 1) // 2
@@ -202,24 +234,31 @@ def format_markdown(result: dict) -> str:
         "# Planner validation on the H200",
         "",
         "Generated by `python tools/plan_parallelism.py --validate` from "
-        + ", ".join(f"`{s}`" for s in result["sources"]) + ".",
-        (f"Targets: peak memory within {MEMORY_TOLERANCE:.0%}, step time within {TIME_TOLERANCE:.0%}; an "
-        "out-of-memory run must be predicted not to fit. The planner's rates come from kernel benchmarks "
-        f"(`megatron_longgen/launch/gpus.py`: GEMM {g.matmul_tflops:.0f} TFLOP/s, HBM {g.hbm_gbps:.0f} GB/s, "
-        f"dense attention {g.dense_attn_tflops[0]:.0f}/{g.dense_attn_tflops[1]:.0f} TFLOP/s fwd/bwd), "
-        "not from these end-to-end runs."),
+        + ", ".join(f"`{s}`" for s in result["sources"])
+        + ".",
+        (
+            f"Targets: peak memory within {MEMORY_TOLERANCE:.0%}, step time within {TIME_TOLERANCE:.0%}; an "
+            "out-of-memory run must be predicted not to fit. The planner's rates come from kernel benchmarks "
+            f"(`megatron_longgen/launch/gpus.py`: GEMM {g.matmul_tflops:.0f} TFLOP/s, HBM {g.hbm_gbps:.0f} GB/s, "
+            f"dense attention {g.dense_attn_tflops[0]:.0f}/{g.dense_attn_tflops[1]:.0f} TFLOP/s fwd/bwd), "
+            "not from these end-to-end runs."
+        ),
         "",
     ]
     for source, r in result.get("measured_rates", {}).items():
-        lines.append(f"Rates measured in `{source}`: bf16 GEMM {r['gemm_tflops_harmonic_mean']:.0f} TFLOP/s (harmonic "
-                     f"mean over the layer's projection shapes; table {g.matmul_tflops:.0f}), device copy "
-                     f"{r['copy_gbps']:.0f} GB/s (table: {g.hbm_gbps:.0f} GB/s for element-wise kernels).")
+        lines.append(
+            f"Rates measured in `{source}`: bf16 GEMM {r['gemm_tflops_harmonic_mean']:.0f} TFLOP/s (harmonic "
+            f"mean over the layer's projection shapes; table {g.matmul_tflops:.0f}), device copy "
+            f"{r['copy_gbps']:.0f} GB/s (table: {g.hbm_gbps:.0f} GB/s for element-wise kernels)."
+        )
         lines.append("")
     lines += [
         "## Training step (7B-shaped, few layers, one GPU)",
         "",
-        ("| source | pattern | seq | recompute | backend | mem pred GiB | mem meas GiB | mem err | step pred s "
-        "| step meas s | time err | ok |"),
+        (
+            "| source | pattern | seq | recompute | backend | mem pred GiB | mem meas GiB | mem err | step pred s "
+            "| step meas s | time err | ok |"
+        ),
         "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in steps:
@@ -228,27 +267,36 @@ def format_markdown(result: dict) -> str:
                 f"| {r['source']} | {r['pattern']} | {r['seq_length']} | {r['recompute']} | {r['sparse_backend'] or '-'} "
                 f"| {r['predicted_mem_gib']:.1f} | {r['measured_mem_gib']:.1f} | {_fmt_err(r['mem_error'])} "
                 f"| {r['predicted_step_s']:.3f} | {r['measured_step_s']:.3f} | {_fmt_err(r['time_error'])} "
-                f"| {'yes' if r['ok'] else 'NO'} |")
+                f"| {'yes' if r['ok'] else 'NO'} |"
+            )
         else:
             verdict = {True: "yes", False: "NO", None: "-"}[r["ok"]]
             lines.append(
                 f"| {r['source']} | {r['pattern']} | {r['seq_length']} | {r['recompute']} | {r['sparse_backend'] or '-'} "
                 f"| {r['predicted_mem_gib']:.1f} ({'fits' if r['predicted_fits'] else 'does not fit'}) "
-                f"| {r['measured']} | | | | | {verdict} |")
+                f"| {r['measured']} | | | | | {verdict} |"
+            )
     if measured:
         worst_m = max(abs(r["mem_error"]) for r in measured)
         worst_t = max(abs(r["time_error"]) for r in measured)
-        lines += ["", (f"{ok_steps} of {sum(r['ok'] is not None for r in steps)} rows within target; worst memory "
-                      f"error {worst_m:.1%}, worst step-time error {worst_t:.1%}.")]
+        lines += [
+            "",
+            (
+                f"{ok_steps} of {sum(r['ok'] is not None for r in steps)} rows within target; worst memory "
+                f"error {worst_m:.1%}, worst step-time error {worst_t:.1%}."
+            ),
+        ]
     if cps:
         lines += [
             "",
             "## Context parallelism (one attention layer, 128K, fwd+bwd; CP=2 on two H200s)",
             "",
-            ("`cp2 pred` = the CP model applied to the measured CP=1 time (even split, ring hops overlapped with "
-            "the step kernels, sparse halo exchanged before the kernel); `cp1 pred` = the GPU table's rate "
-            "for that kernel, where the table has it from another benchmark (its Flex rates are these CP=1 "
-            "rows, so they are not compared here)."),
+            (
+                "`cp2 pred` = the CP model applied to the measured CP=1 time (even split, ring hops overlapped with "
+                "the step kernels, sparse halo exchanged before the kernel); `cp1 pred` = the GPU table's rate "
+                "for that kernel, where the table has it from another benchmark (its Flex rates are these CP=1 "
+                "rows, so they are not compared here)."
+            ),
             "",
             "| layer | kernel | cp1 meas ms | cp1 pred ms | rate err | cp2 meas ms | cp2 pred ms | CP err | ok |",
             "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
@@ -258,7 +306,8 @@ def format_markdown(result: dict) -> str:
             lines.append(
                 f"| {r['layer']} | {r['kernel']} | {r['measured_cp1_s'] * 1e3:.1f} | {cp1_pred} "
                 f"| {_fmt_err(r.get('rate_error'))} | {r['measured_cp2_s'] * 1e3:.1f} | {r['predicted_cp2_s'] * 1e3:.1f} "
-                f"| {_fmt_err(r['time_error'])} | {'yes' if r['ok'] else 'NO'} |")
+                f"| {_fmt_err(r['time_error'])} | {'yes' if r['ok'] else 'NO'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

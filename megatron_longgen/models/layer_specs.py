@@ -54,7 +54,11 @@ def check_transformer_impl(transformer_impl: str) -> None:
 
 
 def core_attention_spec(
-    kind: str, *, sparse: SparseAttentionConfig, transformer_impl: str = "local", context_parallel: bool = False
+    kind: str,
+    *,
+    sparse: SparseAttentionConfig,
+    transformer_impl: str = "local",
+    context_parallel: bool = False,
 ) -> ModuleSpec | type:
     """The `core_attention` submodule of one layer kind (`S` or `F`)."""
     if kind == SPARSE:
@@ -69,7 +73,11 @@ def core_attention_spec(
 
 
 def build_layer_spec(
-    kind: str, *, sparse: SparseAttentionConfig, transformer_impl: str = "local", context_parallel: bool = False
+    kind: str,
+    *,
+    sparse: SparseAttentionConfig,
+    transformer_impl: str = "local",
+    context_parallel: bool = False,
 ) -> ModuleSpec:
     """A Llama decoder layer whose core attention matches `kind`."""
     check_transformer_impl(transformer_impl)
@@ -113,7 +121,9 @@ def build_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
-            mlp=mcore.mlp_submodule(linear_fc1=fc1, linear_fc2=fc2),  # 0.16: ModuleSpec; 0.19: as_mlp_submodule
+            mlp=mcore.mlp_submodule(
+                linear_fc1=fc1, linear_fc2=fc2
+            ),  # 0.16: ModuleSpec; 0.19: as_mlp_submodule
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
@@ -131,14 +141,18 @@ def build_block_spec(
 ) -> TransformerBlockSubmodules:
     """Specs for the layers this pipeline stage (and virtual stage) builds, from the global pattern."""
     if len(pattern) != config.num_layers:
-        raise ValueError(f"layer_pattern has {len(pattern)} characters but the model has {config.num_layers} layers")
+        raise ValueError(
+            f"layer_pattern has {len(pattern)} characters but the model has {config.num_layers} layers"
+        )
     check_transformer_impl(transformer_impl)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     local = pattern[offset : offset + count]
     context_parallel = config.context_parallel_size > 1
     specs = [
-        build_layer_spec(kind, sparse=sparse, transformer_impl=transformer_impl, context_parallel=context_parallel)
+        build_layer_spec(
+            kind, sparse=sparse, transformer_impl=transformer_impl, context_parallel=context_parallel
+        )
         for kind in local
     ]
     if transformer_impl == "transformer_engine":

@@ -62,8 +62,11 @@ class PreemptionFlag:
                 # os.write, not print: the handler may interrupt a print on the same stream.
                 os.write(2, b"[longgen] second interrupt: aborting without saving\n")
                 os._exit(128 + signal.SIGINT)
-            os.write(2, b"[longgen] interrupt: saving a checkpoint at the end of this step "
-                        b"(interrupt again to abort without saving)\n")
+            os.write(
+                2,
+                b"[longgen] interrupt: saving a checkpoint at the end of this step "
+                b"(interrupt again to abort without saving)\n",
+            )
         if self.received is None:
             self.received = signum
 

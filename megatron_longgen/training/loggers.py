@@ -101,8 +101,17 @@ class WandbLogger(MetricsLogger):
     AXES: ClassVar[dict[str, str]] = {"by_tokens": "tokens", "by_time": "wall_clock_hours"}
     PLOTTED = ("loss", "eval_loss", "tokens_per_s_per_gpu", "mfu", "mfu_dense_equiv")
 
-    def __init__(self, *, project: str, name: str, config: dict, run_dir: str | os.PathLike,
-                 mode: str = "offline", resume_run: bool = False, group: str | None = None):
+    def __init__(
+        self,
+        *,
+        project: str,
+        name: str,
+        config: dict,
+        run_dir: str | os.PathLike,
+        mode: str = "offline",
+        resume_run: bool = False,
+        group: str | None = None,
+    ):
         from megatron_longgen.utils.optional import require
 
         require("wandb", feature="W&B logging")
@@ -157,9 +166,13 @@ class WandbLogger(MetricsLogger):
         """W&B's service process is gone: Slurm's SIGTERM reaches every process of a job step, and the
         service (wandb-core) exits on it whatever the signal mask. Keep training; say so once."""
         self.run = None
-        print(f"[longgen] W&B logging stopped{where}: {type(exc).__name__}: {exc} (its service process ended, "
-              "e.g. on a SIGTERM to the job step); metrics.jsonl has every step and a resumed run continues "
-              "the W&B run", file=sys.stderr, flush=True)
+        print(
+            f"[longgen] W&B logging stopped{where}: {type(exc).__name__}: {exc} (its service process ended, "
+            "e.g. on a SIGTERM to the job step); metrics.jsonl has every step and a resumed run continues "
+            "the W&B run",
+            file=sys.stderr,
+            flush=True,
+        )
         with contextlib.suppress(Exception):
             self._wandb.teardown()  # unregisters W&B's exit hook, which would fail the same way
 
@@ -221,10 +234,15 @@ def build_loggers(trainer, *, resumed_at: int) -> MetricsLogger:
     if not trainer.quiet:
         loggers.append(ConsoleLogger(max_steps=cfg.train.max_steps))
     if cfg.logging.wandb:
-        loggers.append(WandbLogger(
-            project=cfg.logging.wandb_project, name=cfg.logging.run_name or cfg.name,
-            config={**comparison_config(cfg), "world_size": trainer.world_size, "dp": trainer.dp_size},
-            run_dir=trainer.run_dir, mode=cfg.logging.wandb_mode, resume_run=resumed_at > 0,
-            group=default_group(cfg),
-        ))
+        loggers.append(
+            WandbLogger(
+                project=cfg.logging.wandb_project,
+                name=cfg.logging.run_name or cfg.name,
+                config={**comparison_config(cfg), "world_size": trainer.world_size, "dp": trainer.dp_size},
+                run_dir=trainer.run_dir,
+                mode=cfg.logging.wandb_mode,
+                resume_run=resumed_at > 0,
+                group=default_group(cfg),
+            )
+        )
     return LoggerGroup(loggers)

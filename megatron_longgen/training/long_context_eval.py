@@ -100,7 +100,8 @@ class LongContextEval:
                 out = get_forward_backward_func()(
                     forward_step_func=partial(_forward, device=trainer.device, cp_shard=trainer._cp_shard),
                     data_iterator=[iter([self.batch(sample)]) for _ in trainer.model]
-                    if len(trainer.model) > 1 else iter([self.batch(sample)]),
+                    if len(trainer.model) > 1
+                    else iter([self.batch(sample)]),
                     model=trainer.model if len(trainer.model) > 1 else trainer.model[0],
                     num_microbatches=1,
                     seq_length=sample.length,

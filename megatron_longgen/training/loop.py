@@ -19,10 +19,12 @@ from megatron_longgen.training.clock import RunClock, StepTimer
 def _banner(tr, *, start_step: int) -> str:
     cfg, t = tr.cfg, tr.cfg.train
     layout = "all full" if cfg.is_full_attention else cfg.sparse.variant
-    return (f"{cfg.name}: pattern {cfg.model.layer_pattern} ({layout}), {tr.num_parameters / 1e6:.2f}M params/rank, "
-            f"world {tr.world_size} (tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
-            f"cp {cfg.parallel.context_parallel} dp {tr.dp_size}), device {tr.device.type}, "
-            f"steps {start_step}->{t.max_steps}")
+    return (
+        f"{cfg.name}: pattern {cfg.model.layer_pattern} ({layout}), {tr.num_parameters / 1e6:.2f}M params/rank, "
+        f"world {tr.world_size} (tp {cfg.parallel.tensor_parallel} pp {cfg.parallel.pipeline_parallel} "
+        f"cp {cfg.parallel.context_parallel} dp {tr.dp_size}), device {tr.device.type}, "
+        f"steps {start_step}->{t.max_steps}"
+    )
 
 
 def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], stop_after_steps: int | None):
@@ -33,21 +35,29 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
 
     cfg, t = tr.cfg, tr.cfg.train
     start_step, state = tr.restore(resume=resume, allow_changes=allow_changes)
-    clock = (RunClock.resume(state["clock"], started_unix=tr.started_unix) if state.get("clock")
-             else RunClock.start(now_unix=tr.started_unix))
+    clock = (
+        RunClock.resume(state["clock"], started_unix=tr.started_unix)
+        if state.get("clock")
+        else RunClock.start(now_unix=tr.started_unix)
+    )
     if resume and tr.is_logging_rank:
         dropped = directory.truncate_metrics(keep_through_step=start_step)
         if dropped:
-            print(f"[longgen] metrics.jsonl: dropped {dropped} row(s) after step {start_step} "
-                  "(they are being redone)", flush=True)
+            print(
+                f"[longgen] metrics.jsonl: dropped {dropped} row(s) after step {start_step} "
+                "(they are being redone)",
+                flush=True,
+            )
     tr.write_config()
     tr._say(_banner(tr, start_step=start_step))
     tr._say(attention_backend_summary(tr.model))
     if cfg.eval.long_context_interval:  # build the samples now: a bad setting fails before training
         e = cfg.eval
-        tr._say(f"long-context eval every {e.long_context_interval} steps and at the end: "
-                f"{len(tr.long_context_eval().samples)} samples ({', '.join(e.long_context_tasks)}; lengths "
-                f"{list(e.long_context_lengths) or [t.seq_length]}; depths {list(e.long_context_depths)})")
+        tr._say(
+            f"long-context eval every {e.long_context_interval} steps and at the end: "
+            f"{len(tr.long_context_eval().samples)} samples ({', '.join(e.long_context_tasks)}; lengths "
+            f"{list(e.long_context_lengths) or [t.seq_length]}; depths {list(e.long_context_depths)})"
+        )
     logger = tr.loggers(resumed_at=start_step)
     peak = tr._peak_tflops()
     tokens_per_step = t.global_batch_size * t.seq_length
@@ -74,7 +84,9 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                     ckpt = published.path
                     # The loop's own blocked time is `checkpoint_time_s` (timed here); add the save's total
                     # time (writers included) and size.
-                    save_metrics.update({k: v for k, v in published.metrics().items() if k != "checkpoint_time_s"})
+                    save_metrics.update(
+                        {k: v for k, v in published.metrics().items() if k != "checkpoint_time_s"}
+                    )
             evaluating = bool(t.eval_interval) and done % t.eval_interval == 0
             lc_interval = cfg.eval.long_context_interval
             retrieval = bool(lc_interval) and (done % lc_interval == 0 or done == end_step)
@@ -93,7 +105,9 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                 metrics.update(
                     step_time_s=step_time,
                     tokens_per_s=tokens_per_step / step_time if step_time > 0 else float("nan"),
-                    tokens_per_s_per_gpu=tokens_per_step / step_time / tr.world_size if step_time > 0 else float("nan"),
+                    tokens_per_s_per_gpu=tokens_per_step / step_time / tr.world_size
+                    if step_time > 0
+                    else float("nan"),
                     eta_s=step_time * (t.max_steps - done),
                     tokens=done * tokens_per_step,
                     peak_mem_gib=tr._peak_memory_gib(),
@@ -102,13 +116,18 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
                     eval_time_s=excluded.get("eval", 0.0),
                     checkpoint_time_s=excluded.get("checkpoint", 0.0),
                     **clock.metrics(),
-                    **throughput_metrics(cfg=cfg, step_time_s=step_time, num_gpus=tr.world_size, peak_tflops=peak),
+                    **throughput_metrics(
+                        cfg=cfg, step_time_s=step_time, num_gpus=tr.world_size, peak_tflops=peak
+                    ),
                 )
                 save_metrics = {}
                 logger.log(metrics, done)
             if preempt.should_stop(device=tr.device):
-                stopped_by = (f"preemption signal {signal.Signals(preempt.received).name}" if preempt.received is not None
-                              else "preemption signal on another rank")
+                stopped_by = (
+                    f"preemption signal {signal.Signals(preempt.received).name}"
+                    if preempt.received is not None
+                    else "preemption signal on another rank"
+                )
                 break
             if t.save_interval and done % t.save_interval == 0:
                 with timer.excluded("checkpoint"):
@@ -129,6 +148,12 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
             saver.close()
     if stopped_by:
         tr._say(f"{stopped_by}: saved {ckpt} at step {done}; exiting")
-    return TrainResult(losses=losses if tr.is_logging_rank else [], final_step=done,
-                       checkpoint_dir=str(ckpt) if ckpt else None, wall_time_s=time.perf_counter() - start,
-                       start_step=start_step, stopped_by=stopped_by, is_metrics_rank=tr.is_logging_rank)
+    return TrainResult(
+        losses=losses if tr.is_logging_rank else [],
+        final_step=done,
+        checkpoint_dir=str(ckpt) if ckpt else None,
+        wall_time_s=time.perf_counter() - start,
+        start_step=start_step,
+        stopped_by=stopped_by,
+        is_metrics_rank=tr.is_logging_rank,
+    )

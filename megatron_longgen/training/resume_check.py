@@ -27,8 +27,16 @@ from megatron_longgen.config import LongGenConfig, config_to_dict
 CHANGE_KINDS = ("schedule", "layout")
 
 _SCHEDULE_FIELDS = {
-    "train.max_steps", "train.lr", "train.min_lr", "train.lr_warmup_steps", "train.lr_decay_style",
-    "train.weight_decay", "train.adam_beta1", "train.adam_beta2", "train.adam_eps", "train.clip_grad",
+    "train.max_steps",
+    "train.lr",
+    "train.min_lr",
+    "train.lr_warmup_steps",
+    "train.lr_decay_style",
+    "train.weight_decay",
+    "train.adam_beta1",
+    "train.adam_beta2",
+    "train.adam_eps",
+    "train.clip_grad",
 }
 _IDENTITY_TRAIN_FIELDS = {"train.seq_length", "train.global_batch_size", "train.seed", "train.dtype"}
 _FREE_FIELDS = {"name", "sparse.backend", "data.cache_dir", "train.init_checkpoint"}
@@ -73,11 +81,13 @@ def data_signature(cfg: LongGenConfig) -> dict:
         parts = []
         for prefix in prefixes:
             idx, binary = Path(prefix + ".idx"), Path(prefix + ".bin")
-            parts.append({
-                "name": os.path.basename(prefix),
-                "idx_sha256": _sha256(idx) if idx.is_file() else None,
-                "bin_bytes": binary.stat().st_size if binary.is_file() else None,
-            })
+            parts.append(
+                {
+                    "name": os.path.basename(prefix),
+                    "idx_sha256": _sha256(idx) if idx.is_file() else None,
+                    "bin_bytes": binary.stat().st_size if binary.is_file() else None,
+                }
+            )
         return {"blend": parts, "weights": weights, "valid_fraction": cfg.data.valid_fraction}
     corpus = Path(resolve_builtin(cfg.data.corpus, BUILTIN_CORPORA, "corpus"))
     return {

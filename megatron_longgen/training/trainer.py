@@ -70,8 +70,14 @@ def _forward_step(data_iterator, model, *, device, cp_shard):
 class Trainer:
     """Holds the model chunks, optimizer, scheduler and data for one run."""
 
-    def __init__(self, cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False,
-                 started_unix: float | None = None):
+    def __init__(
+        self,
+        cfg: LongGenConfig,
+        *,
+        run_dir: str | os.PathLike,
+        quiet: bool = False,
+        started_unix: float | None = None,
+    ):
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         from megatron_longgen.data.datasets import build_datasets
@@ -85,8 +91,11 @@ class Trainer:
         self.rank, self.world_size = init_distributed()
         initialize_model_parallel(cfg)
         set_seed(cfg.train.seed)
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         self.pgs = ProcessGroupCollection.use_mpu_process_groups()
         self.tp_rank, self.pp_rank, self.cp_rank = self.pgs.tp.rank(), self.pgs.pp.rank(), self.pgs.cp.rank()
         self.pp_size, self.cp_size = self.pgs.pp.size(), self.pgs.cp.size()
@@ -99,7 +108,10 @@ class Trainer:
             )
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.is_logging_rank = is_metrics_rank(
-            pp_rank=self.pp_rank, pp_size=self.pp_size, tp_rank=self.tp_rank, dp_rank=self.dp_rank,
+            pp_rank=self.pp_rank,
+            pp_size=self.pp_size,
+            tp_rank=self.tp_rank,
+            dp_rank=self.dp_rank,
             cp_rank=self.cp_rank,
         )
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -128,8 +140,13 @@ class Trainer:
         for vp_stage in range(vpp):
             pre = self.pp_rank == 0 and vp_stage == 0
             post = self.pp_rank == self.pp_size - 1 and vp_stage == vpp - 1
-            chunk = build_model(cfg, transformer_config=self.tcfg, pre_process=pre, post_process=post,
-                                vp_stage=vp_stage if vpp > 1 else None)
+            chunk = build_model(
+                cfg,
+                transformer_config=self.tcfg,
+                pre_process=pre,
+                post_process=post,
+                vp_stage=vp_stage if vpp > 1 else None,
+            )
             chunks.append(chunk.to(self.device))
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -139,16 +156,26 @@ class Trainer:
         self.model = mcore.wrap_in_ddp(chunks, config=self.tcfg, ddp_config=ddp_cfg, pg_collection=self.pgs)
         dtype = TORCH_DTYPES[t.dtype]
         opt_cfg = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_cfg, self.model)
         self.scheduler = self._build_scheduler()
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
-        self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.tcfg.no_sync_func = (
+            [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        )
         self.num_parameters = sum(p.numel() for m in self.model for p in m.parameters())
 
     def _build_scheduler(self):
@@ -157,10 +184,17 @@ class Trainer:
         t = self.cfg.train
         decay_steps = max(t.max_steps - t.lr_warmup_steps, 1)
         return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.lr_warmup_steps + decay_steps,
-            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=t.max_steps, wd_incr_style="constant",
+            self.optimizer,
+            init_lr=0.0 if t.lr_warmup_steps else t.lr,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps,
+            lr_decay_steps=t.lr_warmup_steps + decay_steps,
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.max_steps,
+            wd_incr_style="constant",
         )
 
     # ---------------------------------------------------------------- data
@@ -175,8 +209,15 @@ class Trainer:
     def _iterator(self, dataset, step: int):
         t = self.cfg.train
         order = self.order if dataset is self.train_data else SampleOrder(len(dataset), seed=t.seed)
-        return micro_batches(dataset, order, step=step, global_batch_size=t.global_batch_size,
-                             micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        return micro_batches(
+            dataset,
+            order,
+            step=step,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
 
     def _run(self, data_iter, *, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -224,8 +265,12 @@ class Trainer:
             self.nan_guard.check(outcome.grad_norm, step=step + 1, what=what)
         if outcome.updated:
             self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": outcome.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                "update_skipped": not outcome.updated}
+        return {
+            "loss": loss,
+            "grad_norm": outcome.grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "update_skipped": not outcome.updated,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -258,7 +303,10 @@ class Trainer:
         from megatron_longgen.training.resume_check import data_signature, tokenizer_signature
 
         if not hasattr(self, "_signatures"):
-            self._signatures = {"tokenizer": tokenizer_signature(self.tokenizer), "data": data_signature(self.cfg)}
+            self._signatures = {
+                "tokenizer": tokenizer_signature(self.tokenizer),
+                "data": data_signature(self.cfg),
+            }
         return self._signatures
 
     def saver(self):
@@ -266,8 +314,11 @@ class Trainer:
         from megatron_longgen.training.checkpointing import CheckpointSaver
 
         if getattr(self, "_saver", None) is None:
-            self._saver = CheckpointSaver(self.checkpoints_dir, async_save=self.cfg.train.async_save,
-                                          keep_last=self.cfg.train.keep_last_checkpoints)
+            self._saver = CheckpointSaver(
+                self.checkpoints_dir,
+                async_save=self.cfg.train.async_save,
+                keep_last=self.cfg.train.keep_last_checkpoints,
+            )
         return self._saver
 
     def start_save(self, step: int, *, clock=None):
@@ -276,8 +327,14 @@ class Trainer:
         extra = {"nan_skips": self.nan_guard.skipped, "signatures": self.signatures()}
         if clock is not None:
             extra["clock"] = clock.state_dict()
-        return self.saver().save(step=step, cfg=self.cfg, model_chunks=self.model, optimizer=self.optimizer,
-                                 scheduler=self.scheduler, extra_state=extra)
+        return self.saver().save(
+            step=step,
+            cfg=self.cfg,
+            model_chunks=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra_state=extra,
+        )
 
     def save(self, step: int, *, clock=None) -> Path:
         """Collective: publish a resumable checkpoint after `step` completed steps and wait for it."""
@@ -299,15 +356,27 @@ class Trainer:
         from megatron_longgen.training.resume_check import compare_for_resume, enforce
 
         # The newest checkpoint that passes its manifest (a damaged newer one is skipped with a warning).
-        latest = select_resume_checkpoint(self.checkpoints_dir, group=dist.group.WORLD, warn=self._say) if resume else None
+        latest = (
+            select_resume_checkpoint(self.checkpoints_dir, group=dist.group.WORLD, warn=self._say)
+            if resume
+            else None
+        )
         if latest is not None:
             saved_state = read_trainer_state(latest)
-            diff = compare_for_resume(load_config(latest), self.cfg, saved_signatures=saved_state.get("signatures"),
-                                      current_signatures=self.signatures())
+            diff = compare_for_resume(
+                load_config(latest),
+                self.cfg,
+                saved_signatures=saved_state.get("signatures"),
+                current_signatures=self.signatures(),
+            )
             for note in enforce(diff, checkpoint=latest, allowed=allow_changes):
                 self._say(note)
-            state = load_training_checkpoint(latest, model_chunks=self.model, optimizer=self.optimizer,
-                                             scheduler=None if diff.schedule else self.scheduler)
+            state = load_training_checkpoint(
+                latest,
+                model_chunks=self.model,
+                optimizer=self.optimizer,
+                scheduler=None if diff.schedule else self.scheduler,
+            )
             step = int(state["step"])
             if diff.schedule:  # the new schedule, at the resumed step
                 self.scheduler.num_steps = step
@@ -318,7 +387,10 @@ class Trainer:
         init = self.cfg.train.init_checkpoint
         if init:
             src = load_model_weights(init, model_chunks=self.model)
-            if src.model.num_layers != self.cfg.model.num_layers or src.model.hidden_size != self.cfg.model.hidden_size:
+            if (
+                src.model.num_layers != self.cfg.model.num_layers
+                or src.model.hidden_size != self.cfg.model.hidden_size
+            ):
                 raise ValueError(
                     f"init_checkpoint {init} has {src.model.num_layers} layers of width {src.model.hidden_size}; "
                     f"the run has {self.cfg.model.num_layers} of width {self.cfg.model.hidden_size}"
@@ -356,8 +428,14 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def fit(self, *, resume: bool = False, overwrite: bool = False, allow_changes: tuple[str, ...] = (),
-            stop_after_steps: int | None = None) -> TrainResult:
+    def fit(
+        self,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        allow_changes: tuple[str, ...] = (),
+        stop_after_steps: int | None = None,
+    ) -> TrainResult:
         """Train until `train.max_steps` (or `stop_after_steps` more steps, or a preemption signal),
         checkpointing every `train.save_interval` steps and on exit. Collective on every rank.
 
@@ -376,8 +454,13 @@ class Trainer:
                 self._say(f"--overwrite: moved the previous run to {directory.moved_aside}")
         self._barrier()
         try:
-            return run_loop(self, directory=directory, resume=resume, allow_changes=allow_changes,
-                            stop_after_steps=stop_after_steps)
+            return run_loop(
+                self,
+                directory=directory,
+                resume=resume,
+                allow_changes=allow_changes,
+                stop_after_steps=stop_after_steps,
+            )
         except BaseException:
             if self.rank == 0 and not getattr(self, "_first_step_done", False):
                 directory.abandon()
@@ -393,10 +476,19 @@ class Trainer:
         return build_loggers(self, resumed_at=resumed_at)
 
 
-def train(cfg: LongGenConfig, *, run_dir: str | os.PathLike, quiet: bool = False, resume: bool = False,
-          overwrite: bool = False, allow_changes: tuple[str, ...] = (),
-          stop_after_steps: int | None = None, started_unix: float | None = None) -> TrainResult:
+def train(
+    cfg: LongGenConfig,
+    *,
+    run_dir: str | os.PathLike,
+    quiet: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_changes: tuple[str, ...] = (),
+    stop_after_steps: int | None = None,
+    started_unix: float | None = None,
+) -> TrainResult:
     """Build everything for `cfg` and train (see `Trainer.fit`)."""
     trainer = Trainer(cfg, run_dir=run_dir, quiet=quiet, started_unix=started_unix)
-    return trainer.fit(resume=resume, overwrite=overwrite, allow_changes=allow_changes,
-                       stop_after_steps=stop_after_steps)
+    return trainer.fit(
+        resume=resume, overwrite=overwrite, allow_changes=allow_changes, stop_after_steps=stop_after_steps
+    )

@@ -24,22 +24,40 @@ from tests.attention.independent_masks import causal_token_mask, independent_tok
 apply_cpu_patches()
 
 SPARSE = [
-    SparseAttentionConfig(variant="sink_window", block_size=4, num_sink_blocks=1, num_window_blocks=2, backend="torch"),
-    SparseAttentionConfig(variant="block_strided", block_size=4, stride_blocks=3, num_local_blocks=1, backend="torch"),
+    SparseAttentionConfig(
+        variant="sink_window", block_size=4, num_sink_blocks=1, num_window_blocks=2, backend="torch"
+    ),
+    SparseAttentionConfig(
+        variant="block_strided", block_size=4, stride_blocks=3, num_local_blocks=1, backend="torch"
+    ),
 ]
 LAYERS = [("sparse", SPARSE[0]), ("sparse", SPARSE[1]), ("full", None)]
 
 
 def _tcfg(num_heads, num_groups, head_dim=8, **kw):
-    return TransformerConfig(num_layers=1, hidden_size=num_heads * head_dim, num_attention_heads=num_heads,
-                             num_query_groups=num_groups, kv_channels=head_dim, attention_dropout=0.0,
-                             use_cpu_initialization=True, **kw)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=num_heads * head_dim,
+        num_attention_heads=num_heads,
+        num_query_groups=num_groups,
+        kv_channels=head_dim,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        **kw,
+    )
 
 
 def _module(kind, sparse, cfg, **kw):
     # Megatron's SelfAttention passes everything by keyword.
-    return LongGenCoreAttention(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                attention_type="self", kind=kind, sparse=sparse, **kw)
+    return LongGenCoreAttention(
+        config=cfg,
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+        kind=kind,
+        sparse=sparse,
+        **kw,
+    )
 
 
 def _qkv(S, num_heads, num_groups, H=8, B=2, dtype=torch.float64, seed=0):
@@ -51,8 +69,9 @@ def _qkv(S, num_heads, num_groups, H=8, B=2, dtype=torch.float64, seed=0):
 
 
 def _oracle(q, k, v, mask, scale=None):
-    out, _ = reference_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), mask,
-                                 softmax_scale=scale)
+    out, _ = reference_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), mask, softmax_scale=scale
+    )
     S, B, N, H = q.shape
     return out.permute(2, 0, 1, 3).reshape(S, B, N * H)
 
@@ -121,10 +140,13 @@ def test_softmax_scale_default_and_override(kind, sparse):
     q, k, v = _qkv(24, 4, 2, dtype=torch.float64)
     default = _module(kind, sparse, _tcfg(4, 2))
     assert default.softmax_scale == pytest.approx(8**-0.5)  # 1 / sqrt(kv_channels)
-    scaled = LongGenCoreAttention(_tcfg(4, 2), 1, AttnMaskType.causal, "self", None, 0.05, kind=kind, sparse=sparse)
+    scaled = LongGenCoreAttention(
+        _tcfg(4, 2), 1, AttnMaskType.causal, "self", None, 0.05, kind=kind, sparse=sparse
+    )
     assert scaled.softmax_scale == 0.05
-    torch.testing.assert_close(scaled(q, k, v, None), _oracle(q, k, v, _mask(kind, sparse, 24), scale=0.05),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        scaled(q, k, v, None), _oracle(q, k, v, _mask(kind, sparse, 24), scale=0.05), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind, sparse", LAYERS, ids=["sink_window", "block_strided", "full"])
@@ -135,7 +157,9 @@ def test_same_bad_input_same_error_in_every_layer_kind(kind, sparse):
         LongGenCoreAttention(_tcfg(4, 4), 1, AttnMaskType.causal, "self", 0.1, kind=kind, sparse=sparse)
     module = _module(kind, sparse, _tcfg(4, 4))
     q, k, v = _qkv(8, 4, 4)
-    with pytest.raises(ValueError, match=r"causal by construction: pass attention_mask=None \(got a mask of shape"):
+    with pytest.raises(
+        ValueError, match=r"causal by construction: pass attention_mask=None \(got a mask of shape"
+    ):
         module(q, k, v, torch.ones(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="packed_seq_params nor attention_bias"):
         module(q, k, v, None, attention_bias=torch.zeros(1))

@@ -74,6 +74,8 @@ def test_cudnn_bsa_is_unavailable_on_cpu_and_says_why():
     cls = available_kernels()["cudnn_bsa"]
     assert cls.unavailable_reason(device=torch.device("cpu"), dtype=torch.bfloat16) is not None
     with pytest.raises(ValueError, match="'cudnn_bsa' .*cannot run on cpu"):
-        resolve_backend(kind="sparse", requested="cudnn_bsa", device="cpu", dtype=torch.bfloat16, pattern=PATTERNS[0])
+        resolve_backend(
+            kind="sparse", requested="cudnn_bsa", device="cpu", dtype=torch.bfloat16, pattern=PATTERNS[0]
+        )
     with pytest.raises(ValueError, match="backward must be 'cudnn' or 'triton'"):
         cls(backward="flash")

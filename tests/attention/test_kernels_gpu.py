@@ -45,7 +45,9 @@ def _cudnn_backends():
         return []
     reg = available_kernels()
     dev = torch.device("cuda")
-    return [n for n in ("cudnn_bsa", "cudnn_bsa_fwd") if reg[n].is_available(device=dev, dtype=torch.bfloat16)]
+    return [
+        n for n in ("cudnn_bsa", "cudnn_bsa_fwd") if reg[n].is_available(device=dev, dtype=torch.bfloat16)
+    ]
 
 
 def _run(fn, q, k, v, d_out, d_lse):
@@ -67,7 +69,9 @@ def _check(name, fast, ref, naive, factor):
     )
 
 
-@pytest.mark.parametrize("backend", (_fast_backends() + _cudnn_backends()) if torch.cuda.is_available() else ["none"])
+@pytest.mark.parametrize(
+    "backend", (_fast_backends() + _cudnn_backends()) if torch.cuda.is_available() else ["none"]
+)
 @pytest.mark.parametrize("pattern_name", sorted(PATTERNS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}G{s[1]}H{s[2]}")
 @pytest.mark.parametrize("seq_len", [577, 2048, 4160])
@@ -156,7 +160,9 @@ def test_cudnn_bsa_unsupported_shape_warns_and_runs_triton():
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
 
 
-@pytest.mark.parametrize("backend", (_fast_backends() + _cudnn_backends()) if torch.cuda.is_available() else ["none"])
+@pytest.mark.parametrize(
+    "backend", (_fast_backends() + _cudnn_backends()) if torch.cuda.is_available() else ["none"]
+)
 def test_megatron_layout_views_match_contiguous_inputs(backend):
     """Core attention hands the kernels [s, b, n, h] activations permuted to [b, n, s, h] (strided views,
     B = 2 here): outputs and gradients must equal those of contiguous copies."""
@@ -171,7 +177,11 @@ def test_megatron_layout_views_match_contiguous_inputs(backend):
     pattern = SinkWindowPattern(num_window_blocks=8)
     views = [t.permute(1, 2, 0, 3) for t in (q_sbnh, k_sbnh, v_sbnh)]
     got = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), *views, d_out, None)
-    want = _run(lambda q, k, v: kernel(q, k, v, pattern=pattern), *(t.contiguous() for t in views), d_out, None)
+    want = _run(
+        lambda q, k, v: kernel(q, k, v, pattern=pattern), *(t.contiguous() for t in views), d_out, None
+    )
     for what, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want):
         # same kernel, same tiles; cuDNN accumulates dQ with fp32 atomics, so allow a few bf16 ulps
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=lambda m, what=what: f"{backend} {what}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=2e-2, atol=2e-2, msg=lambda m, what=what: f"{backend} {what}: {m}"
+        )

@@ -19,18 +19,34 @@ from tests.attention.independent_masks import independent_block_mask, independen
 
 
 def brute_sink_window(S, b, sink, window):
-    return independent_token_mask(SinkWindowPattern(block_size=b, num_sink_blocks=sink, num_window_blocks=window), S)
+    return independent_token_mask(
+        SinkWindowPattern(block_size=b, num_sink_blocks=sink, num_window_blocks=window), S
+    )
 
 
 def brute_block_strided(S, b, stride, local):
-    return independent_token_mask(BlockStridedPattern(block_size=b, stride_blocks=stride, num_local_blocks=local), S)
+    return independent_token_mask(
+        BlockStridedPattern(block_size=b, stride_blocks=stride, num_local_blocks=local), S
+    )
 
 
 PATTERNS = [
-    (SinkWindowPattern(block_size=4, num_sink_blocks=1, num_window_blocks=3), lambda S: brute_sink_window(S, 4, 1, 3)),
-    (SinkWindowPattern(block_size=3, num_sink_blocks=2, num_window_blocks=1), lambda S: brute_sink_window(S, 3, 2, 1)),
-    (BlockStridedPattern(block_size=4, stride_blocks=3, num_local_blocks=2), lambda S: brute_block_strided(S, 4, 3, 2)),
-    (BlockStridedPattern(block_size=5, stride_blocks=2, num_local_blocks=1), lambda S: brute_block_strided(S, 5, 2, 1)),
+    (
+        SinkWindowPattern(block_size=4, num_sink_blocks=1, num_window_blocks=3),
+        lambda S: brute_sink_window(S, 4, 1, 3),
+    ),
+    (
+        SinkWindowPattern(block_size=3, num_sink_blocks=2, num_window_blocks=1),
+        lambda S: brute_sink_window(S, 3, 2, 1),
+    ),
+    (
+        BlockStridedPattern(block_size=4, stride_blocks=3, num_local_blocks=2),
+        lambda S: brute_block_strided(S, 4, 3, 2),
+    ),
+    (
+        BlockStridedPattern(block_size=5, stride_blocks=2, num_local_blocks=1),
+        lambda S: brute_block_strided(S, 5, 2, 1),
+    ),
 ]
 
 
@@ -81,10 +97,14 @@ def test_paper_budget_at_128k():
 
 
 def test_named_dense_factories():
-    assert torch.equal(dense_sink_window_mask(40, block_size=4, num_sink_blocks=1, num_window_blocks=3),
-                       brute_sink_window(40, 4, 1, 3))
-    assert torch.equal(dense_block_strided_mask(40, block_size=4, stride_blocks=3, num_local_blocks=2),
-                       brute_block_strided(40, 4, 3, 2))
+    assert torch.equal(
+        dense_sink_window_mask(40, block_size=4, num_sink_blocks=1, num_window_blocks=3),
+        brute_sink_window(40, 4, 1, 3),
+    )
+    assert torch.equal(
+        dense_block_strided_mask(40, block_size=4, stride_blocks=3, num_local_blocks=2),
+        brute_block_strided(40, 4, 3, 2),
+    )
 
 
 # Hand-written block matrices (1 = the query block of the row sees the key block of the column), small

@@ -19,7 +19,9 @@ def test_causal_matches_sdpa(num_heads, num_kv_heads):
     v = torch.randn(B, num_kv_heads, S, H, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(S, S, dtype=torch.bool).tril()
     out, lse = reference_attention(q, k, v, mask)
-    expected = F.scaled_dot_product_attention(q, expand_kv_heads(k, num_heads), expand_kv_heads(v, num_heads), is_causal=True)
+    expected = F.scaled_dot_product_attention(
+        q, expand_kv_heads(k, num_heads), expand_kv_heads(v, num_heads), is_causal=True
+    )
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     scores = q @ expand_kv_heads(k, num_heads).transpose(-1, -2) / math.sqrt(H)
     torch.testing.assert_close(lse, torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1))

@@ -38,10 +38,16 @@ def _doubled_stride(self, qb, kb):
 
 
 WRONG = {
-    "window_off_by_one": (SinkWindowPattern, _window_off_by_one, SinkWindowPattern(block_size=16, num_window_blocks=3)),
+    "window_off_by_one": (
+        SinkWindowPattern,
+        _window_off_by_one,
+        SinkWindowPattern(block_size=16, num_window_blocks=3),
+    ),
     "no_sink": (SinkWindowPattern, _no_sink, SinkWindowPattern(block_size=16, num_window_blocks=3)),
     "doubled_stride": (
-        BlockStridedPattern, _doubled_stride, BlockStridedPattern(block_size=16, stride_blocks=2, num_local_blocks=1),
+        BlockStridedPattern,
+        _doubled_stride,
+        BlockStridedPattern(block_size=16, stride_blocks=2, num_local_blocks=1),
     ),
 }
 KERNELS = {

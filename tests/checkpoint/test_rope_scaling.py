@@ -14,8 +14,14 @@ SEQ = 96  # beyond the "original" 32 positions, where the scalings differ from p
 
 ROPE = {
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-             "beta_fast": 32.0, "beta_slow": 1.0},
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+    },
 }
 
 
@@ -32,9 +38,16 @@ def test_scaled_rope_logits_match_hf(kind, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
-    hf_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                         rope_parameters=dict(ROPE[kind]))
+    hf_cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        rope_parameters=dict(ROPE[kind]),
+    )
     hf_model = LlamaForCausalLM(hf_cfg).eval()
     hf_model.save_pretrained(tmp_path / "hf")
     cfg = hf_to_mcore(hf_dir=tmp_path / "hf", out_dir=tmp_path / "mcore", pattern="full", dtype="fp32")

@@ -177,7 +177,7 @@ def test_sparse_exchange_moves_few_blocks(cp_results):
 
 @pytest.mark.timeout(300)
 def test_bad_input_errors(cp_results):
-    for rank, res in enumerate(cp_results):
+    for _rank, res in enumerate(cp_results):
         e = res["errors"]
         assert "must be even" in e["odd_local"], e
         assert "lengths differ" in e["qk_len"], e

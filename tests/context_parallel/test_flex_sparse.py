@@ -80,7 +80,9 @@ def test_flex_matches_block_kernel_and_oracle(flex_backward_on_cpu, name, cp_siz
             torch.testing.assert_close(got[0], want, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(got[1], want_lse, atol=2e-5, rtol=1e-5)
         for what, a, b in zip(["dq", "dk", "dv"], flex[2:], blk[2:]):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m, w=f"rank {rank} {what}": f"{w}: {m}")
+            torch.testing.assert_close(
+                a, b, atol=2e-5, rtol=1e-5, msg=lambda m, w=f"rank {rank} {what}": f"{w}: {m}"
+            )
 
 
 def test_flex_block_mask_of_a_plan_lists_only_needed_tiles():
@@ -108,4 +110,9 @@ def test_flex_refuses_cpu_and_blocks_that_are_not_multiples_of_16():
     odd = SinkWindowPattern(block_size=24)
     reason = flex_unavailable_reason(device=torch.device("cuda"), dtype=torch.bfloat16, pattern=odd)
     assert "pattern block 24 is not a multiple of 16" in reason
-    assert flex_unavailable_reason(device=torch.device("cuda"), dtype=torch.bfloat16, pattern=PATTERNS["sink_window_b16"]) is None
+    assert (
+        flex_unavailable_reason(
+            device=torch.device("cuda"), dtype=torch.bfloat16, pattern=PATTERNS["sink_window_b16"]
+        )
+        is None
+    )

@@ -21,10 +21,18 @@ from tests.helpers.distributed import run_distributed
 SEQ, BATCH, VOCAB = 32, 2, 128
 VARIANTS = {
     "sink_window": {
-        "variant": "sink_window", "block_size": 4, "num_sink_blocks": 1, "num_window_blocks": 2, "backend": "torch"
+        "variant": "sink_window",
+        "block_size": 4,
+        "num_sink_blocks": 1,
+        "num_window_blocks": 2,
+        "backend": "torch",
     },
     "block_strided": {
-        "variant": "block_strided", "block_size": 4, "stride_blocks": 3, "num_local_blocks": 2, "backend": "torch"
+        "variant": "block_strided",
+        "block_size": 4,
+        "stride_blocks": 3,
+        "num_local_blocks": 2,
+        "backend": "torch",
     },
 }
 
@@ -79,7 +87,11 @@ def _forms(model) -> list[str]:
     from megatron_longgen.attention.core_attention import LongGenCoreAttention
 
     return sorted(
-        {f"{m.kind}/{m.form}/{m.resolved.name}" for m in model.modules() if isinstance(m, LongGenCoreAttention)}
+        {
+            f"{m.kind}/{m.form}/{m.resolved.name}"
+            for m in model.modules()
+            if isinstance(m, LongGenCoreAttention)
+        }
     )
 
 
@@ -231,8 +243,9 @@ def _group_errors(pair_group, cp_group):
     pgc = types.SimpleNamespace(cp=cp_group)
     sparse = SparseAttentionConfig(block_size=4, num_window_blocks=2, backend="torch")
     for kind in ("sparse", "full"):
-        module = LongGenCoreAttention(tcfg(cp_group.size()), 1, AttnMaskType.causal, "self", pg_collection=pgc,
-                                      kind=kind, sparse=sparse)
+        module = LongGenCoreAttention(
+            tcfg(cp_group.size()), 1, AttnMaskType.causal, "self", pg_collection=pgc, kind=kind, sparse=sparse
+        )
         x = torch.zeros(8, 1, 4, 16)
         try:
             module(x, x, x, torch.ones(1, 1, 8, 8, dtype=torch.bool))  # raises before any communication
@@ -241,8 +254,15 @@ def _group_errors(pair_group, cp_group):
             errors[f"{kind}_mask"] = str(e)
         errors[f"{kind}_form"] = module.form
     try:
-        LongGenCoreAttention(tcfg(cp_group.size()), 1, AttnMaskType.causal, "self", pg_collection=pgc,
-                             kind="sparse", sparse=SparseAttentionConfig(block_size=4, backend="triton"))
+        LongGenCoreAttention(
+            tcfg(cp_group.size()),
+            1,
+            AttnMaskType.causal,
+            "self",
+            pg_collection=pgc,
+            kind="sparse",
+            sparse=SparseAttentionConfig(block_size=4, backend="triton"),
+        )
         errors["triton_cp"] = None
     except ValueError as e:
         errors["triton_cp"] = str(e)

@@ -106,7 +106,9 @@ def test_backward_with_merged_lse_gives_each_steps_exact_share(name, shape):
     dq = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
     dk, dv = [], []
     for h in halves:
-        dq_s, dk_s, dv_s = kernel.backward(d_out, q, k[:, :, h], v[:, :, h], out, lse, causal=False, scale=SCALE)
+        dq_s, dk_s, dv_s = kernel.backward(
+            d_out, q, k[:, :, h], v[:, :, h], out, lse, causal=False, scale=SCALE
+        )
         assert dk_s.shape == (2, G, T // 2, H)  # K/V gradients come back with G heads (GQA)
         dq += dq_s.float()
         dk.append(dk_s.float())

@@ -270,12 +270,16 @@ def test_blend_override():
 def test_default_sample_counts_do_not_depend_on_the_step_budget(prefixes):
     blend = f"0.6 {prefixes['a']} 0.4 {prefixes['b']}"
     cfg = _cfg(blend)
-    tokens = validate_indexed_prefix(prefixes["a"]).num_tokens + validate_indexed_prefix(prefixes["b"]).num_tokens
+    tokens = (
+        validate_indexed_prefix(prefixes["a"]).num_tokens + validate_indexed_prefix(prefixes["b"]).num_tokens
+    )
     t = cfg.train
     expected = (int(tokens * 0.9) // SEQ, t.eval_iters * t.global_batch_size)
     assert default_num_samples(cfg) == expected
     for max_steps, eval_interval in ((7, 0), (500, 10)):
-        other = dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=max_steps, eval_interval=eval_interval))
+        other = dataclasses.replace(
+            cfg, train=dataclasses.replace(t, max_steps=max_steps, eval_interval=eval_interval)
+        )
         assert default_num_samples(other) == expected
 
 
@@ -297,12 +301,15 @@ def test_resuming_with_a_larger_step_budget_reads_the_same_samples(prefixes, tmp
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
             train, _ = build_datasets(cfg, tokenizer=load_tokenizer("builtin:tiny_sp"))
             order = SampleOrder(len(train), seed=cfg.train.seed)
-            seen.append([
-                batch["tokens"].tolist()
-                for step in range(5)
-                for batch in micro_batches(train, order, step=step, global_batch_size=4, micro_batch_size=2,
-                                           dp_rank=0, dp_size=1)
-            ])
+            seen.append(
+                [
+                    batch["tokens"].tolist()
+                    for step in range(5)
+                    for batch in micro_batches(
+                        train, order, step=step, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1
+                    )
+                ]
+            )
     finally:
         if created:
             dist.destroy_process_group()

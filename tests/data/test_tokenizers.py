@@ -72,8 +72,19 @@ def test_preprocess_data_cli_with_byte_level_bpe(hf_folder, raw, tmp_path, worke
     texts = TRICKY + ['literal "<|endoftext|>" in code'] + ["x = 1\n" * 300]
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
     prefix = str(tmp_path / "out")
-    stats = main(["--input", path, "--tokenizer", str(hf_folder), "--output-prefix", prefix,
-                  "--workers", str(workers), "--no-progress"])
+    stats = main(
+        [
+            "--input",
+            path,
+            "--tokenizer",
+            str(hf_folder),
+            "--output-prefix",
+            prefix,
+            "--workers",
+            str(workers),
+            "--no-progress",
+        ]
+    )
     info = validate_indexed_prefix(prefix)
     assert np.dtype(info.dtype) == np.uint16
     flat = np.fromfile(prefix + ".bin", dtype=info.dtype).tolist()

@@ -18,8 +18,14 @@ def test_convert_train_compare_example(tmp_path):
     work = tmp_path / "work"
     # As a user runs it: inside the environment the package is installed in (its `python`, `longgen-train`).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", "examples/convert_train_compare/run.sh", str(work), "10"], check=False,
-                          capture_output=True, text=True, timeout=880, env=env)
+    proc = subprocess.run(
+        ["bash", "examples/convert_train_compare/run.sh", str(work), "10"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=880,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("initialised weights from") == 2
     numbers = json.loads((work / "report" / "report.json").read_text())

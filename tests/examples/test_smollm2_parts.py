@@ -15,13 +15,15 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "smollm2_32k"
 sys.path.insert(0, str(EXAMPLE))
 
-import build_data
-import compare
-import retrieval_docs
+import build_data  # noqa: E402  (the example's folder is on sys.path first)
+import compare  # noqa: E402
+import retrieval_docs  # noqa: E402
 
 HAYSTACK = ["\n".join(f"line {i} of document {d}: some text" for i in range(400)) for d in range(3)]
-RECORD_KV = re.compile(r"record (\w{6}) -> value (\d+)|registry entry (\w{6}) stores (\d+)\.|\[(\w{6})\] = (\d+)"
-                       r"|\| (\w{6}) \| (\d+) \|")
+RECORD_KV = re.compile(
+    r"record (\w{6}) -> value (\d+)|registry entry (\w{6}) stores (\d+)\.|\[(\w{6})\] = (\d+)"
+    r"|\| (\w{6}) \| (\d+) \|"
+)
 QUERY = re.compile(r"Lookup: which value does record (\w{6}) hold\? (\d+)")
 
 
@@ -52,7 +54,9 @@ def test_retrieval_records_land_at_many_depths():
 
 
 def test_retrieval_documents_total_and_determinism():
-    docs, records = retrieval_docs.retrieval_documents(HAYSTACK, total_chars=20000, doc_chars=(2000, 4000), seed=3)
+    docs, records = retrieval_docs.retrieval_documents(
+        HAYSTACK, total_chars=20000, doc_chars=(2000, 4000), seed=3
+    )
     again, _ = retrieval_docs.retrieval_documents(HAYSTACK, total_chars=20000, doc_chars=(2000, 4000), seed=3)
     assert docs == again and records >= len(docs)
     assert 20000 <= sum(map(len, docs)) < 20000 + 4000 * 1.5
@@ -85,23 +89,33 @@ def test_scan_groups_by_directory_and_skips_nested_site_packages(tmp_path):
     (root / "pkg-1.0.dist-info" / "LICENSE").write_text("MIT licence text\n")
     code, docs, licenses = build_data.scan([root], max_doc_chars=10_000)
     assert [(name, [f.name for f in files]) for name, files, _ in code] == [
-        ("lib/pkg", ["a.py", "b.py"]), ("lib/pkg/sub", ["c.py"])]
+        ("lib/pkg", ["a.py", "b.py"]),
+        ("lib/pkg/sub", ["c.py"]),
+    ]
     assert [(name, sorted(f.name for f in files)) for name, files, _ in docs] == [
-        ("lib/pkg", ["METADATA", "README.md"])]
+        ("lib/pkg", ["METADATA", "README.md"])
+    ]
     assert [f.name for f in licenses] == ["LICENSE"]
     (text,) = build_data.join_files(code[0], max_chars=10_000)
     assert text == "# file: pkg/a.py\na = 1\n\n# file: pkg/b.py\nb = 2\n"
     assert len(build_data.join_files(code[0], max_chars=20)) == 2  # split at the file boundary
     small = build_data.scan([root], max_doc_chars=7)[0]  # each 6-byte file alone: candidates of one name
     assert [(name, [f.name for f in files]) for name, files, _ in small] == [
-        ("lib/pkg", ["a.py"]), ("lib/pkg", ["b.py"]), ("lib/pkg/sub", ["c.py"])]
+        ("lib/pkg", ["a.py"]),
+        ("lib/pkg", ["b.py"]),
+        ("lib/pkg/sub", ["c.py"]),
+    ]
 
 
 def test_compare_reads_both_report_shapes():
-    trials = {"results": [{"length": 4096, "depth": 0.0, "correct": True},
-                          {"length": 4096, "depth": 0.0, "correct": False},
-                          {"length": 4096, "depth": 1.0, "correct": True},
-                          {"length": 8192, "depth": 0.5, "accuracy": 0.25}]}
+    trials = {
+        "results": [
+            {"length": 4096, "depth": 0.0, "correct": True},
+            {"length": 4096, "depth": 0.0, "correct": False},
+            {"length": 4096, "depth": 1.0, "correct": True},
+            {"length": 8192, "depth": 0.5, "accuracy": 0.25},
+        ]
+    }
     table = {"accuracy": {"4096": {"0.0": 0.5, "1.0": 1.0}, "8192": {"0.5": 0.25}}}
     expected = {4096: {0.0: 0.5, 1.0: 1.0}, 8192: {0.5: 0.25}}
     assert compare.cells(trials) == expected == compare.cells(table)
@@ -111,10 +125,16 @@ def test_compare_reads_both_report_shapes():
 
 
 def test_compare_targets():
-    passkey = {"longgen": {4096: 1.0, 32768: 0.95}, "sparse_only": {4096: 1.0, 32768: 0.1},
-               "attnsink_inference": {4096: 0.9, 32768: 0.0}}
+    passkey = {
+        "longgen": {4096: 1.0, 32768: 0.95},
+        "sparse_only": {4096: 1.0, 32768: 0.1},
+        "attnsink_inference": {4096: 0.9, 32768: 0.0},
+    }
     niah = {"longgen": {4096: 0.9, 32768: 0.8}, "full": {4096: 1.0, 32768: 0.9}}
-    training = {"longgen": {"wall_clock_s": 80.0, "tokens": 100}, "full": {"wall_clock_s": 100.0, "tokens": 100}}
+    training = {
+        "longgen": {"wall_clock_s": 80.0, "tokens": 100},
+        "full": {"wall_clock_s": 100.0, "tokens": 100},
+    }
     t = compare.check_targets(passkey, niah, training)
     assert t["longgen_passkey_32k_ge_0.95"] and t["longgen_beats_sparse_and_attnsink_beyond_window"]
     assert t["niah_mean_gap_to_full"] == pytest.approx(0.1) and t["niah_within_10_points_of_full"]
@@ -126,13 +146,19 @@ def test_compare_targets():
     assert t["longgen_trains_faster_than_full"] is None and "niah_within_10_points_of_full" not in t
 
 
-def _write_run(run_dir: Path, *, seconds_per_step: float, steps: int = 4, tokens_per_step: int = 1000) -> None:
+def _write_run(
+    run_dir: Path, *, seconds_per_step: float, steps: int = 4, tokens_per_step: int = 1000
+) -> None:
     run_dir.mkdir(parents=True)
-    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "tokens": s * tokens_per_step, "wall_time_s": s * seconds_per_step}
-            for s in range(1, steps + 1)]
+    rows = [
+        {"step": s, "loss": 3.0 - 0.1 * s, "tokens": s * tokens_per_step, "wall_time_s": s * seconds_per_step}
+        for s in range(1, steps + 1)
+    ]
     rows[-1]["eval_loss"] = 2.5
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "config.json").write_text(json.dumps({"train": {"seed": 7}, "model": {"layer_pattern": "SFS"}}))
+    (run_dir / "config.json").write_text(
+        json.dumps({"train": {"seed": 7}, "model": {"layer_pattern": "SFS"}})
+    )
     (run_dir / "process_time.json").write_text(json.dumps({"process_wall_s": steps * seconds_per_step + 30}))
 
 
@@ -140,23 +166,48 @@ def test_compare_end_to_end_on_written_reports(tmp_path):
     work = tmp_path / "work"
     for variant, seconds in (("longgen", 1.0), ("sparse_only", 0.8), ("full", 1.3)):
         _write_run(work / "train" / variant, seconds_per_step=seconds)
-    for model, acc in (("original", 0.0), ("longgen", 1.0), ("sparse_only", 0.0), ("full", 1.0),
-                       ("attnsink_inference", 0.0)):
+    for model, acc in (
+        ("original", 0.0),
+        ("longgen", 1.0),
+        ("sparse_only", 0.0),
+        ("full", 1.0),
+        ("attnsink_inference", 0.0),
+    ):
         (work / "eval" / model).mkdir(parents=True)
-        trials = [{"length": n, "depth": d, "correct": bool(acc) or n <= 2048}
-                  for n in (2048, 4096) for d in (0.0, 0.5, 1.0)]
+        trials = [
+            {"length": n, "depth": d, "correct": bool(acc) or n <= 2048}
+            for n in (2048, 4096)
+            for d in (0.0, 0.5, 1.0)
+        ]
         for kind in ("passkey", "niah"):
             (work / "eval" / model / f"{kind}.json").write_text(json.dumps({"results": trials}))
-        (work / "eval" / model / "ppl.json").write_text(json.dumps({"positions": [1024, 2048, 4096],
-                                                                     "ppl": [9.0, 8.0, 7.0 + acc]}))
+        # tools/eval_ppl_by_position.py's shape: per-bin `bins`, the whole-document `ppl`
+        bins = [
+            {"start": a, "end": b, "ppl": p}
+            for a, b, p in ((0, 1024, 9.0), (1024, 2048, 8.0), (2048, 4096, 7.0 + acc))
+        ]
+        (work / "eval" / model / "ppl.json").write_text(json.dumps({"bins": bins, "ppl": 7.9}))
     out = tmp_path / "results"
     result = compare.main(["--workdir", str(work), "--device", "test", "--out-dir", str(out)])
     written = json.loads((out / "smollm2_32k_test.json").read_text())
     assert written["passkey"]["longgen"] == {"2048": 1.0, "4096": 1.0}
     assert written["passkey"]["sparse_only"] == {"2048": 1.0, "4096": 0.0}
+    assert written["ppl_by_position"]["longgen"] == {
+        "positions": [512.0, 1536.0, 3072.0],
+        "ppl": [9.0, 8.0, 8.0],
+    }
     assert written["training"]["full"] == {
-        "tokens": 4000, "steps": 4, "wall_clock_s": 5.2, "tokens_per_s": 4000 / 5.2, "process_wall_s": 35.2,
-        "seed": 7, "layer_pattern": "SFS", "final_loss": pytest.approx(2.6), "eval_loss": 2.5, "peak_mem_gib": None}
+        "tokens": 4000,
+        "steps": 4,
+        "wall_clock_s": 5.2,
+        "tokens_per_s": 4000 / 5.2,
+        "process_wall_s": 35.2,
+        "seed": 7,
+        "layer_pattern": "SFS",
+        "final_loss": pytest.approx(2.6),
+        "eval_loss": 2.5,
+        "peak_mem_gib": None,
+    }
     assert written["targets"]["longgen_beats_sparse_and_attnsink_beyond_window"] is True
     assert written["targets"]["full_over_longgen_wall_clock"] == pytest.approx(1.3)
     assert result["missing"] == []

@@ -32,10 +32,12 @@ EXAMPLE = REPO / "examples" / "smollm2_32k"
 VARIANTS = ("longgen", "sparse_only", "full")
 VOCAB, SEQ, STEPS, GBS = 400, 256, 3, 2
 # The recipes' 30-layer patterns sampled every 5th layer: longgen SSFFSS, sparse_only SSSSSS, full FFFFFF.
-TINY = ("model.num_layers=6 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
-        f"model.ffn_hidden_size=128 model.vocab_size={VOCAB} train.seq_length={SEQ} train.global_batch_size={GBS} "
-        "train.dtype=fp32 train.lr=1e-3 train.lr_warmup_steps=1 train.eval_interval=2 "
-        "sparse.block_size=16 sparse.num_window_blocks=4 data.valid_fraction=0.25")
+TINY = (
+    "model.num_layers=6 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2 "
+    f"model.ffn_hidden_size=128 model.vocab_size={VOCAB} train.seq_length={SEQ} train.global_batch_size={GBS} "
+    "train.dtype=fp32 train.lr=1e-3 train.lr_warmup_steps=1 train.eval_interval=2 "
+    "sparse.block_size=16 sparse.num_window_blocks=4 data.valid_fraction=0.25"
+)
 
 
 def tiny_pattern(variant: str) -> str:
@@ -44,8 +46,12 @@ def tiny_pattern(variant: str) -> str:
 
 def run(cmd: list[str], *, env: dict | None = None, timeout: int = 900) -> str:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run(
+        cmd, check=False, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc.stdout
 
 
@@ -54,9 +60,18 @@ def tiny_gguf_model(tmp_path: Path):
 
     from tests.examples.tiny_gguf import write_llama_gguf
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # attention that is not uniform, so RoPE and the Q/K permutation matter
@@ -73,11 +88,15 @@ def fake_site_packages(tmp_path: Path) -> tuple[Path, Path]:
     a licence file; plus a licences folder."""
     root = tmp_path / "site-packages"
     for package in ("megatron_longgen", "tools"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.model"))
+        shutil.copytree(
+            REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.model")
+        )
     dist = root / "megatron_longgen-0.1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Name: megatron_longgen\n\n" + (REPO / "README.md").read_text())
-    (dist / "LICENSE").write_text("Apache License, Version 2.0. Permission is granted to use this software.\n" * 20)
+    (dist / "LICENSE").write_text(
+        "Apache License, Version 2.0. Permission is granted to use this software.\n" * 20
+    )
     licenses = tmp_path / "common-licenses"
     licenses.mkdir()
     (licenses / "MIT").write_text("Permission is hereby granted, free of charge, to any person. " * 50)
@@ -87,9 +106,20 @@ def fake_site_packages(tmp_path: Path) -> tuple[Path, Path]:
 def evaluate(workdir: Path) -> None:
     """The evaluation step: evaluate.sh (tools/eval_passkey.py, eval_niah.py, eval_ppl_by_position.py) at
     tiny sizes for every model."""
-    run(["bash", str(EXAMPLE / "evaluate.sh")], env={
-        "WORKDIR": str(workdir), "PYTHON": sys.executable, "LENGTHS": "256 512", "DEPTHS": "0.0 0.5 1.0",
-        "SAMPLES": "1", "PPL_DOCS": "1", "PPL_LENGTH": "512", "PPL_BIN": "128", "DTYPE": "fp32"})
+    run(
+        ["bash", str(EXAMPLE / "evaluate.sh")],
+        env={
+            "WORKDIR": str(workdir),
+            "PYTHON": sys.executable,
+            "LENGTHS": "256 512",
+            "DEPTHS": "0.0 0.5 1.0",
+            "SAMPLES": "1",
+            "PPL_DOCS": "1",
+            "PPL_LENGTH": "512",
+            "PPL_BIN": "128",
+            "DTYPE": "fp32",
+        },
+    )
 
 
 @pytest.mark.slow
@@ -105,12 +135,24 @@ def test_smollm2_pipeline(tmp_path):
     reference, gguf = tiny_gguf_model(tmp_path)
 
     # 1. prepare: GGUF -> HF folder (+ checks: reload, Megatron logits) -> Megatron checkpoint.
-    out = run([sys.executable, str(EXAMPLE / "prepare_model.py"), "--gguf", str(gguf), "--workdir", str(workdir),
-               "--max-ppl", "inf"])
+    out = run(
+        [
+            sys.executable,
+            str(EXAMPLE / "prepare_model.py"),
+            "--gguf",
+            str(gguf),
+            "--workdir",
+            str(workdir),
+            "--max-ppl",
+            "inf",
+        ]
+    )
     assert "Megatron checkpoint vs HF logits" in out
     hf_original = workdir / "hf" / "original"
     report = json.loads((hf_original / "prepare_report.json").read_text())
-    assert report["bos_token_id"] == 0 and report["vocab_size"] == VOCAB and report["mcore_max_abs_diff"] < 1e-3
+    assert (
+        report["bos_token_id"] == 0 and report["vocab_size"] == VOCAB and report["mcore_max_abs_diff"] < 1e-3
+    )
     prepared = LlamaForCausalLM.from_pretrained(hf_original, dtype=torch.float32).eval()
     ids = torch.randint(0, VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -118,10 +160,33 @@ def test_smollm2_pipeline(tmp_path):
 
     # 2. data: a small installation -> corpus -> indexed dataset with the prepared (byte-level BPE) tokenizer.
     root, licenses = fake_site_packages(tmp_path)
-    run([sys.executable, str(EXAMPLE / "build_data.py"), "--workdir", str(workdir), "--roots", str(root),
-         "--licenses-dir", str(licenses), "--target-tokens", "60000", "--max-doc-chars", "6000",
-         "--synthetic-doc-chars", "2000", "4000",
-         "--heldout-docs", "1", "--heldout-min-chars", "5000", "--long-threshold", "2048", "--workers", "1"])
+    run(
+        [
+            sys.executable,
+            str(EXAMPLE / "build_data.py"),
+            "--workdir",
+            str(workdir),
+            "--roots",
+            str(root),
+            "--licenses-dir",
+            str(licenses),
+            "--target-tokens",
+            "60000",
+            "--max-doc-chars",
+            "6000",
+            "--synthetic-doc-chars",
+            "2000",
+            "4000",
+            "--heldout-docs",
+            "1",
+            "--heldout-min-chars",
+            "5000",
+            "--long-threshold",
+            "2048",
+            "--workers",
+            "1",
+        ]
+    )
     stats = json.loads((workdir / "data" / "build_stats.json").read_text())
     shares = {s: v["share_out"] for s, v in stats["tokens_per_source"].items()}
     assert set(shares) == {"code", "docs", "licenses", "synthetic"} and 0 < shares["synthetic"] <= 0.25
@@ -129,13 +194,17 @@ def test_smollm2_pipeline(tmp_path):
     heldout = json.loads((workdir / "data" / "heldout.jsonl").read_text().splitlines()[0])
     first_file = heldout["text"].split("\n", 1)[0]  # "# file: <path>"
     assert first_file.startswith("# file: ")
-    assert json.dumps(first_file)[1:-1] not in (workdir / "data" / "corpus" / "code.jsonl").read_text(), \
+    assert json.dumps(first_file)[1:-1] not in (workdir / "data" / "corpus" / "code.jsonl").read_text(), (
         "a held-out file is also in the training corpus"
+    )
 
     # 3-4. train each recipe (scaled down) on the same tokens, then export.
     for variant in VARIANTS:
-        env = {"WORKDIR": str(workdir), "PYTHON": sys.executable,
-               "OVERRIDES": f"{TINY} model.layer_pattern={tiny_pattern(variant)}"}
+        env = {
+            "WORKDIR": str(workdir),
+            "PYTHON": sys.executable,
+            "OVERRIDES": f"{TINY} model.layer_pattern={tiny_pattern(variant)}",
+        }
         run(["bash", str(EXAMPLE / "train.sh"), variant, "--max-steps", str(STEPS), "--quiet"], env=env)
         run(["bash", str(EXAMPLE / "export.sh"), variant], env=env)
         config = json.loads((workdir / "train" / variant / "config.json").read_text())
@@ -161,8 +230,18 @@ def test_smollm2_pipeline(tmp_path):
 
     # 6. compare.
     results = tmp_path / "results"
-    run([sys.executable, str(EXAMPLE / "compare.py"), "--workdir", str(workdir), "--device", "cpu",
-         "--out-dir", str(results)])
+    run(
+        [
+            sys.executable,
+            str(EXAMPLE / "compare.py"),
+            "--workdir",
+            str(workdir),
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(results),
+        ]
+    )
     summary = json.loads((results / "smollm2_32k_cpu.json").read_text())
     training = summary["training"]
     assert set(training) == set(VARIANTS)

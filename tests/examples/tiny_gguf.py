@@ -54,14 +54,22 @@ def write_llama_gguf(path: Path, model, raw_tokenizer) -> Path:
     for i in range(cfg.num_hidden_layers):
         hf = f"model.layers.{i}."
         names = {
-            "attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "attn_norm": "input_layernorm",
+            "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj",
         }
-        writer.add_tensor(f"blk.{i}.attn_q.weight",
-                          _llama_cpp_permute(state[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight",
-                          _llama_cpp_permute(state[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight",
+            _llama_cpp_permute(state[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads),
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight",
+            _llama_cpp_permute(state[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+        )
         for gguf_name, hf_name in names.items():
             writer.add_tensor(f"blk.{i}.{gguf_name}.weight", state[hf + hf_name + ".weight"])
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])

@@ -90,7 +90,9 @@ def run_distributed(fn, *, world_size: int, args: tuple = (), timeout_s: float =
                     # A rank died without reporting (e.g. a segfault): give the queue a moment, then fail.
                     time.sleep(2.0)
                     if out_queue.empty():
-                        raise RuntimeError(f"ranks {dead} exited with codes {[procs[i].exitcode for i in dead]}")
+                        raise RuntimeError(
+                            f"ranks {dead} exited with codes {[procs[i].exitcode for i in dead]}"
+                        ) from None
                 continue
             (results if status == "ok" else errors)[rank] = payload
             if errors:

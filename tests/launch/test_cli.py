@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"tools/{tool}", *args], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=subprocess_env({"PYTHONPATH": str(ROOT), **(env or {})}))
+    return subprocess.run(
+        [sys.executable, f"tools/{tool}", *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env({"PYTHONPATH": str(ROOT), **(env or {})}),
+    )
 
 
 def _errors(proc) -> list[str]:
@@ -21,20 +28,35 @@ def _errors(proc) -> list[str]:
 
 
 def test_planner_cli_ranks_the_70b_layouts_and_marks_what_fits():
-    proc = _run("plan_parallelism.py", "--recipe", "llama2_70b_128k", "--gpus", "64", "--gpu", "h100-80gb",
-                "--top", "40")
+    proc = _run(
+        "plan_parallelism.py",
+        "--recipe",
+        "llama2_70b_128k",
+        "--gpus",
+        "64",
+        "--gpu",
+        "h100-80gb",
+        "--top",
+        "40",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "llama2_70b_128k (80 layers, seq 131072, global batch 32) on 64 x NVIDIA H100 SXM5 80GB" in out
-    rows = re.findall(r"^\s+(\d+)\s+TP(\d+) PP(\d+) CP(\d+) DP(\d+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+(\d+%)( OOM)?\s+"
-                      r"([\d.]+)\s+(\d+)", out, flags=re.MULTILINE)
+    rows = re.findall(
+        r"^\s+(\d+)\s+TP(\d+) PP(\d+) CP(\d+) DP(\d+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+(\d+%)( OOM)?\s+"
+        r"([\d.]+)\s+(\d+)",
+        out,
+        flags=re.MULTILINE,
+    )
     assert len(rows) == 40 and [int(r[0]) for r in rows] == list(range(1, 41))
     fits = [not r[9] for r in rows]
     assert fits[0] and not fits[-1] and fits == sorted(fits, reverse=True)  # fitting layouts first
     # Within the layouts that leave 10% free, faster first.
     comfortable = [int(r[11]) for r in rows if not r[9] and int(r[8][:-1]) <= 90]
     assert comfortable == sorted(comfortable, reverse=True)
-    assert "recommended (fits with 10% headroom" in out and "layout tp 8 pp 1 cp 8 dp 1, recompute full" in out
+    assert (
+        "recommended (fits with 10% headroom" in out and "layout tp 8 pp 1 cp 8 dp 1, recompute full" in out
+    )
     longgen = re.search(r"LongGen\s+llama2_70b_128k\s+(\d+) tokens/s/GPU\s+MFU ([\d.]+)", out)
     full = re.search(r"full\s+llama2_70b_128k_full\s+(\d+) tokens/s/GPU\s+MFU ([\d.]+)", out)
     assert longgen and full and int(longgen.group(1)) > int(full.group(1))
@@ -44,10 +66,18 @@ def test_planner_cli_ranks_the_70b_layouts_and_marks_what_fits():
 
 def test_planner_cli_bad_numbers_are_one_line_errors():
     for args, message in (
-        (["--recipe", "llama2_70b_128k", "--gpus", "0"], "--gpus, --gpus-per-node and --top must be >= 1, got 0"),
-        (["--recipe", "llama2_70b_128k", "--gpus", "64", "--headroom", "1.5"], "--headroom and --tie must be in"),
-        (["--recipe", "llama2_70b_128k", "--gpus", "64", "--override", "train.seq_length=x"],
-         "override train.seq_length='x': expected int"),
+        (
+            ["--recipe", "llama2_70b_128k", "--gpus", "0"],
+            "--gpus, --gpus-per-node and --top must be >= 1, got 0",
+        ),
+        (
+            ["--recipe", "llama2_70b_128k", "--gpus", "64", "--headroom", "1.5"],
+            "--headroom and --tie must be in",
+        ),
+        (
+            ["--recipe", "llama2_70b_128k", "--gpus", "64", "--override", "train.seq_length=x"],
+            "override train.seq_length='x': expected int",
+        ),
     ):
         proc = _run("plan_parallelism.py", *args)
         assert proc.returncode == 2 and len(_errors(proc)) == 1 and message in proc.stderr, proc.stderr
@@ -62,9 +92,28 @@ def test_check_launch_bad_allocation_numbers():
 
 
 def test_check_launch_honours_every_longgen_train_flag():
-    proc = _run("check_launch.py", "--recipe", "debug_tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu", "none",
-                "--run-dir", "runs/x", "--resume", "--max-steps", "7", "--attention", "full", "--quiet",
-                "--override", "train.global_batch_size=8", "train.seq_length=512")
+    proc = _run(
+        "check_launch.py",
+        "--recipe",
+        "debug_tiny",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--gpu",
+        "none",
+        "--run-dir",
+        "runs/x",
+        "--resume",
+        "--max-steps",
+        "7",
+        "--attention",
+        "full",
+        "--quiet",
+        "--override",
+        "train.global_batch_size=8",
+        "train.seq_length=512",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pattern FFFFFF" in proc.stdout and "world 2 = tp 1 x pp 1 x cp 1 x dp 2" in proc.stdout
     assert "global batch 8 x 512 tokens = 4,096 tokens/step; 2 micro-batches of 2 per DP rank" in proc.stdout
@@ -85,11 +134,16 @@ def test_check_launch_passes_a_complete_production_launch(tmp_path):
     from megatron_longgen.recipes import get_recipe
 
     env = production_env(tmp_path, get_recipe("llama2_7b_128k"), tokens=600_000_000)
-    proc = _run("check_launch.py", "--recipe", "llama2_7b_128k", "--nodes", "8", "--max-steps", "100", env=env)
+    proc = _run(
+        "check_launch.py", "--recipe", "llama2_7b_128k", "--nodes", "8", "--max-steps", "100", env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plan on NVIDIA H100 SXM5 80GB" in proc.stdout and "launch OK" in proc.stdout
     # 100 steps x 32 sequences = 3,200 of the 4,577 sequences of 131,072 in a 600M-token blend: no data warning.
-    assert "4,577 sequences/epoch -> 0.70 epochs over the run" in proc.stdout and "data repeats" not in proc.stdout
+    assert (
+        "4,577 sequences/epoch -> 0.70 epochs over the run" in proc.stdout
+        and "data repeats" not in proc.stdout
+    )
 
 
 def test_validate_mode_writes_the_table(tmp_path):

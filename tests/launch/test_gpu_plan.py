@@ -1,6 +1,6 @@
 """On a GPU: the planner's memory and step time against real training steps of the 7B-shaped bench model.
 
-    python -m pytest tests/launch/test_gpu_plan.py -m gpu -q
+python -m pytest tests/launch/test_gpu_plan.py -m gpu -q
 """
 
 import statistics
@@ -28,8 +28,9 @@ def test_planner_predicts_a_real_step(pattern, recompute):
     gpu = detect_gpu()
     if gpu is None:
         pytest.skip(f"{torch.cuda.get_device_name()} is not in launch/gpus.py")
-    cfg = bench_model_config(pattern=pattern, seq_length=16384, recompute=recompute, variant="sink_window",
-                             backend="auto")
+    cfg = bench_model_config(
+        pattern=pattern, seq_length=16384, recompute=recompute, variant="sink_window", backend="auto"
+    )
     layout = Layout(tp=1, pp=1, cp=1, dp=1, recompute=recompute, sequence_parallel=False)
     import gc
 

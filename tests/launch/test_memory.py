@@ -67,12 +67,31 @@ def _single_process():
     yield
 
 
-def _cfg(*, heads=4, groups=2, hidden=128, ffn=352, vocab=512, layers=3, seq=256, recompute="none",
-         tie=False, dtype="bf16") -> LongGenConfig:
+def _cfg(
+    *,
+    heads=4,
+    groups=2,
+    hidden=128,
+    ffn=352,
+    vocab=512,
+    layers=3,
+    seq=256,
+    recompute="none",
+    tie=False,
+    dtype="bf16",
+) -> LongGenConfig:
     return LongGenConfig(
         name="mem",
-        model=ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
-                          ffn_hidden_size=ffn, vocab_size=vocab, layer_pattern="F" * layers, tie_embeddings=tie),
+        model=ModelConfig(
+            num_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            ffn_hidden_size=ffn,
+            vocab_size=vocab,
+            layer_pattern="F" * layers,
+            tie_embeddings=tie,
+        ),
         sparse=SparseAttentionConfig(backend="torch"),
         parallel=ParallelConfig(use_distributed_optimizer=False),
         train=TrainingConfig(seq_length=seq, max_steps=1, dtype=dtype, recompute=recompute),
@@ -105,8 +124,14 @@ def test_local_parameters_by_hand():
     # h=64, 4 heads / 2 groups of 16, f=176, vocab 300 -> padded to 128*2 = 512 rows at tp=2.
     m = _cfg(heads=4, groups=2, hidden=64, ffn=176, vocab=300, layers=4).model
     linears = 64 * (4 + 4) * 16 + 64 * 64 + 64 * 352 + 176 * 64  # qkv, proj, fc1, fc2
-    assert local_parameters(m, kinds="FF", tp=2, first=True, last=False) == 2 * (linears / 2 + 128) + 512 * 64 / 2
-    assert local_parameters(m, kinds="FF", tp=2, first=False, last=True) == 2 * (linears / 2 + 128) + 64 + 512 * 64 / 2
+    assert (
+        local_parameters(m, kinds="FF", tp=2, first=True, last=False)
+        == 2 * (linears / 2 + 128) + 512 * 64 / 2
+    )
+    assert (
+        local_parameters(m, kinds="FF", tp=2, first=False, last=True)
+        == 2 * (linears / 2 + 128) + 64 + 512 * 64 / 2
+    )
 
 
 def _measured_activation_peak(cfg) -> float:
@@ -114,7 +139,9 @@ def _measured_activation_peak(cfg) -> float:
     model.train()
     for p in model.parameters():  # Megatron's DDP moves each gradient into its buffer at once
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, cfg.model.vocab_size, (1, cfg.train.seq_length), generator=torch.Generator().manual_seed(0)
+    )
     pos = torch.arange(cfg.train.seq_length)[None]
     static = [t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())]
     tracker = LiveStorage(static)
@@ -167,8 +194,12 @@ def test_layer_terms_follow_the_published_formulas():
 
 
 def test_pipeline_ranks_keep_their_in_flight_microbatches():
-    cfg = dataclasses.replace(_cfg(layers=8, seq=1024), train=dataclasses.replace(
-        _cfg(layers=8, seq=1024).train, global_batch_size=8, pipeline_layout="even"))
+    cfg = dataclasses.replace(
+        _cfg(layers=8, seq=1024),
+        train=dataclasses.replace(
+            _cfg(layers=8, seq=1024).train, global_batch_size=8, pipeline_layout="even"
+        ),
+    )
     plan = estimate_memory(cfg, Layout(tp=1, pp=4, cp=1, dp=1, recompute="full"))
     per_microbatch = [s.activations / s.in_flight for s in plan.stages]
     assert [s.in_flight for s in plan.stages] == [4, 3, 2, 1]

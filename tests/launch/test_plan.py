@@ -49,17 +49,26 @@ def test_ranking_and_recommendation_on_the_7b_recipe():
     assert first_tier == sorted(first_tier, reverse=True)
     best = recommend(rows, headroom=0.1, tie=0.05)
     assert best.fits_within(0.1) and best.tokens_per_s_per_gpu >= 0.95 * rows[0].tokens_per_s_per_gpu
-    simplest = min((r.layout.pp > 1) + (r.layout.cp > 1) for r in rows
-                   if r.fits_within(0.1) and r.tokens_per_s_per_gpu >= 0.95 * rows[0].tokens_per_s_per_gpu)
+    simplest = min(
+        (r.layout.pp > 1) + (r.layout.cp > 1)
+        for r in rows
+        if r.fits_within(0.1) and r.tokens_per_s_per_gpu >= 0.95 * rows[0].tokens_per_s_per_gpu
+    )
     assert (best.layout.pp > 1) + (best.layout.cp > 1) == simplest
     # The recipe's default is the planner's recommendation for 8 x 8 H100-80GB (recipes.py).
     assert (best.layout.tp, best.layout.pp, best.layout.cp, best.layout.recompute) == (
-        cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.context_parallel,
-        cfg.train.recompute)
+        cfg.parallel.tensor_parallel,
+        cfg.parallel.pipeline_parallel,
+        cfg.parallel.context_parallel,
+        cfg.train.recompute,
+    )
     # Selective recompute never pays with flash-style kernels: more time than none, and (without CP, where the
     # sparse exchange changes which K/V buffers stay alive) about the same memory.
-    none = {(r.layout.tp, r.layout.pp, r.layout.cp, r.layout.micro_batch_size): r for r in rows
-            if r.layout.recompute == "none"}
+    none = {
+        (r.layout.tp, r.layout.pp, r.layout.cp, r.layout.micro_batch_size): r
+        for r in rows
+        if r.layout.recompute == "none"
+    }
     for r in rows:
         if r.layout.recompute == "selective":
             twin = none[(r.layout.tp, r.layout.pp, r.layout.cp, r.layout.micro_batch_size)]
@@ -80,14 +89,21 @@ def test_70b_recipe_default_is_the_recommendation_and_lighter_gpus_fit_less():
 
 
 def test_checkpoint_estimate_by_hand():
-    cfg = apply_overrides(get_recipe("llama2_7b_128k"), ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false"])
+    cfg = apply_overrides(
+        get_recipe("llama2_7b_128k"), ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false"]
+    )
     est = checkpoint_save_estimate(cfg, Layout(tp=1, pp=1, cp=1, dp=32, recompute="full"), fs_write_gbps=10)
-    params = 32000 * 4096 * 2 + 32 * (4096 * 3 * 4096 + 4096 * 4096 + 4096 * 2 * 11008 + 11008 * 4096 + 2 * 4096) + 4096
+    params = (
+        32000 * 4096 * 2
+        + 32 * (4096 * 3 * 4096 + 4096 * 4096 + 4096 * 2 * 11008 + 11008 * 4096 + 2 * 4096)
+        + 4096
+    )
     assert est.total_bytes == 14 * params  # bf16 weights + fp32 main params + Adam m, v
     assert est.busiest_gpu_bytes == pytest.approx(2 * params + 12 * params / 32)
     assert est.save_s == pytest.approx(14 * params / 10e9)  # the file system is the bottleneck here
-    slow_writer = checkpoint_save_estimate(cfg, Layout(tp=1, pp=1, cp=1, dp=32, recompute="full"), fs_write_gbps=1000,
-                                           per_gpu_write_gbps=1)
+    slow_writer = checkpoint_save_estimate(
+        cfg, Layout(tp=1, pp=1, cp=1, dp=32, recompute="full"), fs_write_gbps=1000, per_gpu_write_gbps=1
+    )
     assert slow_writer.save_s == pytest.approx(est.busiest_gpu_bytes / 1e9)  # one writer is
     with pytest.raises(ValueError, match="must be > 0 GB/s"):
         checkpoint_save_estimate(cfg, Layout(tp=1, pp=1, cp=1, dp=32, recompute="full"), fs_write_gbps=0)
@@ -96,7 +112,9 @@ def test_checkpoint_estimate_by_hand():
 def test_gpu_table_is_complete():
     for spec in GPUS.values():
         assert spec.usable_bytes < spec.memory_gib * 2**30
-        assert spec.matmul_tflops <= spec.peak_bf16_tflops and spec.dense_attn_tflops[0] <= spec.peak_bf16_tflops
+        assert (
+            spec.matmul_tflops <= spec.peak_bf16_tflops and spec.dense_attn_tflops[0] <= spec.peak_bf16_tflops
+        )
         assert spec.sparse_rate("sink_window", "auto") == spec.sparse_attn_tflops["sink_window/triton"]
         assert spec.sparse_rate("block_strided", "flex")
     with pytest.raises(ValueError, match="unknown GPU 'v100'"):
@@ -110,21 +128,51 @@ def test_validation_reads_whatever_measurements_exist(tmp_path):
         shutil.copy(ROOT / "benchmarks" / "results" / name, tmp_path / name)
     # A new-style file: several recompute modes, one out-of-memory row, one run cut by the time budget.
     rows = [
-        {"pattern": "SSFFSS", "seq_length": 131072, "recompute": "none", "sparse_variant": "sink_window",
-         "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"},
-        {"pattern": "FFFFFF", "seq_length": 131072, "recompute": "none", "error": "not run: time budget of 330 s spent"},
+        {
+            "pattern": "SSFFSS",
+            "seq_length": 131072,
+            "recompute": "none",
+            "sparse_variant": "sink_window",
+            "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB",
+        },
+        {
+            "pattern": "FFFFFF",
+            "seq_length": 131072,
+            "recompute": "none",
+            "error": "not run: time budget of 330 s spent",
+        },
     ]
-    (tmp_path / "train_step_recompute_h200.json").write_text(json.dumps({"rows": rows, "rates": {
-        "gemm_tflops": {"qkv_fwd": 700.0}, "gemm_tflops_harmonic_mean": 700.0, "copy_gbps": 4000.0}}))
+    (tmp_path / "train_step_recompute_h200.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "rates": {
+                    "gemm_tflops": {"qkv_fwd": 700.0},
+                    "gemm_tflops_harmonic_mean": 700.0,
+                    "copy_gbps": 4000.0,
+                },
+            }
+        )
+    )
     result = validate_against_measurements(tmp_path)
-    assert result["sources"] == ["train_step_h200.json", "train_step_recompute_h200.json", "context_parallel_h200.json"]
+    assert result["sources"] == [
+        "train_step_h200.json",
+        "train_step_recompute_h200.json",
+        "context_parallel_h200.json",
+    ]
     measured = [r for r in result["train_step"] if "mem_error" in r]
-    assert len(measured) == 6 and all(abs(r["mem_error"]) < 0.10 and abs(r["time_error"]) < 0.20 for r in measured)
+    assert len(measured) == 6 and all(
+        abs(r["mem_error"]) < 0.10 and abs(r["time_error"]) < 0.20 for r in measured
+    )
     oom = next(r for r in result["train_step"] if r.get("measured") == "OOM")
-    assert oom["predicted_fits"] is False and oom["ok"] is True  # 128K without recompute: predicted not to fit
+    assert (
+        oom["predicted_fits"] is False and oom["ok"] is True
+    )  # 128K without recompute: predicted not to fit
     skipped = next(r for r in result["train_step"] if r["pattern"] == "FFFFFF" and r["recompute"] == "none")
     assert skipped["ok"] is None
-    full_cudnn = next(r for r in result["context_parallel"] if r["layer"] == "full" and r["kernel"] == "cudnn")
+    full_cudnn = next(
+        r for r in result["context_parallel"] if r["layer"] == "full" and r["kernel"] == "cudnn"
+    )
     assert abs(full_cudnn["time_error"]) < 0.05 and abs(full_cudnn["rate_error"]) < 0.10
     assert result["measured_rates"]["train_step_recompute_h200.json"]["copy_gbps"] == 4000.0
 

@@ -25,22 +25,36 @@ def _problems(cfg, **kw) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- inputs
 def test_production_recipes_leave_their_inputs_open_and_tiny_keeps_its_corpus():
-    for name in ("llama2_7b_128k", "llama2_7b_128k_full", "llama2_7b_128k_pi", "llama2_7b_128k_yarn",
-                 "llama2_70b_128k", "llama2_70b_128k_full"):
+    for name in (
+        "llama2_7b_128k",
+        "llama2_7b_128k_full",
+        "llama2_7b_128k_pi",
+        "llama2_7b_128k_yarn",
+        "llama2_70b_128k",
+        "llama2_70b_128k_full",
+    ):
         cfg = get_recipe(name)
         assert cfg.data.blend == cfg.data.corpus == cfg.data.tokenizer == FROM_COMMAND_LINE, name
         assert cfg.train.init_checkpoint == FROM_COMMAND_LINE, name
     tiny = debug_tiny()
     assert (tiny.data.corpus, tiny.data.tokenizer, tiny.train.init_checkpoint) == (
-        "builtin:tiny_stories", "builtin:tiny_sp", None)
+        "builtin:tiny_stories",
+        "builtin:tiny_sp",
+        None,
+    )
 
 
 def test_environment_fills_only_open_inputs_and_flags_win():
     env = {"LONGGEN_DATA_BLEND": "/d/a", "LONGGEN_TOKENIZER": "/t", "LONGGEN_INIT_CHECKPOINT": "/c"}
     cfg = resolve_inputs(get_recipe("llama2_7b_128k"), environ=env)
     assert (cfg.data.blend, cfg.data.tokenizer, cfg.train.init_checkpoint) == ("/d/a", "/t", "/c")
-    cfg = resolve_inputs(get_recipe("llama2_7b_128k"), data_blend="0.5 /x 0.5 /y", tokenizer="/t2",
-                         init_checkpoint="none", environ=env)
+    cfg = resolve_inputs(
+        get_recipe("llama2_7b_128k"),
+        data_blend="0.5 /x 0.5 /y",
+        tokenizer="/t2",
+        init_checkpoint="none",
+        environ=env,
+    )
     assert (cfg.data.blend, cfg.data.tokenizer, cfg.train.init_checkpoint) == ("0.5 /x 0.5 /y", "/t2", None)
     tiny = resolve_inputs(debug_tiny(), environ=env)
     assert tiny == debug_tiny()  # a LONGGEN_* left in the shell never changes the tiny recipe
@@ -51,8 +65,11 @@ def test_missing_inputs_name_the_flag_and_the_variable():
     problems = _problems(get_recipe("llama2_7b_128k"), world_size=64)
     assert problems == missing_inputs(get_recipe("llama2_7b_128k"))
     assert len(problems) == 3
-    for flag, var in (("--data-blend", "LONGGEN_DATA_BLEND"), ("--tokenizer", "LONGGEN_TOKENIZER"),
-                      ("--init-checkpoint", "LONGGEN_INIT_CHECKPOINT")):
+    for flag, var in (
+        ("--data-blend", "LONGGEN_DATA_BLEND"),
+        ("--tokenizer", "LONGGEN_TOKENIZER"),
+        ("--init-checkpoint", "LONGGEN_INIT_CHECKPOINT"),
+    ):
         assert any(flag in p and var in p and "llama2_7b_128k" in p for p in problems), (flag, problems)
 
 
@@ -72,10 +89,15 @@ def test_init_checkpoint_must_exist_and_hold_the_same_model(tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = resolve_inputs(debug_tiny(), init_checkpoint=str(tmp_path / "empty"))
     assert "is not a LongGen checkpoint" in _problems(cfg, world_size=1)[0]
-    other = apply_overrides(debug_tiny(), ["model.num_layers=4", "model.layer_pattern=SFFS", "model.vocab_size=2048"])
+    other = apply_overrides(
+        debug_tiny(), ["model.num_layers=4", "model.layer_pattern=SFFS", "model.vocab_size=2048"]
+    )
     ckpt = checkpoint_metadata(tmp_path / "ckpt", other)
     problems = _problems(resolve_inputs(debug_tiny(), init_checkpoint=ckpt), world_size=1)
-    assert "holds another model: num_layers 4 (run: 6)" in problems[0] and "vocab_size 2048 (run: 1024)" in problems[0]
+    assert (
+        "holds another model: num_layers 4 (run: 6)" in problems[0]
+        and "vocab_size 2048 (run: 1024)" in problems[0]
+    )
     same = checkpoint_metadata(tmp_path / "same", debug_tiny())
     report = validate_launch(resolve_inputs(debug_tiny(), init_checkpoint=same), world_size=1)
     assert any("shape matches" in line for line in report.lines)
@@ -121,18 +143,28 @@ def test_world_size_and_batch_errors():
 
 
 def test_predicted_out_of_memory_names_the_planner_s_layout():
-    cfg = apply_overrides(get_recipe("llama2_7b_128k"), [
-        "parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "train.recompute=none"])
+    cfg = apply_overrides(
+        get_recipe("llama2_7b_128k"),
+        ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "train.recompute=none"],
+    )
     problems = _problems(cfg, world_size=32, gpu="h100-80gb", check_files=False)
     memory = [p for p in problems if "predicted peak memory" in p]
     assert len(memory) == 1 and "usable on a NVIDIA H100 SXM5 80GB" in memory[0]
     assert "the planner's best layout that fits is tp" in memory[0]
     assert "tools/plan_parallelism.py --recipe llama2_7b_128k --gpus 32 --gpu h100-80gb" in memory[0]
     # Downgraded to a warning on request (policy), e.g. for a GPU whose memory the table misjudges.
-    inputs_given = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, blend="/x", tokenizer="/t"),
-                                       train=dataclasses.replace(cfg.train, init_checkpoint="/c"))
-    report = validate_launch(inputs_given, world_size=32, gpu="h100-80gb", check_files=False,
-                             policy=LaunchPolicy(memory_check="warn"))
+    inputs_given = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, blend="/x", tokenizer="/t"),
+        train=dataclasses.replace(cfg.train, init_checkpoint="/c"),
+    )
+    report = validate_launch(
+        inputs_given,
+        world_size=32,
+        gpu="h100-80gb",
+        check_files=False,
+        policy=LaunchPolicy(memory_check="warn"),
+    )
     assert any("predicted peak memory" in w for w in report.warnings)
 
 
@@ -165,5 +197,7 @@ def test_trainer_start_up_call_reads_the_job_from_the_environment():
         policy_from_env({"LONGGEN_MEMORY_CHECK": "maybe"})
     report = validate_launch_from_env(debug_tiny(), environ={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
     assert "world 2 = tp 1 x pp 1 x cp 1 x dp 2" in report.lines
-    with pytest.raises(LaunchError, match="global_batch_size 4 must be a multiple of micro_batch_size \\* dp = 2 \\* 4"):
+    with pytest.raises(
+        LaunchError, match="global_batch_size 4 must be a multiple of micro_batch_size \\* dp = 2 \\* 4"
+    ):
         validate_launch_from_env(debug_tiny(), environ={"WORLD_SIZE": "4"})

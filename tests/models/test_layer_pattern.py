@@ -31,8 +31,13 @@ def test_placements_and_ratios():
     assert default_layer_pattern(30, full_fraction=1 / 5).count("F") == 6
     assert num_full_layers(3, 0.01) == 1
     interleaved = default_layer_pattern(32, placement="interleave")
-    gaps = [j - i for i, j in zip([k for k, c in enumerate(interleaved) if c == "F"][:-1],
-                                  [k for k, c in enumerate(interleaved) if c == "F"][1:])]
+    gaps = [
+        j - i
+        for i, j in zip(
+            [k for k, c in enumerate(interleaved) if c == "F"][:-1],
+            [k for k, c in enumerate(interleaved) if c == "F"][1:],
+        )
+    ]
     assert max(gaps) - min(gaps) <= 1
 
 

@@ -28,7 +28,11 @@ from tests.models.test_model import tiny_cfg
 requires_te = pytest.mark.skipif(
     not has_te(), reason="Transformer Engine is not installed (pip install 'megatron_longgen[te]')"
 )
-TE_MODULES = ("transformer_engine", "transformer_engine.pytorch", "megatron.core.extensions.transformer_engine")
+TE_MODULES = (
+    "transformer_engine",
+    "transformer_engine.pytorch",
+    "megatron.core.extensions.transformer_engine",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +66,9 @@ def test_transformer_impl_defaults_to_local_and_is_validated():
     cfg = tiny_cfg()
     assert cfg.model.transformer_impl == "local"
     assert to_transformer_config(cfg).transformer_impl == "local"
-    with pytest.raises(ValueError, match="transformer_impl must be one of .*'local', 'transformer_engine'.*got 'te'"):
+    with pytest.raises(
+        ValueError, match="transformer_impl must be one of .*'local', 'transformer_engine'.*got 'te'"
+    ):
         dataclasses.replace(cfg.model, transformer_impl="te")
     te = apply_overrides(cfg, ["model.transformer_impl=transformer_engine"])
     assert te.model.transformer_impl == "transformer_engine"
@@ -99,10 +105,17 @@ def test_transformer_engine_without_te_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(optional, "_has", lambda module: module != "transformer_engine" and real(module))
     cfg = apply_overrides(tiny_cfg(), ["model.transformer_impl=transformer_engine"])
     initialize_model_parallel(cfg)
-    with pytest.raises(ValueError, match=r"needs the optional package 'transformer_engine': pip install "
-                                         r"'megatron_longgen\[te\]' \(or set model.transformer_impl=local\)"):
-        build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=to_transformer_config(cfg),
-                         transformer_impl=cfg.model.transformer_impl)
+    with pytest.raises(
+        ValueError,
+        match=r"needs the optional package 'transformer_engine': pip install "
+        r"'megatron_longgen\[te\]' \(or set model.transformer_impl=local\)",
+    ):
+        build_block_spec(
+            cfg.model.layer_pattern,
+            sparse=cfg.sparse,
+            config=to_transformer_config(cfg),
+            transformer_impl=cfg.model.transformer_impl,
+        )
     with pytest.raises(ValueError, match="transformer_engine"):
         build_model(cfg)
 
@@ -112,14 +125,28 @@ def test_transformer_engine_without_te_is_a_clear_error(monkeypatch):
 def test_transformer_engine_spec_builds_and_trains_a_step():
     cfg = apply_overrides(tiny_cfg("SFFS"), ["model.transformer_impl=transformer_engine"])
     initialize_model_parallel(cfg)
-    spec = build_block_spec(cfg.model.layer_pattern, sparse=cfg.sparse, config=to_transformer_config(cfg),
-                            transformer_impl="transformer_engine")
+    spec = build_block_spec(
+        cfg.model.layer_pattern,
+        sparse=cfg.sparse,
+        config=to_transformer_config(cfg),
+        transformer_impl="transformer_engine",
+    )
     names = _spec_classes(spec)
-    assert {"TELayerNormColumnParallelLinear", "TERowParallelLinear", "TEDotProductAttention", "TENorm"} <= names
+    assert {
+        "TELayerNormColumnParallelLinear",
+        "TERowParallelLinear",
+        "TEDotProductAttention",
+        "TENorm",
+    } <= names
     set_seed(0)
     model = build_model(cfg).cuda()
     kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
-    assert kinds == ["LongGenCoreAttention", "TEDotProductAttention", "TEDotProductAttention", "LongGenCoreAttention"]
+    assert kinds == [
+        "LongGenCoreAttention",
+        "TEDotProductAttention",
+        "TEDotProductAttention",
+        "LongGenCoreAttention",
+    ]
     cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
     assert all(c.kind == "sparse" for c in cores if isinstance(c, LongGenCoreAttention))
     ids = torch.randint(0, 100, (2, 48), device="cuda")

@@ -22,8 +22,15 @@ def tiny_cfg(pattern="SFFS", **sparse_kw) -> LongGenConfig:
     sparse.update(sparse_kw)
     return LongGenConfig(
         name="tiny",
-        model=ModelConfig(num_layers=len(pattern), hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=64, vocab_size=100, layer_pattern=pattern),
+        model=ModelConfig(
+            num_layers=len(pattern),
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=64,
+            vocab_size=100,
+            layer_pattern=pattern,
+        ),
         sparse=SparseAttentionConfig(**sparse),
         parallel=ParallelConfig(use_distributed_optimizer=False),
         train=TrainingConfig(seq_length=48, max_steps=1, dtype="fp32"),
@@ -87,7 +94,9 @@ def test_hybrid_with_covering_window_equals_full_baseline():
     a.backward()
     b.backward()
     for (name, p), q in zip(hybrid.named_parameters(), full.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_sparse_layers_change_the_function():

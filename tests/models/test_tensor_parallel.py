@@ -25,12 +25,20 @@ def _cfg(tp: int, sequence_parallel: bool = False):
 
     return LongGenConfig(
         name="tp",
-        model=ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=64, vocab_size=128, make_vocab_size_divisible_by=64,
-                          layer_pattern="SFS"),
+        model=ModelConfig(
+            num_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=64,
+            vocab_size=128,
+            make_vocab_size_divisible_by=64,
+            layer_pattern="SFS",
+        ),
         sparse=SparseAttentionConfig(block_size=4, num_window_blocks=2, backend="torch"),
-        parallel=ParallelConfig(tensor_parallel=tp, sequence_parallel=sequence_parallel,
-                                use_distributed_optimizer=False),
+        parallel=ParallelConfig(
+            tensor_parallel=tp, sequence_parallel=sequence_parallel, use_distributed_optimizer=False
+        ),
         train=TrainingConfig(seq_length=SEQ, max_steps=1, dtype="fp32"),
     )
 

@@ -50,8 +50,15 @@ def _check_header(result: dict, mode: str) -> None:
 
 
 def _check_run(run: dict) -> None:
-    for key in ("step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "peak_mem_gib", "tflops_per_gpu", "mfu",
-                "mfu_dense_equiv"):
+    for key in (
+        "step_time_s",
+        "tokens_per_s",
+        "tokens_per_s_per_gpu",
+        "peak_mem_gib",
+        "tflops_per_gpu",
+        "mfu",
+        "mfu_dense_equiv",
+    ):
         assert _positive(run[key]), (key, run[key])
     tokens = run["global_batch_size"] * run["seq_length"]
     assert run["tokens_per_s_per_gpu"] == pytest.approx(tokens / run["step_time_s"] / 2)
@@ -98,14 +105,21 @@ def test_cp_scaling_json(results):
 def test_slice70b_json(results):
     r = results["slice70b"]
     _check_header(r, "slice70b")
-    assert sorted((run["kind"], run["layers"]) for run in r["runs"]) == [("F", 1), ("F", 2), ("S", 1), ("S", 2)]
+    assert sorted((run["kind"], run["layers"]) for run in r["runs"]) == [
+        ("F", 1),
+        ("F", 2),
+        ("S", 1),
+        ("S", 2),
+    ]
     for run in r["runs"]:
         _check_run(run)
         assert run["pattern"] == run["kind"] * run["layers"]
     for kind in ("S", "F"):
         fit = r["per_layer"][kind]
-        assert all(math.isfinite(fit[k]["per_layer"]) and math.isfinite(fit[k]["rest"])
-                   for k in ("step_time_s", "peak_mem_gib"))
+        assert all(
+            math.isfinite(fit[k]["per_layer"]) and math.isfinite(fit[k]["rest"])
+            for k in ("step_time_s", "peak_mem_gib")
+        )
 
 
 # ----------------------------------------------------------------------------------------- pure functions
@@ -134,15 +148,30 @@ def test_cp_groups_follow_megatron_order():
 def test_per_layer_fit():
     bench = load_tool(TOOL)
     runs = [
-        {"kind": "S", "layers": 2, "step_time_s": 3.0, "peak_mem_gib": 20.0,
-         "planner_prediction": {"step_time_s": 2.5, "peak_mem_gib": 18.0}},
-        {"kind": "S", "layers": 4, "step_time_s": 5.0, "peak_mem_gib": 26.0,
-         "planner_prediction": {"step_time_s": 4.5, "peak_mem_gib": 22.0}},
+        {
+            "kind": "S",
+            "layers": 2,
+            "step_time_s": 3.0,
+            "peak_mem_gib": 20.0,
+            "planner_prediction": {"step_time_s": 2.5, "peak_mem_gib": 18.0},
+        },
+        {
+            "kind": "S",
+            "layers": 4,
+            "step_time_s": 5.0,
+            "peak_mem_gib": 26.0,
+            "planner_prediction": {"step_time_s": 4.5, "peak_mem_gib": 22.0},
+        },
         {"kind": "F", "layers": 2, "step_time_s": 9.0, "peak_mem_gib": 30.0, "planner_prediction": None},
     ]
     fit = bench.per_layer(runs, kind="S")
-    assert fit["step_time_s"] == {"per_layer": 1.0, "rest": 1.0, "predicted_per_layer": 1.0, "predicted_rest": 0.5,
-                                  "measured_over_predicted": 1.0}
+    assert fit["step_time_s"] == {
+        "per_layer": 1.0,
+        "rest": 1.0,
+        "predicted_per_layer": 1.0,
+        "predicted_rest": 0.5,
+        "measured_over_predicted": 1.0,
+    }
     assert fit["peak_mem_gib"]["per_layer"] == 3.0 and fit["peak_mem_gib"]["measured_over_predicted"] == 1.5
     assert bench.per_layer(runs, kind="F") is None  # one depth: no slope
 
@@ -179,21 +208,33 @@ def _gpus() -> int:
 
 @pytest.mark.multi_gpu
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("mode,argv", [
-    ("headline", ["--seq-len", "16384"]),
-    ("cp_scaling", ["--seq-lengths", "16384", "--cp-sizes", "1", "2", "--attention-iters", "1"]),
-    ("slice70b", ["--seq-len", "16384", "--layers", "1", "2"]),
-])
+@pytest.mark.parametrize(
+    "mode,argv",
+    [
+        ("headline", ["--seq-len", "16384"]),
+        ("cp_scaling", ["--seq-lengths", "16384", "--cp-sizes", "1", "2", "--attention-iters", "1"]),
+        ("slice70b", ["--seq-len", "16384", "--layers", "1", "2"]),
+    ],
+)
 def test_modes_on_gpus(tmp_path, mode, argv):
     n = _gpus()
     out = tmp_path / f"{mode}.json"
     layout = [] if mode == "cp_scaling" else ["--layout", f"tp{n}"]
-    proc = run_torchrun(f"{TOOL}.py", [mode, *argv, *layout, "--steps", "1", "--warmup", "1", "--out", str(out)],
-                        nproc=n, timeout_s=850)
+    proc = run_torchrun(
+        f"{TOOL}.py",
+        [mode, *argv, *layout, "--steps", "1", "--warmup", "1", "--out", str(out)],
+        nproc=n,
+        timeout_s=850,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["gpus"] == n and result["device"] != "cpu"
-    runs = ([result["longgen"], result["full"]] if mode == "headline" else
-            [row["train_step"]["longgen"] for row in result["rows"]] if mode == "cp_scaling" else result["runs"])
+    runs = (
+        [result["longgen"], result["full"]]
+        if mode == "headline"
+        else [row["train_step"]["longgen"] for row in result["rows"]]
+        if mode == "cp_scaling"
+        else result["runs"]
+    )
     for run in runs:
         assert _positive(run["step_time_s"]) and _positive(run["peak_mem_gib"]) and _positive(run["mfu"])

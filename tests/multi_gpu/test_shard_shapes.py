@@ -21,7 +21,9 @@ TOOL = "bench_shard_shapes"
 
 
 def _layer_shapes(model) -> dict:
-    return {name: tuple(p.shape) for name, p in model.named_parameters() if name.startswith("decoder.layers.0.")}
+    return {
+        name: tuple(p.shape) for name, p in model.named_parameters() if name.startswith("decoder.layers.0.")
+    }
 
 
 def _worker(rank, world_size):
@@ -34,16 +36,25 @@ def _worker(rank, world_size):
     base = tool.base_config("tiny")
     out = {}
     for kind in ("F", "S"):
-        real = apply_overrides(base, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
-                                      "model.num_layers=2", f"model.layer_pattern={kind * 2}"])
+        real = apply_overrides(
+            base,
+            [
+                "parallel.tensor_parallel=2",
+                "parallel.sequence_parallel=true",
+                "model.num_layers=2",
+                f"model.layer_pattern={kind * 2}",
+            ],
+        )
         initialize_model_parallel(real)
         set_seed(0)
         out[(kind, "real")] = _layer_shapes(build_model(real, pre_process=False, post_process=False))
-        cfg, tcfg = tool.shard_config(base, tp=2, cp=2, kind=kind, num_layers=2, dtype="fp32", recompute="none",
-                                      backend="auto")
+        cfg, tcfg = tool.shard_config(
+            base, tp=2, cp=2, kind=kind, num_layers=2, dtype="fp32", recompute="none", backend="auto"
+        )
         initialize_model_parallel(cfg)
-        out[(kind, "shard")] = _layer_shapes(build_model(cfg, transformer_config=tcfg, pre_process=False,
-                                                         post_process=False))
+        out[(kind, "shard")] = _layer_shapes(
+            build_model(cfg, transformer_config=tcfg, pre_process=False, post_process=False)
+        )
         out[(kind, "shard_tokens")] = cfg.train.seq_length
     return out
 
@@ -71,20 +82,35 @@ def test_shard_has_the_shapes_of_a_real_tp_rank():
 @pytest.mark.timeout(900)
 def test_cli_tiny_rows(tmp_path):
     out = tmp_path / "shards.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / f"{TOOL}.py"), "--tiny", "--iters", "1", "--out",
-                           str(out)], env=env, capture_output=True, text=True, timeout=900, check=False)
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / f"{TOOL}.py"), "--tiny", "--iters", "1", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["left_out"] and result["row_fields"]
     rows = result["rows"]
     assert sorted((r["tp"], r["cp"], r["kind"]) for r in rows) == sorted(
-        (tp, cp, k) for tp, cp in ((2, 1), (1, 2), (2, 2)) for k in "FS")
+        (tp, cp, k) for tp, cp in ((2, 1), (1, 2), (2, 2)) for k in "FS"
+    )
     h, n, g, d, f, s = 128, 4, 2, 32, 256, 512  # the tiny model
     for r in rows:
         t, c = r["tp"], r["cp"]
-        assert r["shard"] == {"hidden": h, "heads": n // t, "kv_heads": g // t, "head_dim": d, "ffn": f // t,
-                              "local_tokens": s // c}
+        assert r["shard"] == {
+            "hidden": h,
+            "heads": n // t,
+            "kv_heads": g // t,
+            "head_dim": d,
+            "ffn": f // t,
+            "local_tokens": s // c,
+        }
         params = h * (n + 2 * g) * d // t + n * d * h // t + h * 2 * f // t + f * h // t + 2 * h
         assert r["weight_bytes_per_layer"] == r["grad_bytes_per_layer"] == 4 * params  # fp32 on CPU
         for key in ("fwd_s_per_layer", "bwd_s_per_layer", "saved_bytes_per_layer", "flops_per_layer"):
@@ -94,7 +120,9 @@ def test_cli_tiny_rows(tmp_path):
         if r["kind"] == "F":
             linear = 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * h * 2 * f + 2 * f * h
             pairs = s * (s + 1) // 2
-            assert r["flops_per_layer"] == pytest.approx(3 * ((s / c) * linear / t + 4 * n * d * pairs / (t * c)))
+            assert r["flops_per_layer"] == pytest.approx(
+                3 * ((s / c) * linear / t + 4 * n * d * pairs / (t * c))
+            )
 
 
 def test_saved_bytes_counts_activations_once_and_skips_weights():
@@ -114,10 +142,20 @@ def test_bad_shards_are_refused():
         tool.parse_shard("8")
     base = tool.base_config("7b")
     with pytest.raises(ValueError, match="num_attention_heads 32 is not divisible by tp 3"):
-        tool.shard_config(base, tp=3, cp=1, kind="F", num_layers=1, dtype="bf16", recompute="none", backend="auto")
+        tool.shard_config(
+            base, tp=3, cp=1, kind="F", num_layers=1, dtype="bf16", recompute="none", backend="auto"
+        )
     with pytest.raises(ValueError, match="multiple of 2\\*cp\\*block = 96"):
-        tool.shard_config(tool.base_config("tiny"), tp=1, cp=3, kind="S", num_layers=1, dtype="fp32",
-                          recompute="none", backend="auto")
+        tool.shard_config(
+            tool.base_config("tiny"),
+            tp=1,
+            cp=3,
+            kind="S",
+            num_layers=1,
+            dtype="fp32",
+            recompute="none",
+            backend="auto",
+        )
 
 
 @pytest.mark.gpu
@@ -125,9 +163,28 @@ def test_bad_shards_are_refused():
 def test_shard_shapes_on_gpu(tmp_path):
     out = tmp_path / "shards.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / f"{TOOL}.py"), "--models", "7b", "--shards", "8x1",
-                           "4x2", "--seq-len", "16384", "--iters", "1", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=550, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / f"{TOOL}.py"),
+            "--models",
+            "7b",
+            "--shards",
+            "8x1",
+            "4x2",
+            "--seq-len",
+            "16384",
+            "--iters",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=550,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all("error" not in r for r in rows)

@@ -55,7 +55,13 @@ def _failed(checks, prefix):
 @pytest.mark.timeout(2400)
 def test_runs_used_the_requested_layout(runs):
     assert runs["parallel"]["layout_seen"] == {**LAYOUT, "dp": 1, "world": 8}
-    assert runs["single"]["reference"]["fp32"]["layout_seen"] == {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "world": 1}
+    assert runs["single"]["reference"]["fp32"]["layout_seen"] == {
+        "tp": 1,
+        "pp": 1,
+        "cp": 1,
+        "dp": 1,
+        "world": 1,
+    }
 
 
 @pytest.mark.slow
@@ -65,7 +71,11 @@ def test_gradients_match_one_process(runs):
     # Every parameter of the 8-layer model, in global names: both stages' layers, embedding and output layer.
     layers = {int(name.split(".")[2]) for name in grads if name.startswith("decoder.layers.")}
     assert layers == set(range(8))
-    assert {"embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"} <= set(grads)
+    assert {
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "decoder.final_layernorm.weight",
+    } <= set(grads)
     for prefix in ("run 1 loss", "run 1 grad norm", "run 1 gradient"):
         assert not _failed(runs["checks"], prefix), _failed(runs["checks"], prefix)
 
@@ -74,25 +84,35 @@ def test_gradients_match_one_process(runs):
 @pytest.mark.timeout(2400)
 def test_reference_gradients_are_not_trivial(runs):
     grads = runs["single"]["reference"]["fp32"]["grads"]
-    assert all(float(np.linalg.norm(g)) > 0 for g in grads.values()), [k for k, g in grads.items() if not g.any()]
+    assert all(float(np.linalg.norm(g)) > 0 for g in grads.values()), [
+        k for k, g in grads.items() if not g.any()
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_training_steps_match_one_process(runs):
-    for prefix in ("run 2 losses", "run 2 grad norms", "run 2 weights at the checkpoint", "run 2 final weights"):
+    for prefix in (
+        "run 2 losses",
+        "run 2 grad norms",
+        "run 2 weights at the checkpoint",
+        "run 2 final weights",
+    ):
         assert not _failed(runs["checks"], prefix), _failed(runs["checks"], prefix)
     par = runs["parallel"]
     assert len(par["losses"]) == sum(STEPS.values()) and all(np.isfinite(par["losses"]))
-    moved = max(load_tool(TOOL).rel_err(par["weights_end"][k], par["weights_saved"][k]) for k in par["weights_end"])
+    moved = max(
+        load_tool(TOOL).rel_err(par["weights_end"][k], par["weights_saved"][k]) for k in par["weights_end"]
+    )
     assert moved > 1e-3  # the steps after the checkpoint changed the weights: the comparisons are not vacuous
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_checkpoint_saved_at_tp2_pp2_cp2_loads_exactly_at_tp1(runs):
-    state = json.loads((runs["work"] / "parallel_train" / "checkpoints" / "step_0000002" / "trainer_state.json")
-                       .read_text())
+    state = json.loads(
+        (runs["work"] / "parallel_train" / "checkpoints" / "step_0000002" / "trainer_state.json").read_text()
+    )
     assert state["parallel"] == {"tensor_parallel": 2, "pipeline_parallel": 2, "context_parallel": 2}
     assert state["optimizer_checkpoint_format"] == "fully_reshardable" and state["distributed_optimizer"]
     assert not _failed(runs["checks"], "resume: loaded weights")
@@ -115,7 +135,9 @@ def test_merge_tp_rebuilds_megatron_shards():
     torch.testing.assert_close(tool._merge_tp("decoder.layers.0.mlp.linear_fc1.weight", shards, 0), fc1)
     proj = torch.arange(h * 2 * f, dtype=torch.float32).reshape(h, 2 * f)
     torch.testing.assert_close(
-        tool._merge_tp("decoder.layers.0.self_attention.linear_proj.weight", list(proj.chunk(tp, dim=1)), 1), proj)
+        tool._merge_tp("decoder.layers.0.self_attention.linear_proj.weight", list(proj.chunk(tp, dim=1)), 1),
+        proj,
+    )
 
 
 def test_bf16_rule_and_missing_tensors():
@@ -165,8 +187,26 @@ def _assert_report(report: dict, *, proc, layout: dict) -> None:
 def test_cli_under_torchrun_writes_the_report(tmp_path):
     """The command the GPUs run, on 2 CPU ranks: torchrun, then rank 0's single-process child."""
     out = tmp_path / "report.json"
-    proc = run_torchrun(f"{TOOL}.py", ["--tiny", "--tp", "2", "--pp", "1", "--cp", "1", "--steps-before-save", "1",
-                                       "--steps-after-save", "1", "--out", str(out)], nproc=2, timeout_s=1100)
+    proc = run_torchrun(
+        f"{TOOL}.py",
+        [
+            "--tiny",
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--cp",
+            "1",
+            "--steps-before-save",
+            "1",
+            "--steps-after-save",
+            "1",
+            "--out",
+            str(out),
+        ],
+        nproc=2,
+        timeout_s=1100,
+    )
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["options"]["dtype"] == "fp32"
@@ -179,8 +219,9 @@ def test_tp2_pp2_cp2_on_eight_gpus_bf16(tmp_path):
     if torch.cuda.device_count() < 8:
         pytest.skip("TP2 x PP2 x CP2 needs 8 GPUs")
     out = tmp_path / "report.json"
-    proc = run_torchrun(f"{TOOL}.py", ["--tp", "2", "--pp", "2", "--cp", "2", "--out", str(out)], nproc=8,
-                        timeout_s=850)
+    proc = run_torchrun(
+        f"{TOOL}.py", ["--tp", "2", "--pp", "2", "--cp", "2", "--out", str(out)], nproc=8, timeout_s=850
+    )
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["options"]["dtype"] == "bf16" and report["world_size"] == 8

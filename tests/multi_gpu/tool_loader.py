@@ -26,9 +26,21 @@ def load_tool(name: str):
     return module
 
 
-def run_torchrun(script: str, args: list[str], *, nproc: int, timeout_s: float) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str, args: list[str], *, nproc: int, timeout_s: float
+) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc-per-node N tools/<script> ARGS` with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(ROOT / "tools" / script), *args]
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(ROOT / "tools" / script),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)

@@ -30,7 +30,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 NODE = "localhost"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 SLURM_CONF = """\
 ClusterName=longgentest
@@ -131,7 +140,11 @@ class SlurmCluster:
 
         def final():
             info = self.job(job_id)
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts") != "0":
+            if (
+                info.get("JobState") == "PENDING"
+                and info.get("Reason") == "BeginTime"
+                and info.get("Restarts") != "0"
+            ):
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             return info if info.get("JobState") in FINAL_STATES else None
 
@@ -143,7 +156,9 @@ class SlurmCluster:
 
 
 def _missing_reason() -> str | None:
-    missing = [name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+    missing = [
+        name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()
+    ]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge (.ci/run does)"
     if os.geteuid() != 0:
@@ -208,20 +223,32 @@ def slurm_cluster():
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         host = os.uname().nodename.split(".")[0]
-        conf.write_text(SLURM_CONF.format(base=base, host=host, node=NODE, ctld_port=_free_port(),
-                                          slurmd_port=_free_port()))
+        conf.write_text(
+            SLURM_CONF.format(
+                base=base, host=host, node=NODE, ctld_port=_free_port(), slurmd_port=_free_port()
+            )
+        )
         env = cluster.env()
 
         def start(name: str, *args: str) -> None:
             log = open(base / f"{name}.out", "wb")  # noqa: SIM115 (closed with the process)
-            proc = subprocess.Popen([_binary(name), *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [_binary(name), *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
             log.close()
             procs.append((name, proc))
 
         munge = base / "munge"
-        start("munged", "--foreground", "--force", f"--socket={munge}/munge.socket", f"--key-file={key}",
-              f"--log-file={munge}/munged.log", f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/seed")
+        start(
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={munge}/munge.socket",
+            f"--key-file={key}",
+            f"--log-file={munge}/munged.log",
+            f"--pid-file={munge}/munged.pid",
+            f"--seed-file={munge}/seed",
+        )
         _wait(lambda: (munge / "munge.socket").exists(), timeout_s=30, what="munged's socket")
         start("slurmctld", "-D", "-i")
         start("slurmd", "-D", "-N", NODE)
@@ -229,7 +256,9 @@ def slurm_cluster():
         def idle():
             for name, proc in procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited {proc.returncode}: {(base / f'{name}.out').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"{name} exited {proc.returncode}: {(base / f'{name}.out').read_text()[-2000:]}"
+                    )
             return cluster.run("sinfo", "-h", "-n", NODE, "-o", "%t", check=False).stdout.strip() == "idle"
 
         _wait(idle, timeout_s=60, what="the localhost node to be idle")

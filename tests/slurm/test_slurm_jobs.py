@@ -64,9 +64,17 @@ exit 9
 
 # ---------------------------------------------------------------- helpers
 def _job_env(cluster, run_dir: Path, **extra) -> dict[str, str]:
-    return cluster.env(RECIPE="debug_tiny", RUN_DIR=run_dir, EXTRA_ARGS=TINY, OMP_NUM_THREADS=1,
-                       WANDB_MODE="offline", WANDB_PROJECT="longgen-slurm-test", MASTER_PORT=_free_port(),
-                       PYTHONUNBUFFERED=1, **extra)
+    return cluster.env(
+        RECIPE="debug_tiny",
+        RUN_DIR=run_dir,
+        EXTRA_ARGS=TINY,
+        OMP_NUM_THREADS=1,
+        WANDB_MODE="offline",
+        WANDB_PROJECT="longgen-slurm-test",
+        MASTER_PORT=_free_port(),
+        PYTHONUNBUFFERED=1,
+        **extra,
+    )
 
 
 def _submit(cluster, clone: Path, env: dict, *options: str, script: str = "slurm/train.sbatch") -> int:
@@ -94,8 +102,9 @@ def _kill_trainers(job_id: int) -> list[int]:
     found = {}
     for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
-            if (proc.info["cmdline"] or [])[1:3] == ["-m", "megatron_longgen.train"] and \
-                    proc.environ().get("SLURM_JOB_ID") == str(job_id):
+            if (proc.info["cmdline"] or [])[1:3] == ["-m", "megatron_longgen.train"] and proc.environ().get(
+                "SLURM_JOB_ID"
+            ) == str(job_id):
                 found[proc.pid] = proc.info["ppid"]
         except (psutil.Error, ProcessLookupError):
             continue
@@ -111,19 +120,25 @@ def _wait_for_first_save(cluster, job_id: int, run_dir: Path) -> None:
     def saved():
         info = cluster.job(job_id)
         if info.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            raise AssertionError(f"job {job_id} is {info.get('JobState')} before its first save:\n{_log(info)}")
+            raise AssertionError(
+                f"job {job_id} is {info.get('JobState')} before its first save:\n{_log(info)}"
+            )
         return (run_dir / "checkpoints" / "latest").is_file()
 
     _wait(saved, timeout_s=300, what=f"job {job_id}'s first periodic checkpoint", interval_s=0.1)
 
 
-def _assert_resumed_like_the_reference(info: dict, run_dir: Path, reference: list[float], *, stop: str) -> None:
+def _assert_resumed_like_the_reference(
+    info: dict, run_dir: Path, reference: list[float], *, stop: str
+) -> None:
     log = _log(info)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
     assert info["Restarts"] == "1", log[-6000:]
     job_id = info["JobId"]
     # The log is whole: both starts, appended (a truncating requeue would have lost the first).
-    assert re.search(rf"job {job_id} start 1: debug_tiny", log) and re.search(rf"job {job_id} start 2:", log), log
+    assert re.search(rf"job {job_id} start 1: debug_tiny", log) and re.search(
+        rf"job {job_id} start 2:", log
+    ), log
     assert re.search(rf"step +1/{MAX_STEPS} ", log), "the first start's steps are missing from the log"
     assert f"SIG{stop}: asking the trainers to checkpoint and stop" in log, log
     assert re.search(r"preemption signal( SIG\w+)?: saved", log), log
@@ -147,7 +162,9 @@ def _assert_resumed_like_the_reference(info: dict, run_dir: Path, reference: lis
 def reference(slurm_cluster, repo_clone, tmp_path_factory) -> list[float]:
     """The uninterrupted run's losses, through the same sbatch route."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    job = _submit(slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-ref")
+    job = _submit(
+        slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-ref"
+    )
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
     log = _log(info)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-6000:]
@@ -164,7 +181,9 @@ def reference(slurm_cluster, repo_clone, tmp_path_factory) -> list[float]:
 @pytest.mark.timeout(900)
 def test_time_limit_warning_saves_requeues_and_resumes(slurm_cluster, repo_clone, reference, tmp_path):
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-usr1")
+    job = _submit(
+        slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-usr1"
+    )
     _wait_for_first_save(slurm_cluster, job, run_dir)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))  # = --signal=B:USR1@N firing
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
@@ -176,7 +195,9 @@ def test_time_limit_warning_saves_requeues_and_resumes(slurm_cluster, repo_clone
 @pytest.mark.timeout(900)
 def test_scontrol_requeue_saves_and_resumes(slurm_cluster, repo_clone, reference, tmp_path):
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-requeue")
+    job = _submit(
+        slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-requeue"
+    )
     _wait_for_first_save(slurm_cluster, job, run_dir)
     slurm_cluster.run("scontrol", "requeue", str(job))
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
@@ -196,18 +217,26 @@ def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated
     job = _submit(slurm_cluster, repo_clone, env, *CPU_ROUTE, "--job-name=lg-kill")
     _wait_for_first_save(slurm_cluster, job, run_dir)
     saved_step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
-    _wait(lambda: (run_dir / "metrics.jsonl").read_text().count("\n") >= saved_step + 2, timeout_s=300,
-          what="steps past the first save", interval_s=0.05)
+    _wait(
+        lambda: (run_dir / "metrics.jsonl").read_text().count("\n") >= saved_step + 2,
+        timeout_s=300,
+        what="steps past the first save",
+        interval_s=0.05,
+    )
     # Not `scancel --signal=KILL`: Slurm turns that into its termination sequence (SIGTERM first, which saves).
     killed = _kill_trainers(job)
     assert len(killed) == 2, killed
     info = slurm_cluster.wait_until_final(job, timeout_s=300)
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", _log(info)[-4000:]  # a crash: not requeued
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", _log(info)[
+        -4000:
+    ]  # a crash: not requeued
     logged = [r["step"] for r in _metrics(run_dir)]
     resumed_from = int((run_dir / "checkpoints" / "latest").read_text().split("_")[-1])
     assert max(logged) > resumed_from, "the kill came too late to leave steps after the last save"
 
-    job = _submit(slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-kill")
+    job = _submit(
+        slurm_cluster, repo_clone, _job_env(slurm_cluster, run_dir), *CPU_ROUTE, "--job-name=lg-kill"
+    )
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
     log = _log(info)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
@@ -227,7 +256,9 @@ def stub_python(tmp_path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_warning_after_training_finished_completes_without_requeue(slurm_cluster, repo_clone, stub_python, tmp_path):
+def test_warning_after_training_finished_completes_without_requeue(
+    slurm_cluster, repo_clone, stub_python, tmp_path
+):
     env = _job_env(slurm_cluster, tmp_path / "run", PYTHON=stub_python, STUB_MODE="late_usr1")
     job = _submit(slurm_cluster, repo_clone, env, *CPU_ROUTE, "--job-name=lg-late")
     info = slurm_cluster.wait_until_final(job, timeout_s=240)
@@ -241,9 +272,12 @@ def test_warning_after_training_finished_completes_without_requeue(slurm_cluster
 def test_signal_lead_time_setting_warns_before_the_limit(slurm_cluster, repo_clone, stub_python, tmp_path):
     # A 1-minute limit and SIGNAL_LEAD_S=50: the script's timer must fire ~10 s after the start (Slurm's
     # own --signal is moved out of the way to 1 s before the limit).
-    env = _job_env(slurm_cluster, tmp_path / "run", PYTHON=stub_python, STUB_MODE="wait_usr1", SIGNAL_LEAD_S=50)
-    job = _submit(slurm_cluster, repo_clone, env, *CPU_ROUTE, "--time=1", "--signal=B:USR1@1",
-                  "--job-name=lg-lead")
+    env = _job_env(
+        slurm_cluster, tmp_path / "run", PYTHON=stub_python, STUB_MODE="wait_usr1", SIGNAL_LEAD_S=50
+    )
+    job = _submit(
+        slurm_cluster, repo_clone, env, *CPU_ROUTE, "--time=1", "--signal=B:USR1@1", "--job-name=lg-lead"
+    )
     info = slurm_cluster.wait_until_final(job, timeout_s=240)
     log = _log(info)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log
@@ -267,13 +301,22 @@ def test_dry_run_under_sbatch_checks_the_recipe_layout_in_a_tiny_cpu_job(
     env = _job_env(slurm_cluster, tmp_path / "run", PYTHON=stub_python, DRY_RUN=1)
     for key in ("RECIPE", "EXTRA_ARGS"):
         env.pop(key)
-    job = _submit(slurm_cluster, repo_clone, env, "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                  script="slurm/llama2_70b_128k.sh")
+    job = _submit(
+        slurm_cluster,
+        repo_clone,
+        env,
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        script="slurm/llama2_70b_128k.sh",
+    )
     info = slurm_cluster.wait_until_final(job, timeout_s=240)
     log = _log(info)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    # The recipe's 32 x 8 layout is checked, not the 1 x 1 allocation of the dry-run job.
-    assert "stub launch check: tools/check_launch.py --recipe llama2_70b_128k --nodes 32 --gpus-per-node 8" in log, log
+    # The recipe's 8 x 8 layout is checked, not the 1 x 1 allocation of the dry-run job.
+    assert (
+        "stub launch check: tools/check_launch.py --recipe llama2_70b_128k --nodes 8 --gpus-per-node 8" in log
+    ), log
     assert "DRY_RUN=1 in Slurm job" in log and "DRY_RUN=1 bash" in log, log
     assert "start 1" not in log  # no training launched
 
@@ -282,8 +325,13 @@ def test_logs_folder_ships_with_the_repository():
     # Slurm opens --output=logs/%x-%j.out before the script runs: without logs/ a job fails at launch
     # with no output anywhere (JobState=FAILED Reason=JobLaunchFailure ExitCode=0:53 on 22.05).
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(["git", "ls-files", "--error-unmatch", "logs/.gitkeep"], cwd=root, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "logs/.gitkeep"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if "not a git repository" in proc.stderr:
         pytest.skip("not a git checkout")
     assert proc.returncode == 0, "logs/.gitkeep must be tracked: " + proc.stderr

@@ -241,11 +241,12 @@ def test_missing_file(ckpts):
 def test_manifest_mismatch(ckpts):
     path = ckpts / "step_0000004" / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["files"]["model/common.pt"]["size"] += 1
+    # model/metadata.json exists in every Megatron-Core version (0.19 has no model/common.pt).
+    manifest["files"]["model/metadata.json"]["size"] += 1
     path.write_text(json.dumps(manifest))
     chosen, skipped = _resume(ckpts)
     assert chosen == "step_0000003"
-    assert skipped[0][1].startswith("model/common.pt: has ") and "the manifest records" in skipped[0][1]
+    assert skipped[0][1].startswith("model/metadata.json: has ") and "the manifest records" in skipped[0][1]
 
 
 def test_missing_or_garbled_manifest(ckpts):

@@ -57,7 +57,10 @@ def _gated_writer(gate: Path):
     """Patch Megatron's background writer to wait until `gate` exists: a slow disk, under control."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    original = FileSystemWriterAsync.write_preloaded_data_multiproc
+    # The writers' entry point: `..._multiproc` in Megatron-Core 0.16.1, `..._multithread` in 0.19.
+    name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
+                if hasattr(FileSystemWriterAsync, n))  # fmt: skip
+    original = getattr(FileSystemWriterAsync, name)
 
     def gated(*args, **kwargs):
         deadline = time.monotonic() + 120
@@ -65,8 +68,8 @@ def _gated_writer(gate: Path):
             time.sleep(0.02)
         return original(*args, **kwargs)
 
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(gated)
-    return lambda: setattr(FileSystemWriterAsync, "write_preloaded_data_multiproc", staticmethod(original))
+    setattr(FileSystemWriterAsync, name, staticmethod(gated))
+    return lambda: setattr(FileSystemWriterAsync, name, staticmethod(original))
 
 
 def _listing(root: Path) -> list[str]:
@@ -167,16 +170,29 @@ def _worker(rank, world_size, root, full_fs, ro_fs):
     original_write = FileSystemWriterAsync.write_preloaded_data
 
     def no_space(transform_list, local_proc_idx, write_bucket, results_queue, count_queue, use_fsync, **kw):
-        results_queue.put((local_proc_idx, OSError(errno.ENOSPC, "No space left on device", write_bucket[0])))
+        err = OSError(errno.ENOSPC, "No space left on device", write_bucket[0])
+        if results_queue is None:  # Megatron-Core 0.19 writes the last bucket in the calling thread
+            return local_proc_idx, err
+        results_queue.put((local_proc_idx, err))
         count_queue.get()
         count_queue.task_done()
+        return None
+
+    from megatron_longgen.compat.mcore import mcore_at_least
+    from megatron_longgen.training.checkpointing import save_errors
 
     FileSystemWriterAsync.write_preloaded_data = staticmethod(no_space)
+    original_free = save_errors.free_bytes
+    if mcore_at_least("0.19"):
+        # Megatron-Core 0.19 reports a writer's exception by its class alone ("error: <class 'OSError'>"):
+        # the errno is gone, and a full disk is recognised by its free space, as on a real full disk.
+        save_errors.free_bytes = lambda path: 4096
     for mode in (False, True):
         out[f"patched_enospc_{mode}"] = _expect_save_error(
             CheckpointSaver(root / "sync", async_save=mode), dict(step=7, **kwargs), finalize=mode
         )
     FileSystemWriterAsync.write_preloaded_data = staticmethod(original_write)
+    save_errors.free_bytes = original_free
     dist.barrier()  # rank 0 removes the partial folder
     out["patched_enospc_left"] = (read_latest(root / "sync"), _listing(root / "sync"))
 

@@ -186,13 +186,18 @@ class _Descendants:
             with contextlib.suppress(psutil.Error):
                 for child in self.root.children(recursive=True):
                     self.seen.setdefault(child.pid, child)
-                    with contextlib.suppress(psutil.Error):  # refreshed: a spawned child shows its exec'ed command late
+                    with contextlib.suppress(
+                        psutil.Error
+                    ):  # refreshed: a spawned child shows its exec'ed command late
                         self.cmdlines[child.pid] = " ".join(self.seen[child.pid].cmdline())
             time.sleep(0.02)
 
     def helpers(self, *, running: bool = True) -> list:
-        return [p for pid, p in list(self.seen.items())
-                if _is_helper(self.cmdlines.get(pid, "")) and (p.is_running() or not running)]
+        return [
+            p
+            for pid, p in list(self.seen.items())
+            if _is_helper(self.cmdlines.get(pid, "")) and (p.is_running() or not running)
+        ]
 
     def alive(self) -> list[str]:
         import psutil
@@ -223,8 +228,12 @@ def test_second_sigint_aborts_at_once(tmp_path):
         _wait_for(lambda: _logged_steps(run_dir) >= 2, proc=proc, timeout_s=180, what="two logged steps")
         os.kill(proc.pid, signal.SIGINT)
         # Signals do not queue: send the second only once the first was handled (else they merge into one).
-        _wait_for(lambda: any(b"[longgen] interrupt:" in line for line in lines), proc=proc, timeout_s=60,
-                  what="the first interrupt's message")
+        _wait_for(
+            lambda: any(b"[longgen] interrupt:" in line for line in lines),
+            proc=proc,
+            timeout_s=60,
+            what="the first interrupt's message",
+        )
         os.kill(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
@@ -247,8 +256,12 @@ def test_helpers_survive_preemption_signals_and_die_with_a_killed_trainer(tmp_pa
     try:
         with _Descendants(proc.pid) as tree:
             # Past the first save the results manager and the resource tracker are up.
-            _wait_for(lambda: latest_checkpoint(ckpts) is not None and len(tree.helpers()) >= 2, proc=proc,
-                      timeout_s=240, what="the first save")
+            _wait_for(
+                lambda: latest_checkpoint(ckpts) is not None and len(tree.helpers()) >= 2,
+                proc=proc,
+                timeout_s=240,
+                what="the first save",
+            )
             helpers = tree.helpers()
             # Slurm signals every process of a job step: the helpers must live through it, and saves go on.
             for helper in helpers:
@@ -257,8 +270,12 @@ def test_helpers_survive_preemption_signals_and_die_with_a_killed_trainer(tmp_pa
             time.sleep(0.5)
             assert all(h.is_running() for h in helpers), "a checkpoint helper died of a preemption signal"
             saved = latest_checkpoint(ckpts)
-            _wait_for(lambda: latest_checkpoint(ckpts) != saved, proc=proc, timeout_s=120,
-                      what="a save after the helpers were signalled")
+            _wait_for(
+                lambda: latest_checkpoint(ckpts) != saved,
+                proc=proc,
+                timeout_s=120,
+                what="a save after the helpers were signalled",
+            )
             os.kill(proc.pid, signal.SIGKILL)  # the trainer only, not its process group
             proc.wait(timeout=60)
             left = _wait_until_gone(tree, timeout_s=30)
@@ -277,20 +294,34 @@ def test_no_helper_process_outlives_the_converter(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     # Many shards: one dist-checkpoint save per shard, so the conversion runs on after its helpers are up.
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
     tool = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_to_mcore.py"
     cmd = [sys.executable, str(tool), "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        start_new_session=True,
+    )
     try:
         with _Descendants(proc.pid) as tree:
 
             def manager_serving() -> bool:  # its accepter thread runs once the manager serves
-                return any("multiprocessing.spawn" in tree.cmdlines[p.pid] and p.num_threads() >= 2
-                           for p in tree.helpers())
+                return any(
+                    "multiprocessing.spawn" in tree.cmdlines[p.pid] and p.num_threads() >= 2
+                    for p in tree.helpers()
+                )
 
             _wait_for(manager_serving, proc=proc, timeout_s=240, what="the converter's results manager")
             os.kill(proc.pid, signal.SIGKILL)

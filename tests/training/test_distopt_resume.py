@@ -53,7 +53,9 @@ def _worker(rank, world_size, root):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_distributed(_worker, world_size=2, args=(str(tmp_path_factory.mktemp("distopt")),), timeout_s=500)
+    return run_distributed(
+        _worker, world_size=2, args=(str(tmp_path_factory.mktemp("distopt")),), timeout_s=500
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -56,7 +56,9 @@ def _read() -> dict[str, list[float]]:
 def test_losses_match_golden_file(losses):
     if os.environ.get("LONGGEN_UPDATE_GOLDEN") == "1":
         lines = ["# run step loss (tests/training/test_golden_losses.py; fp32 CPU, seed 1234)"]
-        lines += [f"{name} {i + 1} {loss:.6f}" for name, values in losses.items() for i, loss in enumerate(values)]
+        lines += [
+            f"{name} {i + 1} {loss:.6f}" for name, values in losses.items() for i, loss in enumerate(values)
+        ]
         GOLDEN.write_text("\n".join(lines) + "\n")
     golden = _read()
     assert set(golden) == set(RUNS)
@@ -69,7 +71,10 @@ def test_losses_match_golden_file(losses):
 
 
 def _masks(cfg, seq_len):
-    patterns = {v: pattern_from_config(dataclasses.replace(cfg.sparse, variant=v)) for v in ("sink_window", "block_strided")}
+    patterns = {
+        v: pattern_from_config(dataclasses.replace(cfg.sparse, variant=v))
+        for v in ("sink_window", "block_strided")
+    }
     return patterns, {v: independent_token_mask(p, seq_len) for v, p in patterns.items()}
 
 

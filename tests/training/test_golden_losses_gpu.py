@@ -36,8 +36,9 @@ RUNS = {
 
 
 def _cfg(*extra: str):
-    return apply_overrides(debug_tiny(), [f"train.max_steps={STEPS}", "train.save_on_exit=false",
-                                          "train.log_interval=1", *extra])
+    return apply_overrides(
+        debug_tiny(), [f"train.max_steps={STEPS}", "train.save_on_exit=false", "train.log_interval=1", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,15 @@ def test_bf16_losses_match_golden_file(bf16_losses):
     if os.environ.get("LONGGEN_UPDATE_GOLDEN") == "1":
         target = Path(os.environ.get("LONGGEN_GOLDEN_OUT", GOLDEN))
         device = torch.cuda.get_device_name()
-        lines = [f"# run step loss (tests/training/test_golden_losses_gpu.py; bf16 {device}, torch "
-                 f"{torch.__version__}, seed 1234)"]
-        lines += [f"{name} {i + 1} {loss:.6f}" for name, values in bf16_losses.items()
-                  for i, loss in enumerate(values)]
+        lines = [
+            f"# run step loss (tests/training/test_golden_losses_gpu.py; bf16 {device}, torch "
+            f"{torch.__version__}, seed 1234)"
+        ]
+        lines += [
+            f"{name} {i + 1} {loss:.6f}"
+            for name, values in bf16_losses.items()
+            for i, loss in enumerate(values)
+        ]
         target.write_text("\n".join(lines) + "\n")
         if target != GOLDEN:
             return

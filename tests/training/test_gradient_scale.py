@@ -16,11 +16,20 @@ from megatron_longgen.recipes import debug_tiny
 def trainer(tmp_path_factory):
     from megatron_longgen.training.trainer import Trainer
 
-    cfg = apply_overrides(debug_tiny(), [
-        "train.seq_length=64", "train.micro_batch_size=1", "train.global_batch_size=3", "train.clip_grad=0",
-        "train.lr_warmup_steps=0",
-        "model.num_layers=3", "model.layer_pattern=SFS", "sparse.block_size=4", "sparse.num_window_blocks=2",
-    ])
+    cfg = apply_overrides(
+        debug_tiny(),
+        [
+            "train.seq_length=64",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=3",
+            "train.clip_grad=0",
+            "train.lr_warmup_steps=0",
+            "model.num_layers=3",
+            "model.layer_pattern=SFS",
+            "sparse.block_size=4",
+            "sparse.num_window_blocks=2",
+        ],
+    )
     return Trainer(cfg, run_dir=tmp_path_factory.mktemp("run"), quiet=True)
 
 

@@ -48,8 +48,16 @@ def _samples(tr):
         last_wrong = answer[:-1] + [(answer[-1] + 1) % 1000]
         first_wrong = [(answer[0] + 1) % 1000] + answer[1:]
         for ans in (answer, last_wrong, first_wrong):
-            samples.append(RetrievalSample(task="passkey", length=LENGTH, depth=depth, prompt_ids=tuple(prompt),
-                                           answer_ids=tuple(ans), values=("x",)))
+            samples.append(
+                RetrievalSample(
+                    task="passkey",
+                    length=LENGTH,
+                    depth=depth,
+                    prompt_ids=tuple(prompt),
+                    answer_ids=tuple(ans),
+                    values=("x",),
+                )
+            )
     flags = [evaluate_teacher_forced([s], logits)["eval/passkey_acc"] == 1.0 for s in samples]
     model.train()
     return samples, flags
@@ -60,7 +68,9 @@ def _one(rank, world_size, root):
 
     from megatron_longgen.training.trainer import Trainer
 
-    tr = Trainer(tiny_config("train.max_steps=1", "sparse.block_size=16"), run_dir=Path(root) / "one", quiet=True)
+    tr = Trainer(
+        tiny_config("train.max_steps=1", "sparse.block_size=16"), run_dir=Path(root) / "one", quiet=True
+    )
     tr.save(0)
     samples, flags = _samples(tr)
     return {"samples": samples, "flags": flags}
@@ -118,11 +128,19 @@ def test_parallel_verdicts_equal_the_single_process(results, layout):
 def test_training_loop_logs_the_eval(results):
     from pathlib import Path
 
-    rows = [json.loads(line) for line in (Path(results["root"]) / "loop" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (Path(results["root"]) / "loop" / "metrics.jsonl").read_text().splitlines()
+    ]
     evaluated = {r["step"]: r for r in rows if "eval/passkey_acc" in r}
     assert sorted(evaluated) == [2, 3]
     for row in evaluated.values():
-        for key in ("eval/passkey_acc", "eval/passkey_acc_256", "eval/niah_single_acc", "eval/niah_single_acc_256"):
+        for key in (
+            "eval/passkey_acc",
+            "eval/passkey_acc_256",
+            "eval/niah_single_acc",
+            "eval/niah_single_acc_256",
+        ):
             assert 0.0 <= row[key] <= 1.0, key
         assert row["eval_time_s"] > 0
 

@@ -56,8 +56,9 @@ def _two_ranks(rank, world_size, root):
         if name == "dp2_plain":
             from megatron_longgen.training.checkpointing import save_training_checkpoint
 
-            save_training_checkpoint(checkpoints_dir=root / "step0", step=0, cfg=trainer.cfg,
-                                     model_chunks=trainer.model)
+            save_training_checkpoint(
+                checkpoints_dir=root / "step0", step=0, cfg=trainer.cfg, model_chunks=trainer.model
+            )
         result = trainer.fit()
         out[name] = {
             "losses": result.losses,
@@ -76,15 +77,21 @@ def _two_ranks(rank, world_size, root):
     do_cfg = tiny_config(f"train.max_steps={STEPS + 1}", "parallel.use_distributed_optimizer=true")
     Trainer(do_cfg, run_dir=root / "distopt_dp2", quiet=True).fit(stop_after_steps=STEPS)
     do_next = dataclasses.replace(do_cfg, train=dataclasses.replace(do_cfg.train, save_on_exit=False))
-    out["distopt_dp2_next"] = Trainer(do_next, run_dir=root / "distopt_dp2", quiet=True).fit(resume=True).losses
+    out["distopt_dp2_next"] = (
+        Trainer(do_next, run_dir=root / "distopt_dp2", quiet=True).fit(resume=True).losses
+    )
     # ... and at TP=2 in the fully reshardable format, resumed at TP=1 in `_one_rank`.
     full_cfg = tiny_config(
-        f"train.max_steps={STEPS + 1}", "parallel.tensor_parallel=2", "parallel.use_distributed_optimizer=true",
+        f"train.max_steps={STEPS + 1}",
+        "parallel.tensor_parallel=2",
+        "parallel.use_distributed_optimizer=true",
         "train.optimizer_checkpoint_format=fully_reshardable",
     )
     Trainer(full_cfg, run_dir=root / "distopt_tp2", quiet=True).fit(stop_after_steps=STEPS)
     full_next = dataclasses.replace(full_cfg, train=dataclasses.replace(full_cfg.train, save_on_exit=False))
-    out["distopt_tp2_next"] = Trainer(full_next, run_dir=root / "distopt_tp2", quiet=True).fit(resume=True).losses
+    out["distopt_tp2_next"] = (
+        Trainer(full_next, run_dir=root / "distopt_tp2", quiet=True).fit(resume=True).losses
+    )
     return out
 
 
@@ -106,19 +113,28 @@ def _one_rank(rank, world_size, root):
     out["metrics"] = [json.loads(line) for line in (root / "dp1" / "metrics.jsonl").read_text().splitlines()]
     # Resharding: the TP=2 checkpoint (step STEPS) resumed at TP=1 gives the step STEPS+1 loss of TP=2.
     cfg = tiny_config(f"train.max_steps={STEPS + 1}", "train.save_on_exit=false")
-    out["tp1_from_tp2"] = Trainer(cfg, run_dir=root / "tp2", quiet=True).fit(
-        resume=True, allow_changes=("layout",)).losses
+    out["tp1_from_tp2"] = (
+        Trainer(cfg, run_dir=root / "tp2", quiet=True).fit(resume=True, allow_changes=("layout",)).losses
+    )
     do_cfg = tiny_config(
         f"train.max_steps={STEPS + 1}", "train.save_on_exit=false", "parallel.use_distributed_optimizer=true"
     )
-    out["distopt_dp1_from_dp2"] = Trainer(do_cfg, run_dir=root / "distopt_dp2", quiet=True).fit(
-        resume=True, allow_changes=("layout",)).losses
+    out["distopt_dp1_from_dp2"] = (
+        Trainer(do_cfg, run_dir=root / "distopt_dp2", quiet=True)
+        .fit(resume=True, allow_changes=("layout",))
+        .losses
+    )
     full_cfg = tiny_config(
-        f"train.max_steps={STEPS + 1}", "train.save_on_exit=false", "parallel.use_distributed_optimizer=true",
+        f"train.max_steps={STEPS + 1}",
+        "train.save_on_exit=false",
+        "parallel.use_distributed_optimizer=true",
         "train.optimizer_checkpoint_format=fully_reshardable",
     )
-    out["distopt_tp1_from_tp2"] = Trainer(full_cfg, run_dir=root / "distopt_tp2", quiet=True).fit(
-        resume=True, allow_changes=("layout",)).losses
+    out["distopt_tp1_from_tp2"] = (
+        Trainer(full_cfg, run_dir=root / "distopt_tp2", quiet=True)
+        .fit(resume=True, allow_changes=("layout",))
+        .losses
+    )
     return out
 
 
@@ -186,14 +202,20 @@ def test_distributed_optimizer_state_reshards_from_dp2_to_dp1(results):
     two, one = results
     assert len(two[0]["distopt_dp2_next"]) == 1 and len(one["distopt_dp1_from_dp2"]) == 1
     torch.testing.assert_close(
-        torch.tensor(one["distopt_dp1_from_dp2"]), torch.tensor(two[0]["distopt_dp2_next"]), rtol=1e-5, atol=1e-6
+        torch.tensor(one["distopt_dp1_from_dp2"]),
+        torch.tensor(two[0]["distopt_dp2_next"]),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
 def test_fully_reshardable_optimizer_state_moves_from_tp2_to_tp1(results):
     two, one = results
     torch.testing.assert_close(
-        torch.tensor(one["distopt_tp1_from_tp2"]), torch.tensor(two[0]["distopt_tp2_next"]), rtol=1e-5, atol=1e-6
+        torch.tensor(one["distopt_tp1_from_tp2"]),
+        torch.tensor(two[0]["distopt_tp2_next"]),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 

@@ -34,11 +34,28 @@ TINY = [
 ]
 
 
-def _train(run_dir: Path, *extra: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(run_dir),
-           *extra, *TINY]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def _train(
+    run_dir: Path, *extra: str, env: dict | None = None, timeout: int = 240
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_longgen.train",
+        "--recipe",
+        "debug_tiny",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+        *TINY,
+    ]
+    return subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -121,15 +138,30 @@ def test_resume_checks_what_it_resumes(finished, tmp_path):
 
 def test_resume_from_an_earlier_checkpoint_logs_each_step_once_and_keeps_the_clock(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(run_dir, "--max-steps", "5", "--save-interval", "2", "--override", "train.save_on_exit=false",
-                  "train.keep_last_checkpoints=0")
+    proc = _train(
+        run_dir,
+        "--max-steps",
+        "5",
+        "--save-interval",
+        "2",
+        "--override",
+        "train.save_on_exit=false",
+        "train.keep_last_checkpoints=0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = _rows(run_dir)
     assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
     saved = json.loads((run_dir / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())["clock"]
 
-    proc = _train(run_dir, "--max-steps", "5", "--resume", "--override", "train.save_on_exit=false",
-                  "train.keep_last_checkpoints=0")
+    proc = _train(
+        run_dir,
+        "--max-steps",
+        "5",
+        "--resume",
+        "--override",
+        "train.save_on_exit=false",
+        "train.keep_last_checkpoints=0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dropped 1 row(s) after step 4" in proc.stdout
     rows = _rows(run_dir)
@@ -146,14 +178,21 @@ def test_resume_from_an_earlier_checkpoint_logs_each_step_once_and_keeps_the_clo
 
 
 def test_user_errors_after_parsing_are_one_line(tmp_path):
-    _one_line_error(_train(tmp_path / "a", "--override", "parallel.tensor_parallel=2"), 2,
-                    "world size 1 must be a multiple of tp*pp*cp = 2*1*1 = 2")
-    _one_line_error(_train(tmp_path / "b", "--init-checkpoint", str(tmp_path / "missing")), 2,
-                    f"init checkpoint {tmp_path / 'missing'} does not exist")
+    _one_line_error(
+        _train(tmp_path / "a", "--override", "parallel.tensor_parallel=2"),
+        2,
+        "world size 1 must be a multiple of tp*pp*cp = 2*1*1 = 2",
+    )
+    _one_line_error(
+        _train(tmp_path / "b", "--init-checkpoint", str(tmp_path / "missing")),
+        2,
+        f"init checkpoint {tmp_path / 'missing'} does not exist",
+    )
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)}
     _one_line_error(_train(tmp_path / "c", "--wandb", env=env), 2, "no API key is set: export WANDB_API_KEY")
-    _one_line_error(_train(tmp_path / "d", "--override", "train.lr=abc"), 2,
-                    "override train.lr='abc': expected float")
+    _one_line_error(
+        _train(tmp_path / "d", "--override", "train.lr=abc"), 2, "override train.lr='abc': expected float"
+    )
     for name in "abcd":
         assert not (tmp_path / name).exists()
     proc = _train(tmp_path / "e", "--override", "parallel.tensor_parallel=2", "--debug")
@@ -162,11 +201,32 @@ def test_user_errors_after_parsing_are_one_line(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_pipeline_parallel_run_exits_zero_with_one_summary_line(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megatron_longgen.train", "--recipe", "debug_tiny", "--run-dir", str(tmp_path / "pp"),
-           "--max-steps", "2", *TINY, "parallel.pipeline_parallel=2"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=280,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "megatron_longgen.train",
+        "--recipe",
+        "debug_tiny",
+        "--run-dir",
+        str(tmp_path / "pp"),
+        "--max-steps",
+        "2",
+        *TINY,
+        "parallel.pipeline_parallel=2",
+    ]
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[longgen] done")]
     assert len(summary) == 1, proc.stdout

@@ -38,7 +38,9 @@ class SparseAttentionKernel(abc.ABC):
         one-line reason."""
 
     @classmethod
-    def is_available(cls, *, device: torch.device, dtype: torch.dtype, pattern: SparsePattern | None = None) -> bool:
+    def is_available(
+        cls, *, device: torch.device, dtype: torch.dtype, pattern: SparsePattern | None = None
+    ) -> bool:
         return cls.unavailable_reason(device=device, dtype=dtype, pattern=pattern) is None
 
     @abc.abstractmethod

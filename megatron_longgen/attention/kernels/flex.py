@@ -112,7 +112,9 @@ def flex_block_mask(
     S, T = q_positions.numel(), k_positions.numel()
     b = block_size
     keep = keep_QK.to(device)
-    listed, full = tile_occupancy(keep, block_size=b, q_positions=q_positions, k_positions=k_positions, tile=tile)
+    listed, full = tile_occupancy(
+        keep, block_size=b, q_positions=q_positions, k_positions=k_positions, tile=tile
+    )
     if mask_mod is None:
         q_pos, k_pos = q_positions, k_positions
 

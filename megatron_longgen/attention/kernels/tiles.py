@@ -111,7 +111,9 @@ def classify_tiles(
     return bits, (bits == all_rows) & (k_end <= q_start) & in_range
 
 
-def _tile_extent(positions: torch.Tensor, tile: int, num_tiles: int, *, fill: int, lowest: bool) -> torch.Tensor:
+def _tile_extent(
+    positions: torch.Tensor, tile: int, num_tiles: int, *, fill: int, lowest: bool
+) -> torch.Tensor:
     """Per tile, the lowest (or highest) position; the tail past the last position counts as `fill`."""
     padded = positions.new_full((num_tiles * tile,), fill)
     padded[: positions.numel()] = positions

@@ -192,9 +192,7 @@ def dkdv_kernel(
         do_ptr = DO + b * sdb + n * sdn + m0 * sds + offs_m0[:, None] * sds + offs_d[None, :]
         q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
         do = tl.load(do_ptr, mask=row_ok[:, None], other=0.0)
-        lse2 = (
-            tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        )
+        lse2 = tl.load(LSE + (b * N + n) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(DELTA + (b * N + n) * S + offs_m, mask=row_ok, other=0.0)
         keep = ((bits >> bit_t) & 1) != 0

@@ -275,7 +275,7 @@ class CheckpointSaver:
                 write_text_atomic(
                     tmp / TRAINER_STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n"
                 )
-        except Exception as err:  # noqa: BLE001  (re-raised on every rank below: no rank is left waiting
+        except Exception as err:
             # in a collective that another rank skipped)
             if isinstance(err, OSError) and err.errno is not None:
                 error = (err.errno, err.filename, err.strerror)
@@ -295,14 +295,15 @@ class CheckpointSaver:
         """
         from megatron.core import dist_checkpointing
 
+        from megatron_longgen.compat.mcore import async_save_kwargs
+
+        kwargs = {"async_sharded_save": True, **async_save_kwargs()}
         # Slurm signals every process of a job step: the shield keeps the writers alive through the
         # preemption signal that asked for this save, and kills them if the trainer dies.
         with shield_helper_processes():
-            requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), async_sharded_save=True)]
+            requests = [dist_checkpointing.save(model_sd, str(model_dir(tmp)), **kwargs)]
             if optim_sd is not None:
-                requests.append(
-                    dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), async_sharded_save=True)
-                )
+                requests.append(dist_checkpointing.save(optim_sd, str(tmp / OPTIM_SUBDIR), **kwargs))
             request = combine_requests(requests, finalize=finalize)
             if not self.async_save:
                 request.execute_sync()

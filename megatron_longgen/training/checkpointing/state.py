@@ -101,7 +101,9 @@ def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
         groups = part.get("optimizer", {}).get("param_groups", []) if isinstance(part, dict) else []
         found = {float(g["step"]) for g in groups if isinstance(g, dict) and g.get("step") is not None}
         if len(found) > 1:
-            raise ValueError(f"the checkpoint's optimizer param groups disagree on the Adam step: {sorted(found)}")
+            raise ValueError(
+                f"the checkpoint's optimizer param groups disagree on the Adam step: {sorted(found)}"
+            )
         steps.append(found.pop() if found else None)
     return steps
 
