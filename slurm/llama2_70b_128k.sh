@@ -12,11 +12,14 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=B:USR1@360
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 export RECIPE=${RECIPE:-llama2_70b_128k}
+# A 70B step (~2 min on 64 H100s) plus a checkpoint save (~100 s at 10 GB/s) needs more than the default
+# 180 s between the warning and the limit: tools/plan_parallelism.py predicts ~216 s.
+export SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-360}
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   export NNODES=${NNODES:-8}  # the recipe's layout, whatever allocation a dry run got
 else

@@ -14,10 +14,11 @@
 The helpers of Megatron-Core 0.16.1's synchronous `dist_checkpointing.save` (torch_dist strategy, on every
 rank that has data to write):
 - `FileSystemWriterAsync.write_preloaded_data_multiproc` forks one short-lived writer per bucket
-  (`thread_count=2`) for each save;
+  (`thread_count=2`) for each save (0.19 writes from threads of the saving process instead);
 - `filesystem_async._get_write_results_queue` spawns, at the rank's first save, a `SyncManager` server
   (`python -c "from multiprocessing.spawn import spawn_main ..."`) that lives until the trainer exits and
-  carries the writers' results; the spawn also starts Python's `resource_tracker` process.
+  carries the writers' results (0.19: `get_write_results_queue`); the spawn also starts Python's
+  `resource_tracker` process.
 A dead manager fails the next save with `BrokenPipeError`. Its resource tracker is launched by
 `resource_tracker.ensure_running`, which *unblocks* SIGINT and SIGTERM in the calling thread afterwards,
 so an inherited signal mask alone does not protect the manager: the shield also blocks the signals in
@@ -118,15 +119,16 @@ def _after_fork_in_child() -> None:
         die_with_parent(_fork_parent_pid, _shield_signals)
 
 
-def _results_queue_with_initializer():
-    """Megatron-Core's `_get_write_results_queue`, with `die_with_parent` run in the manager process."""
+def _results_queue_with_initializer(mp_mode: str = "spawn"):
+    """Megatron-Core's results-queue getter (`_get_write_results_queue` in 0.16, `get_write_results_queue`
+    in 0.19), with `die_with_parent` run in the manager process."""
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from torch import multiprocessing as mp
 
     if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager = SyncManager(ctx=mp.get_context(mp_mode))
         signals = _shield_signals if _shield_depth else PREEMPTION_SIGNALS
         manager.start(initializer=die_with_parent, initargs=(os.getpid(), signals))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
@@ -142,10 +144,12 @@ def _install_hooks() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    # Megatron-Core 0.16's lazily started results manager (see the module docstring); other versions keep
-    # their own, protected by the inherited signal mask only.
-    if hasattr(filesystem_async, "_get_write_results_queue") and hasattr(filesystem_async, "_results_queue"):
-        filesystem_async._get_write_results_queue = _results_queue_with_initializer
+    # Megatron-Core's lazily started results manager (see the module docstring): `_get_write_results_queue`
+    # in 0.16, `get_write_results_queue(mp_mode)` in 0.19 (looked up in the module at each writer's start).
+    if hasattr(filesystem_async, "_results_queue"):
+        for name in ("_get_write_results_queue", "get_write_results_queue"):
+            if hasattr(filesystem_async, name):
+                setattr(filesystem_async, name, _results_queue_with_initializer)
 
 
 @contextlib.contextmanager
