@@ -1,5 +1,7 @@
 """Benchmark LongGen's sparse attention backends against dense causal attention (torch SDPA, cuDNN).
 
+(A self-contained benchmark CLI, hence its length: options, timing, the table and the JSON in one file.)
+
 Legend: B = batch (1), N = query heads, G = KV heads, S = sequence length, H = head dim.
 
 For each (head config, sequence length) the script times, in one process and on one GPU:

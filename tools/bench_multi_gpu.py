@@ -1,5 +1,6 @@
 """Issue 13's multi-GPU runs: the 7B headline at 128K, CP scaling, and a 70B-shaped slice, all through the
 project's `Trainer` (Megatron-Core DDP, distributed optimizer, pipeline schedules, our CP attention).
+(Three benchmark modes sharing their setup and JSON writer in one CLI, hence its length.)
 
     torchrun --nproc-per-node 8 tools/bench_multi_gpu.py headline                       # layout from the planner
     torchrun --nproc-per-node 8 tools/bench_multi_gpu.py headline --layout tp8-cp1 --recompute full

@@ -1,4 +1,5 @@
 """One GPU's shard of a LongGen layer under TP x CP, timed and measured on one GPU (no communication).
+(A self-contained benchmark CLI, hence its length.)
 
     python tools/bench_shard_shapes.py                 # 7B at TP x CP = 8 and 70B at TP8 x CP 1|2, 128K (~3 min)
     python tools/bench_shard_shapes.py --models 70b --shards 8x1 8x2 --recompute none full

@@ -1,5 +1,6 @@
 """TP x PP x CP (+ DP, sequence parallelism and the distributed optimizer) against one process: losses,
-gradients, weights and a checkpoint resumed at TP1 x PP1 x CP1.
+gradients, weights and a checkpoint resumed at TP1 x PP1 x CP1. (A self-contained CLI, hence its length: the
+parallel run, the single-process reference, the comparison rules and the report.)
 
     torchrun --nproc-per-node 8 tools/check_parallel_equivalence.py --tp 2 --pp 2 --cp 2
     torchrun --nproc-per-node 8 tools/check_parallel_equivalence.py --tiny --tp 2 --pp 2 --cp 2   # CPU, gloo

@@ -1,5 +1,8 @@
 """Typed, keyword-only configuration dataclasses for LongGen runs.
 
+(Over 400 lines on purpose: every field of every section with its documentation, in one place a user reads
+to learn what a run can set. Parsing overrides and serialisation live in `overrides.py` / `serialization.py`.)
+
 Design choices:
 - A handful of small frozen dataclasses (`ModelConfig`, `SparseAttentionConfig`, `ParallelConfig`,
   `TrainingConfig`, `DataConfig`, `LoggingConfig`) grouped in `LongGenConfig`. Each validates itself in
