@@ -24,8 +24,8 @@ from megatron_longgen.attention.kernels.flex import FlexSparseKernel, pattern_bl
 from megatron_longgen.attention.kernels.tiles import build_tile_tables, tile_bits
 from megatron_longgen.attention.masks import BlockStridedPattern, SinkWindowPattern
 from megatron_longgen.attention.reference import reference_attention
-from megatron_longgen.utils.optional import has_triton
 from tests.attention.independent_masks import independent_token_mask
+from tests.helpers.triton_interpreter import require_triton_interpreter
 
 SMALL_PATTERNS = [
     SinkWindowPattern(block_size=16, num_sink_blocks=1, num_window_blocks=3),
@@ -256,8 +256,7 @@ print("RESULTS" + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def triton_interpreter_results():
-    if not has_triton():
-        pytest.skip("triton is not installed (pip install triton==3.7.1 for the interpreter tests)")
+    require_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-c", _TRITON_SCRIPT],

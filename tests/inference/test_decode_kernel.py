@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_longgen.utils.optional import has_triton
+from tests.helpers.triton_interpreter import require_triton_interpreter
 
 _SCRIPT = r"""
 import json, math, torch
@@ -59,17 +59,7 @@ print("RESULTS" + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def results():
-    if not has_triton():
-        pytest.skip("triton is not installed (pip install triton==3.7.1 for the interpreter tests)")
-    import triton
-    from packaging.version import Version
-
-    if Version(triton.__version__) < Version("3.7"):
-        # Triton 3.6's interpreter fails on the split-KV kernel's scalar loads ("only 0-dimensional arrays
-        # can be converted to Python scalars"); compiled on a GPU, 3.6 runs it (the `gpu` tests).
-        pytest.skip(
-            f"the Triton {triton.__version__} interpreter cannot run this kernel (needs triton >= 3.7)"
-        )
+    require_triton_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           check=False)  # fmt: skip
