@@ -226,3 +226,40 @@ def test_train_sbatch_outside_slurm_points_to_the_local_launcher(tmp_path):
     assert proc.returncode == 2
     assert "not inside a Slurm job" in proc.stderr and "slurm/run_local.sh" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_local_sigterm_saves_and_exits_zero(tmp_path):
+    """A signal to slurm/run_local.sh reaches the ranks, not torchrun (which would exit 1 with a traceback
+    after its workers saved): the job saves at the end of a step and every process exits 0."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["bash", "slurm/run_local.sh"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(
+                RECIPE="debug_tiny",
+                GPUS_PER_NODE=2,
+                RUN_DIR=run_dir,
+                OMP_NUM_THREADS=1,
+                EXTRA_ARGS="--max-steps 500 --override train.log_interval=1",
+            ),
+        )
+        deadline = time.monotonic() + 400
+        while "step     1/500" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert "step     1/500" in log.read_text(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=300)
+    text = log.read_text()
+    assert status == 0, text[-3000:]
+    assert "preemption signal SIGTERM: saved" in text and "Traceback" not in text, text[-3000:]
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert saved.startswith("step_") and 1 <= int(saved.split("_")[1]) < 500

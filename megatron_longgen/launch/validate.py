@@ -87,7 +87,10 @@ def _sizes(
     try:
         layout = layout_from_config(cfg, world_size=world_size)
     except ValueError as exc:
-        problems.append(f"{exc}: change --nodes / --gpus-per-node or the recipe's parallel sizes")
+        problems.append(
+            f"{exc}: change the number of processes (torchrun --nnodes / --nproc-per-node, sbatch --nodes; "
+            "check_launch.py --nodes / --gpus-per-node) or the recipe's parallel sizes"
+        )
         return None
     lines += [
         f"recipe {cfg.name}: {m.num_layers} layers, pattern {m.layer_pattern}",

@@ -127,16 +127,26 @@ class WandbLogger(MetricsLogger):
             tmp.write_text(run_id + "\n")
             os.replace(tmp, id_path)
         self.run_id = run_id
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", project),
-            name=os.environ.get("WANDB_NAME", name),
-            group=os.environ.get("WANDB_RUN_GROUP", group),
-            mode=os.environ.get("WANDB_MODE", mode),
-            dir=str(run_dir),
-            config=config,
-            id=run_id,
-            resume="allow",
-        )
+        mode = os.environ.get("WANDB_MODE", mode)
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", project),
+                name=os.environ.get("WANDB_NAME", name),
+                group=os.environ.get("WANDB_RUN_GROUP", group),
+                mode=mode,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+            )
+        except Exception as exc:  # noqa: BLE001  (no server, bad key, timeout: the user's setup, not a bug)
+            from megatron_longgen.utils.cli import UserError
+
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(
+                f"W&B could not start a {mode} run ({type(exc).__name__}: {first[:200]}). Check the network and "
+                "WANDB_API_KEY, or log offline (WANDB_MODE=offline; `wandb sync` later) or drop --wandb"
+            ) from exc
         for prefix, axis in self.AXES.items():
             self.run.define_metric(axis)
             self.run.define_metric(f"{prefix}/*", step_metric=axis)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,17 +59,37 @@ def _last_logged_step(metrics: Path) -> int | None:
     return last if last is not None else 0
 
 
+def _can_write_in(folder: Path) -> bool:
+    """Create and remove a probe file: also right for root (which `os.access` always lets through) and for
+    immutable or read-only-mounted folders."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".longgen-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
 def inspect(path: str | os.PathLike) -> RunDirState:
-    """Read-only look at `path`; raises RunDirError when it cannot be a run directory at all."""
+    """A look at `path` (writes nothing but a removed probe file); raises RunDirError when it cannot be a
+    run directory at all, or when its checkpoints could not be saved."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run dir {path} exists and is not a folder: choose another --run-dir")
     probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise RunDirError(f"run dir {path}: {probe} is a file, not a folder; choose another --run-dir")
+    if not _can_write_in(probe):
         raise RunDirError(f"run dir {path}: {probe} is not writable by this user; choose another --run-dir")
     if not path.exists():
         return RunDirState(path=path, exists=False, num_checkpoints=0, last_metrics_step=None)
     ckpts = path / CHECKPOINTS_SUBDIR
+    if ckpts.is_dir() and not _can_write_in(ckpts):
+        raise RunDirError(
+            f"run dir {path}: {ckpts} is not writable, so no checkpoint could be saved; make it writable or "
+            "choose another --run-dir"
+        )
     num_checkpoints = (
         sum(1 for child in ckpts.iterdir() if child.name.startswith("step_")) if ckpts.is_dir() else 0
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -299,6 +300,11 @@ class Trainer(TrainerCheckpoints):
     def _say(self, text: str) -> None:
         if self.rank == 0 and not self.quiet:
             print(f"[longgen] {text}", flush=True)
+
+    def _warn(self, text: str) -> None:
+        """A warning the user must see (e.g. a damaged checkpoint skipped): stderr, also with --quiet."""
+        if self.rank == 0:
+            print(f"[longgen] warning: {text}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- loop
     def _peak_tflops(self) -> float | None:

@@ -1,7 +1,7 @@
 """The Trainer's checkpoint methods: publish a resumable checkpoint (`start_save` / `save`) and restore one
 (`restore`: the newest intact checkpoint of the run after `resume_check.py`'s comparison, or the initial
 weights of `train.init_checkpoint`). A mixin of `trainer.Trainer`, which provides `cfg`, `model`,
-`optimizer`, `scheduler`, `tokenizer`, `nan_guard`, `run_dir` and `_say`.
+`optimizer`, `scheduler`, `tokenizer`, `nan_guard`, `run_dir`, `_say` and `_warn`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class TrainerCheckpoints:
 
         # The newest checkpoint that passes its manifest (a damaged newer one is skipped with a warning).
         latest = (
-            select_resume_checkpoint(self.checkpoints_dir, group=dist.group.WORLD, warn=self._say)
+            select_resume_checkpoint(self.checkpoints_dir, group=dist.group.WORLD, warn=self._warn)
             if resume
             else None
         )

@@ -288,7 +288,7 @@ def test_nothing_intact_refuses_with_every_reason(ckpts):
     )
     for step in STEPS:
         assert f"step_{step:07d}: trainer_state.json: is not valid JSON" in message
-    assert "start a new run without --resume" in message
+    assert "--overwrite (the old run is moved aside) or another --run-dir" in message
 
 
 def test_empty_run_is_a_fresh_start(tmp_path):

@@ -77,8 +77,8 @@ class NoIntactCheckpointError(CorruptCheckpointError):
         super().__init__(
             checkpoints_dir,
             "",
-            f"no intact checkpoint to resume from ({listing}). Restore a good copy, or start a new run "
-            "without --resume",
+            f"no intact checkpoint to resume from ({listing}). Restore a good copy, or start afresh with "
+            "--overwrite (the old run is moved aside) or another --run-dir",
         )
 
 
