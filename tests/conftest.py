@@ -19,3 +19,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if item.get_closest_marker("multi_gpu") and not multi:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """A test that runs W&B in-process leaves `WANDB_SERVICE` in os.environ (W&B's way of letting child
+    processes share its service); every later subprocess (trainers, Slurm jobs) would then attach to that
+    service, which still holds the runs it saw. Tear it down after each test."""
+    yield
+    if "WANDB_SERVICE" in os.environ:
+        import sys
+
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:
+            try:
+                wandb.teardown()
+            except Exception:  # noqa: BLE001 (best effort: the variable below is what matters)
+                pass
+        os.environ.pop("WANDB_SERVICE", None)

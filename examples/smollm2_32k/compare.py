@@ -52,8 +52,8 @@ def training_summary(run_dir: Path) -> tuple[dict, list[dict]] | None:
     summary = {
         "tokens": int(last["tokens"]),
         "steps": int(last["step"]),
-        "wall_clock_s": float(last["wall_time_s"]),
-        "tokens_per_s": float(last["tokens"]) / float(last["wall_time_s"]),
+        "wall_clock_s": float(last["wall_clock_s"]),
+        "tokens_per_s": float(last["tokens"]) / float(last["wall_clock_s"]),
         "process_wall_s": (read_json(run_dir / "process_time.json") or {}).get("process_wall_s"),
         "seed": config.get("train", {}).get("seed"),
         "layer_pattern": config.get("model", {}).get("layer_pattern"),
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
                 path=Path(f"{stem}_loss_tokens.png"),
             )
             curves(
-                {v: ([r["wall_time_s"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
+                {v: ([r["wall_clock_s"] for r in rs], [r["loss"] for r in rs]) for v, rs in rows.items()},
                 xlabel="wall-clock (s)",
                 ylabel="loss",
                 title="loss vs wall-clock",

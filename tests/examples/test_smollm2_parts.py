@@ -151,7 +151,12 @@ def _write_run(
 ) -> None:
     run_dir.mkdir(parents=True)
     rows = [
-        {"step": s, "loss": 3.0 - 0.1 * s, "tokens": s * tokens_per_step, "wall_time_s": s * seconds_per_step}
+        {
+            "step": s,
+            "loss": 3.0 - 0.1 * s,
+            "tokens": s * tokens_per_step,
+            "wall_clock_s": s * seconds_per_step,
+        }
         for s in range(1, steps + 1)
     ]
     rows[-1]["eval_loss"] = 2.5

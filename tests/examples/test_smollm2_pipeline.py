@@ -111,7 +111,7 @@ def evaluate(workdir: Path) -> None:
         env={
             "WORKDIR": str(workdir),
             "PYTHON": sys.executable,
-            "LENGTHS": "256 512",
+            "LENGTHS": "512 1024",
             "DEPTHS": "0.0 0.5 1.0",
             "SAMPLES": "1",
             "PPL_DOCS": "1",
@@ -253,7 +253,7 @@ def test_smollm2_pipeline(tmp_path):
     for kind in ("passkey", "niah"):
         assert set(summary[kind]) == {"original", "longgen", "sparse_only", "full", "attnsink_inference"}
         for accuracies in summary[kind].values():
-            assert set(accuracies) == {"256", "512"} and all(0 <= a <= 1 for a in accuracies.values())
+            assert set(accuracies) == {"512", "1024"} and all(0 <= a <= 1 for a in accuracies.values())
     for model, curve in summary["ppl_by_position"].items():
         assert curve["positions"] == [64.0, 192.0, 320.0, 448.0], model  # 512 tokens in bins of 128
         assert all(1.0 < p < 1e6 for p in curve["ppl"]), model

@@ -106,7 +106,7 @@ class SlurmCluster:
         nothing from an outer Slurm job or torch.distributed launch."""
         drop = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE"):
             env.pop(key, None)
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
