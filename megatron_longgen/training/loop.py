@@ -132,12 +132,18 @@ def run_loop(tr, *, directory, resume: bool, allow_changes: tuple[str, ...], sto
             if t.save_interval and done % t.save_interval == 0:
                 with timer.excluded("checkpoint"):
                     saved_at = done
-                    tr.start_save(done, clock=clock)
+                    result = tr.start_save(done, clock=clock)
+                    if result.done:  # a synchronous save is published already: its size and total time now
+                        ckpt = result.path
+                        save_metrics.update(
+                            {k: v for k, v in result.metrics().items() if k != "checkpoint_time_s"}
+                        )
         if (t.save_on_exit or stopped_by) and saved_at != done and done > start_step:
             seconds, _ = timer.window()
             clock.add_productive(seconds)
             saved_at = done
-            tr.start_save(done, clock=clock)
+            result = tr.start_save(done, clock=clock)
+            ckpt = result.path if result.done else ckpt
         for published in saver.finalize_all():  # the exit save, and a periodic one still being written
             ckpt = published.path
         failed = False

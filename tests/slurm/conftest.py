@@ -134,19 +134,27 @@ class SlurmCluster:
             time.sleep(1 + attempt)
         raise RuntimeError(f"scontrol show job {job_id} exited {proc.returncode}: {proc.stderr.strip()}")
 
-    def wait_until_final(self, job_id: int, *, timeout_s: float) -> dict[str, str]:
+    def wait_until_final(self, job_id: int, *, timeout_s: float, settle_s: float = 3.0) -> dict[str, str]:
         """Poll until the job ends. Slurm 22.05 holds a requeued job for ~2 minutes (PENDING,
-        Reason=BeginTime); like an admin would, this releases it at once (`scontrol update StartTime=now`)."""
+        Reason=BeginTime); like an admin would, this releases it at once (`scontrol update StartTime=now`).
+        A job that requeues itself (`scontrol requeue` from its batch script) can show a final state (e.g.
+        FAILED, from the batch script killed for the requeue) for a moment before it is PENDING again: a
+        final state counts once it has held for `settle_s`."""
+        seen: dict[str, object] = {}
 
         def final():
             info = self.job(job_id)
-            if (
-                info.get("JobState") == "PENDING"
-                and info.get("Reason") == "BeginTime"
-                and info.get("Restarts") != "0"
-            ):
+            state = info.get("JobState")
+            if state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts") != "0":
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-            return info if info.get("JobState") in FINAL_STATES else None
+            if state not in FINAL_STATES:
+                seen.clear()
+                return None
+            key = (state, info.get("Restarts"))
+            if seen.get("key") != key:
+                seen.update(key=key, since=time.monotonic())
+                return None
+            return info if time.monotonic() - seen["since"] >= settle_s else None
 
         return _wait(final, timeout_s=timeout_s, what=f"job {job_id} to end", interval_s=0.5)
 

@@ -132,7 +132,8 @@ def _assert_resumed_like_the_reference(
     info: dict, run_dir: Path, reference: list[float], *, stop: str
 ) -> None:
     log = _log(info)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:])
+    fields = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "RunTime", "EndTime")}
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (fields, log[-6000:])
     assert info["Restarts"] == "1", log[-6000:]
     job_id = info["JobId"]
     # The log is whole: both starts, appended (a truncating requeue would have lost the first).
@@ -239,7 +240,8 @@ def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated
     )
     info = slurm_cluster.wait_until_final(job, timeout_s=600)
     log = _log(info)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:])
+    fields = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "RunTime", "EndTime")}
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (fields, log[-6000:])
     assert f"resumed from {run_dir / 'checkpoints'}" in log and f"at step {resumed_from}" in log, log
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)), [r["step"] for r in rows]
@@ -280,8 +282,9 @@ def test_signal_lead_time_setting_warns_before_the_limit(slurm_cluster, repo_clo
     )
     info = slurm_cluster.wait_until_final(job, timeout_s=240)
     log = _log(info)
+    fields = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "RunTime", "EndTime")}
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (
-        info,
+        fields,
         log,
     )
     started = re.search(r"\[longgen\] (\S+) job \d+ start 1:", log)

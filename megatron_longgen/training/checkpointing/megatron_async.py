@@ -15,15 +15,15 @@ import torch
 
 
 def async_save_supported() -> bool:
-    """Whether `CheckpointSaver` defaults to background saves: Megatron-Core's AsyncCallsQueue forks the
-    writer after a device->host copy and checks completion with an all-reduce. That works on CUDA and, in
-    a process with Megatron-Core's CPU patches active (`patches/cpu.py`, applied by `init_distributed` in
-    every CPU process), on CPU/gloo too: the fork's copy-on-write memory is the snapshot."""
-    if torch.cuda.is_available():
-        return True
-    from megatron_longgen.patches.cpu import cpu_patches_active
+    """Whether `CheckpointSaver` defaults to background saves: on CUDA. Megatron-Core's AsyncCallsQueue forks
+    the writer after a device->host copy and checks completion with an all-reduce.
 
-    return cpu_patches_active()
+    On CPU it works too (with Megatron-Core's CPU patches active: `patches/cpu.py`; the fork's copy-on-write
+    memory is the snapshot; `train.async_save=true` asks for it), but it is not the default there: a CPU save
+    is quick, and forking a trainer whose other threads (gloo, W&B) come and go hung once in ~6 CPU Slurm test
+    runs under CPython 3.11.7 (the child blocked in `PyOS_AfterFork_Child` -> `_PyThreadState_DeleteExcept`).
+    """
+    return torch.cuda.is_available()
 
 
 def combine_requests(requests: list, *, finalize) -> object:
