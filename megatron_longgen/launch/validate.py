@@ -31,7 +31,7 @@ class LaunchError(ValueError):
     def __init__(self, problems: list[str], *, report: LaunchReport | None = None):
         self.problems = list(problems)
         self.report = report
-        super().__init__("\n".join(self.problems))
+        super().__init__("; ".join(self.problems))
 
 
 @dataclass(frozen=True, kw_only=True)

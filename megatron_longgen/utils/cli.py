@@ -74,9 +74,8 @@ def describe(err: BaseException) -> str:
     if isinstance(err, OSError) and type(err).__str__ is OSError.__str__ and err.strerror:
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror}{where}"
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    # Several problems (e.g. the launch validator's) stay one per line, indented under the first.
-    return "\n  ".join(lines) if lines else type(err).__name__
+    lines = str(err).strip().splitlines()
+    return " ".join(line.strip() for line in lines) if lines else type(err).__name__
 
 
 def exit_status(err: BaseException) -> int | None:

@@ -158,6 +158,17 @@ class SlurmCluster:
 
         return _wait(final, timeout_s=timeout_s, what=f"job {job_id} to end", interval_s=0.5)
 
+    def daemon_log(self, job_id: int, *, limit: int = 40) -> str:
+        """The slurmctld / slurmd log lines about `job_id` (for failure messages)."""
+        pattern = re.compile(rf"(JobId={job_id}|StepId={job_id}\.|job[ _]id {job_id}|job {job_id})\b")
+        lines = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.base / name
+            if path.is_file():
+                text = path.read_text(errors="replace").splitlines()
+                lines += [f"{name}: {ln}" for ln in text if pattern.search(ln)]
+        return "\n".join(lines[-limit:])
+
     def job_ids(self) -> list[int]:
         out = self.run("squeue", "-h", "-o", "%i", check=False).stdout
         return [int(x) for x in out.split()]
