@@ -6,27 +6,17 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import train_cmd
+
 
 @pytest.mark.parametrize(
     "extra", [["--sparse-variant", "block_strided"], ["--attention", "full"]], ids=["block_strided", "full"]
 )
 def test_tiny_run_writes_metrics_and_checkpoint(tmp_path, extra):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_longgen.train",
-        "--recipe",
-        "debug_tiny",
-        "--run-dir",
-        str(run_dir),
-        "--max-steps",
-        "12",
-        "--override",
-        "train.seq_length=256",
-        "train.log_interval=3",
-        *extra,
-    ]
+    cmd = train_cmd(
+        run_dir, "--max-steps", "12", "--override", "train.seq_length=256", "train.log_interval=3", *extra
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ETA" in proc.stdout and "tok/s" in proc.stdout

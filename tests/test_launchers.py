@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import train_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/train.sbatch", "slurm/llama2_7b_128k.sh", "slurm/llama2_70b_128k.sh", "slurm/run_local.sh"]
 
@@ -178,14 +180,8 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path):
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "megatron_longgen.train",
-            "--recipe",
-            "debug_tiny",
-            "--run-dir",
-            str(run_dir),
+        cmd = train_cmd(
+            run_dir,
             "--max-steps",
             "2",
             "--quiet",
@@ -193,7 +189,7 @@ def test_srun_style_ranks_from_slurm_variables(tmp_path):
             "train.seq_length=128",
             "train.global_batch_size=4",
             "train.log_interval=1",
-        ]
+        )
         procs.append(
             subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -137,3 +137,14 @@ def oracle_greedy(
         if int(nxt) in stop:
             break
     return out
+
+
+def left_pad(rows, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, W], attention mask [B, W]) for 1-D token rows padded on the left to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask

@@ -4,7 +4,14 @@ variants, GQA, several window evictions and stride boundaries, batches with uneq
 import pytest
 import torch
 
-from tests.inference.reference import oracle_greedy, oracle_logits, oracle_model, tiny_config, tiny_model
+from tests.inference.reference import (
+    left_pad,
+    oracle_greedy,
+    oracle_logits,
+    oracle_model,
+    tiny_config,
+    tiny_model,
+)
 
 TOL = 2e-5  # fp32: the cache path and the dense oracle differ only in summation order
 VARIANTS = ["sink_window", "block_strided"]
@@ -69,16 +76,6 @@ def test_gqa_and_mha(kv_heads):
         assert _max_rel(step.logits[:, -1], expected[:, t]) <= TOL
 
 
-def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def test_batch_left_padded_unequal_lengths(pair):
     """Rows of 29 and 14 prompt tokens, decoded together for 30 steps; each row against its own unpadded oracle."""
@@ -86,7 +83,7 @@ def test_batch_left_padded_unequal_lengths(pair):
     gen = torch.Generator().manual_seed(5)
     full_rows = [torch.randint(0, model.config.vocab_size, (59,), generator=gen) for _ in range(2)]
     prompt_lens = [29, 14]
-    ids, mask = _left_pad([r[:n] for r, n in zip(full_rows, prompt_lens)])
+    ids, mask = left_pad([r[:n] for r, n in zip(full_rows, prompt_lens)])
     expected = [oracle_logits(ref, r[None])[0] for r in full_rows]
     out = model(ids, attention_mask=mask, use_cache=True)
     for row, n in enumerate(prompt_lens):
@@ -137,7 +134,7 @@ def test_greedy_generate_matches_oracle_token_for_token(pair):
     model, ref = pair
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in (21, 10)]
-    ids, mask = _left_pad(prompts)
+    ids, mask = left_pad(prompts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     for row, prompt in enumerate(prompts):
         want = oracle_greedy(ref, prompt[None], max_new_tokens=40)[0, len(prompt) :]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.inference.reference import tiny_config, tiny_model
+from tests.inference.reference import left_pad, tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -16,16 +16,6 @@ def pair():
     theirs = LlamaForCausalLM(LlamaConfig(**fields)).eval()
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
-
-
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -40,7 +30,7 @@ def test_logits_match(pair):
 def test_greedy_and_sampled_generation_match(pair):
     ours, theirs = pair
     gen = torch.Generator().manual_seed(1)
-    ids, mask = _left_pad([torch.randint(0, ours.config.vocab_size, (n,), generator=gen) for n in (23, 11)])
+    ids, mask = left_pad([torch.randint(0, ours.config.vocab_size, (n,), generator=gen) for n in (23, 11)])
     kwargs = {"attention_mask": mask, "max_new_tokens": 30, "pad_token_id": 0}
     assert torch.equal(
         ours.generate(ids, do_sample=False, **kwargs), theirs.generate(ids, do_sample=False, **kwargs)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longgen.training.checkpointing import complete_checkpoints, latest_checkpoint
+from tests.helpers.cli import train_cmd
 
 TINY = [
     "--override",
@@ -34,17 +35,7 @@ TINY = [
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_longgen.train",
-        "--recipe",
-        "debug_tiny",
-        "--run-dir",
-        str(run_dir),
-        *extra,
-        *TINY,
-    ]
+    cmd = train_cmd(run_dir, *extra, *TINY)
     # A new session, so the test can end the trainer together with the writer processes it forks.
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import train_cmd
+
 TINY = [
     "--override",
     "model.hidden_size=64",
@@ -37,17 +39,7 @@ TINY = [
 def _train(
     run_dir: Path, *extra: str, env: dict | None = None, timeout: int = 240
 ) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_longgen.train",
-        "--recipe",
-        "debug_tiny",
-        "--run-dir",
-        str(run_dir),
-        *extra,
-        *TINY,
-    ]
+    cmd = train_cmd(run_dir, *extra, *TINY)
     return subprocess.run(
         cmd,
         check=False,
