@@ -15,6 +15,10 @@ import math
 
 import torch
 
+from megatron_longgen.compat.torch_cpu import warm_up_cpu_math
+
+warm_up_cpu_math()  # before this module's first exp on CPU (compat/torch_cpu.py)
+
 
 def expand_kv_heads(x_BGTH: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, G, T, H] -> [B, N, T, H]: KV head g serves query heads g*N/G .. (g+1)*N/G - 1 (Megatron and

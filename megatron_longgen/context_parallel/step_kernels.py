@@ -27,6 +27,10 @@ import math
 
 import torch
 
+from megatron_longgen.compat.torch_cpu import warm_up_cpu_math
+
+warm_up_cpu_math()  # before this module's first exp on CPU (compat/torch_cpu.py)
+
 
 def _expand(x_BGTH: torch.Tensor, num_heads: int) -> torch.Tensor:
     groups = x_BGTH.shape[1]

@@ -22,6 +22,10 @@ import math
 
 import torch
 
+from megatron_longgen.compat.torch_cpu import warm_up_cpu_math
+
+warm_up_cpu_math()  # before this module's first exp on CPU (compat/torch_cpu.py)
+
 _NEG_INF = float("-inf")
 _FAR_FUTURE = 2**62  # position given to padding keys: never visible
 
