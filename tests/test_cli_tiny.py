@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers.cli import train_cmd
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 
 @pytest.mark.parametrize(
     "extra", [["--sparse-variant", "block_strided"], ["--attention", "full"]], ids=["block_strided", "full"]

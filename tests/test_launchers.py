@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers.cli import train_cmd
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/train.sbatch", "slurm/llama2_7b_128k.sh", "slurm/llama2_70b_128k.sh", "slurm/run_local.sh"]
 

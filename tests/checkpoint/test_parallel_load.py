@@ -9,6 +9,8 @@ from megatron_longgen.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from tests.checkpoint.conftest import VOCAB
 from tests.helpers.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 
 def _load(cfg, mcore_dir, *, pre_process: bool, post_process: bool):
     from megatron.core import dist_checkpointing

@@ -8,8 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 _PROBE = r"""
 import torch
 import megatron_longgen.attention.reference  # noqa: F401  (warms up at import)
@@ -22,20 +20,19 @@ print(((got.double() - ref).abs() / ref).max().item())
 """
 
 
-@pytest.mark.parametrize("threads", [2, 4])
-def test_first_exp_of_a_fresh_process_is_accurate(threads):
+def test_first_exp_of_a_fresh_process_is_accurate():
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", f"import torch; torch.set_num_threads({threads})\n" + _PROBE],
+            [sys.executable, "-c", "import torch; torch.set_num_threads(2)\n" + _PROBE],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(6)
+        for _ in range(8)
     ]
     errors = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
         errors.append(float(out.split()[-1]))
-    assert max(errors) < 1e-6, f"relative errors of the first exp in 6 fresh processes: {errors}"
+    assert max(errors) < 1e-6, f"relative errors of the first exp in 8 fresh processes: {errors}"

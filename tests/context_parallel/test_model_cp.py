@@ -18,6 +18,8 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 SEQ, BATCH, VOCAB = 32, 2, 128
 VARIANTS = {
     "sink_window": {

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.launch.fixtures import production_env, subprocess_env
+
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
 
 ROOT = Path(__file__).resolve().parents[2]
 

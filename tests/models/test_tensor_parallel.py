@@ -11,6 +11,8 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 SEQ = 48
 
 

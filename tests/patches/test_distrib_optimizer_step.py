@@ -11,6 +11,8 @@ from megatron_longgen.patches import distrib_optimizer_step as patch
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 SEQ, VOCAB = 32, 128
 FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 

@@ -25,7 +25,7 @@ import pytest
 
 from tests.slurm.conftest import _free_port, _wait
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 MAX_STEPS = 40
 SAVE_INTERVAL = 4

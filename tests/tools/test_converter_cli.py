@@ -14,6 +14,8 @@ import pytest
 
 from tests.tools.conftest import dead_pid, run_tool
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 
 def _one_error_line(result, prog: str) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]

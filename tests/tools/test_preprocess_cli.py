@@ -11,6 +11,8 @@ import pytest
 
 from tests.tools.conftest import dead_pid, run_tool
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:

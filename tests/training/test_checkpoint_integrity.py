@@ -27,6 +27,8 @@ from megatron_longgen.training.checkpointing.manifest import (
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 STEPS = (2, 3, 4)
 
 

@@ -28,6 +28,8 @@ from megatron_longgen.training.checkpointing.manifest import find_resumable_chec
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 REPO = Path(__file__).resolve().parents[2]
 
 

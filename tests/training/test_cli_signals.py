@@ -21,6 +21,8 @@ import pytest
 from megatron_longgen.training.checkpointing import complete_checkpoints, latest_checkpoint
 from tests.helpers.cli import train_cmd
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 TINY = [
     "--override",
     "model.hidden_size=64",

@@ -14,6 +14,8 @@ import pytest
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 FORMATS = ("dp_reshardable", "fully_reshardable")
 STOP, STEPS = 3, 6
 

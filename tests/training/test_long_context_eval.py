@@ -17,6 +17,8 @@ import torch
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 LENGTH, ANSWER = 256, 4
 LAYOUTS = {
     "tp2": ("parallel.tensor_parallel=2", "parallel.sequence_parallel=true"),

@@ -12,6 +12,8 @@ import torch
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 STEPS = 5
 
 

@@ -7,6 +7,8 @@ import pytest
 from tests.helpers.distributed import run_distributed
 from tests.training.tiny import tiny_config
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 
 def _params(trainer) -> dict:
     module = trainer.model[0].module

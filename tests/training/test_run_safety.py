@@ -24,6 +24,8 @@ import pytest
 
 from tests.helpers.cli import train_cmd
 
+pytestmark = pytest.mark.slow  # trainer processes or several gloo ranks: outside the fast tier
+
 TINY = [
     "--override",
     "model.hidden_size=64",
