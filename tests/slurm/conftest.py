@@ -134,19 +134,29 @@ class SlurmCluster:
             time.sleep(1 + attempt)
         raise RuntimeError(f"scontrol show job {job_id} exited {proc.returncode}: {proc.stderr.strip()}")
 
-    def wait_until_final(self, job_id: int, *, timeout_s: float, settle_s: float = 3.0) -> dict[str, str]:
+    def wait_until_final(
+        self, job_id: int, *, timeout_s: float, settle_s: float = 3.0, release_after_s: float = 2.0
+    ) -> dict[str, str]:
         """Poll until the job ends. Slurm 22.05 holds a requeued job for ~2 minutes (PENDING,
-        Reason=BeginTime); like an admin would, this releases it at once (`scontrol update StartTime=now`).
-        A job that requeues itself (`scontrol requeue` from its batch script) can show a final state (e.g.
-        FAILED, from the batch script killed for the requeue) for a moment before it is PENDING again: a
-        final state counts once it has held for `settle_s`."""
+        Reason=BeginTime); like an admin would, this releases it early (`scontrol update StartTime=now`),
+        but only `release_after_s` after it became pending. Slurm's hold is what keeps the new start's job
+        credential younger than the kill of the previous run: slurmd compares them in whole seconds, and a
+        start in the same second as that kill is refused ("Job N already killed, do not launch batch job";
+        slurmctld: "Killing non-startable batch JobId=N: Job credential revoked"; the job ends FAILED, exit
+        1, with nothing in its log). A job that requeues itself from its batch script is pending well
+        within that second, so releasing it at once failed about 1 run in 3.
+        Such a job can also show a final state (e.g. FAILED, from the batch script killed for the requeue)
+        for a moment before it is PENDING again: a final state counts once it has held for `settle_s`."""
         seen: dict[str, object] = {}
+        pending: dict[str, float] = {}
 
         def final():
             info = self.job(job_id)
             state = info.get("JobState")
             if state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts") != "0":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                since = pending.setdefault(info.get("Restarts", ""), time.monotonic())
+                if time.monotonic() - since >= release_after_s:
+                    self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             if state not in FINAL_STATES:
                 seen.clear()
                 return None
@@ -160,7 +170,9 @@ class SlurmCluster:
 
     def daemon_log(self, job_id: int, *, limit: int = 40) -> str:
         """The slurmctld / slurmd log lines about `job_id` (for failure messages)."""
-        pattern = re.compile(rf"(JobId={job_id}|StepId={job_id}\.|job[ _]id {job_id}|job {job_id})\b")
+        pattern = re.compile(
+            rf"(JobId={job_id}|StepId={job_id}\.|job[ _]id {job_id}|job {job_id})\b", re.IGNORECASE
+        )
         lines = []
         for name in ("slurmctld.log", "slurmd.log"):
             path = self.base / name

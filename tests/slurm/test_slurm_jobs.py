@@ -63,13 +63,6 @@ exit 9
 
 
 # ---------------------------------------------------------------- helpers
-SELF_REQUEUE_FLAKE = (
-    "about 1 run in 3 on this 2-core CI machine (always after the full suite), the job that requeued itself "
-    "from its batch script (`scontrol requeue`, after the trainers saved) restarts, then exits 1 before its "
-    "first line, with nothing in its log; cause not found yet (the failure message carries the daemons' lines)"
-)
-
-
 def _job_env(cluster, run_dir: Path, **extra) -> dict[str, str]:
     return cluster.env(
         RECIPE="debug_tiny",
@@ -187,7 +180,6 @@ def reference(slurm_cluster, repo_clone, tmp_path_factory) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(reason=SELF_REQUEUE_FLAKE, strict=False)
 def test_time_limit_warning_saves_requeues_and_resumes(slurm_cluster, repo_clone, reference, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(
@@ -282,7 +274,6 @@ def test_warning_after_training_finished_completes_without_requeue(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(reason=SELF_REQUEUE_FLAKE, strict=False)
 def test_signal_lead_time_setting_warns_before_the_limit(slurm_cluster, repo_clone, stub_python, tmp_path):
     # A 1-minute limit and SIGNAL_LEAD_S=50: the script's timer must fire ~10 s after the start (Slurm's
     # own --signal is moved out of the way to 1 s before the limit).
