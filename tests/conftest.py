@@ -1,6 +1,8 @@
 """Shared pytest set-up: CPU compatibility for in-process Megatron tests, GPU markers."""
 
+import contextlib
 import os
+import sys
 
 import pytest
 import torch
@@ -28,12 +30,8 @@ def _no_shared_wandb_service():
     service, which still holds the runs it saw. Tear it down after each test."""
     yield
     if "WANDB_SERVICE" in os.environ:
-        import sys
-
         wandb = sys.modules.get("wandb")
         if wandb is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort: dropping the variable below is what matters
                 wandb.teardown()
-            except Exception:  # noqa: BLE001 (best effort: the variable below is what matters)
-                pass
         os.environ.pop("WANDB_SERVICE", None)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,14 +228,10 @@ def test_train_sbatch_outside_slurm_points_to_the_local_launcher(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_run_local_sigterm_saves_and_exits_zero(tmp_path):
     """A signal to slurm/run_local.sh reaches the ranks, not torchrun (which would exit 1 with a traceback
     after its workers saved): the job saves at the end of a step and every process exits 0."""
-    import signal
-    import time
-
     run_dir = tmp_path / "run"
     log = tmp_path / "log"
     with open(log, "w") as out:

@@ -12,17 +12,15 @@ throw-away call per process, wide enough to engage every thread, avoids it (0 in
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: elements per thread of a pointwise op
-_done = False
 
 
+@functools.cache
 def warm_up_cpu_math() -> None:
     """Run one multithreaded `exp` and `log` on CPU, once per process (see the module docstring)."""
-    global _done
-    if _done:
-        return
-    _done = True
     x = torch.zeros(_GRAIN * max(2, torch.get_num_threads()))
     torch.log(torch.exp(x))

@@ -178,7 +178,6 @@ def reference(slurm_cluster, repo_clone, tmp_path_factory) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_time_limit_warning_saves_requeues_and_resumes(slurm_cluster, repo_clone, reference, tmp_path):
     run_dir = tmp_path / "run"
@@ -195,7 +194,6 @@ def test_time_limit_warning_saves_requeues_and_resumes(slurm_cluster, repo_clone
     assert f"checkpointed after SIGUSR1; requeueing job {job}" in _log(info)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_scontrol_requeue_saves_and_resumes(slurm_cluster, repo_clone, reference, tmp_path):
     run_dir = tmp_path / "run"
@@ -208,7 +206,6 @@ def test_scontrol_requeue_saves_and_resumes(slurm_cluster, repo_clone, reference
     _assert_resumed_like_the_reference(info, run_dir, reference, stop="TERM")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_hard_kill_then_resubmit_resumes_from_the_periodic_save_without_repeated_rows(
     slurm_cluster, repo_clone, reference, tmp_path

@@ -367,7 +367,6 @@ def _full_disk_worker(rank, world_size, full_fs):
     return out
 
 
-@pytest.mark.slow
 def test_real_full_disk_during_the_write(tmp_path):
     point = tmp_path / "full"
     point.mkdir()
@@ -433,7 +432,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.slow
 def test_trainer_killed_before_finalize_keeps_previous_latest_and_no_writer(tmp_path):
     import psutil
 
